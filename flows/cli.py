@@ -1,0 +1,155 @@
+"""The `alignflow` command: run, plan, ui.
+
+Exit codes: 0 success; 2 a bad spec, option or input (nothing written); 1 a failure while running.
+Heavy imports (prefect, mlflow, torch) happen only in the commands that need them.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import List, Optional
+
+import typer
+
+from flows.console import console
+from flows.errors import Problem, SpecError, StageFailed, did_you_mean
+from flows.home import configure_prefect, home, store_root, tracking_uri
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Declarative preference-alignment pipelines on Prefect and MLflow.")
+
+SET_HELP = "Override a spec value: dotted.key=value (value parsed as YAML). Repeatable."
+
+
+def _load(spec: str, overrides: list[str], rounds: int | None, force: list[str] = ()):
+    from flows.graph import expand
+    from flows.keys import assign_keys
+    from flows.spec import load_spec
+
+    loaded = load_spec(spec, overrides, rounds)
+    for name in force:
+        if name not in loaded.nodes:
+            raise SpecError(Problem(spec, f"--force {name}", f"no stage named '{name}'{did_you_mean(name, loaded.nodes)}"))
+    nodes = expand(loaded)
+    assign_keys(nodes, loaded.seed)
+    return loaded, nodes
+
+
+def _fail_spec(err: SpecError) -> None:
+    for problem in err.problems:
+        console.print(f"[red]error:[/] {problem}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _start_prefect_server_early() -> threading.Thread | None:
+    """Boot Prefect's temporary local server while we do our own start-up work (it takes seconds).
+    Skipped when the user points at a Prefect server of their own."""
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def boot():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=boot, daemon=True)
+    thread.start()
+    return thread
+
+
+@app.command()
+def run(
+    spec: str = typer.Argument(..., help="Path to the pipeline spec (YAML)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    force: List[str] = typer.Option([], "--force", help="Recompute this stage and everything downstream."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=0, help="Number of rounds (overrides rounds.count)."),
+):
+    """Run a pipeline: every stage whose artifact is not already in the store."""
+    started = time.time()
+    try:
+        loaded, nodes = _load(spec, set_, rounds, force)
+    except SpecError as err:
+        _fail_spec(err)
+    configure_prefect()
+    server = _start_prefect_server_early()
+    from flows.pipeline import pipeline
+
+    if server is not None:
+        server.join()
+    console.print(f"[bold]{loaded.name}[/]: {len(nodes)} stage executions, store {store_root(loaded.store)}")
+    try:
+        result = pipeline(spec, list(set_), rounds, list(force))
+    except StageFailed as err:
+        console.print(f"[red]error:[/] {err}")
+        console.print("Finished stages are kept; `alignflow run` again resumes from them.")
+        raise typer.Exit(1)
+    except SpecError as err:  # input data found bad while running (e.g. a malformed dataset)
+        _fail_spec(err)
+    ran = sum(s["cache"] == "miss" for s in result["stages"])
+    console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached; "
+                  f"MLflow {tracking_uri(loaded.tracking_uri)} (run {result['parent_run_id']})")
+
+
+@app.command()
+def plan(
+    spec: str = typer.Argument(..., help="Path to the pipeline spec (YAML)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=0),
+):
+    """Show every stage of every round as fresh, stale or missing, and why. Runs nothing."""
+    from rich.table import Table
+
+    from flows.plan import plan as make_plan
+    from flows.store import Store
+
+    try:
+        loaded, nodes = _load(spec, set_, rounds)
+    except SpecError as err:
+        _fail_spec(err)
+    rows = make_plan(loaded.name, nodes, Store(store_root(loaded.store)))
+    table = Table(title=f"{loaded.name}: plan", show_lines=False)
+    for column in ("round", "stage", "kind", "status", "key", "reason"):
+        table.add_column(column, overflow="fold")
+    colour = {"fresh": "green", "stale": "yellow", "missing": "red"}
+    for row in rows:
+        table.add_row(str(row.node.round), row.node.name, row.node.kind,
+                      f"[{colour[row.status]}]{row.status}[/]", row.node.key[:12], row.reason)
+    from rich.console import Console
+
+    Console(width=max(160, console.width), soft_wrap=True).print(table)
+
+
+@app.command()
+def ui(
+    spec: Optional[str] = typer.Argument(None, help="A spec whose tracking store to open."),
+    port: int = typer.Option(5000, help="Port for the MLflow UI."),
+    host: str = typer.Option("127.0.0.1"),
+):
+    """Open the MLflow UI on the spec's (or the default local) tracking store."""
+    import subprocess
+
+    uri = tracking_uri(None)
+    if spec:
+        try:
+            from flows.spec import load_spec
+
+            uri = tracking_uri(load_spec(spec).tracking_uri)
+        except SpecError as err:
+            _fail_spec(err)
+    console.print(f"MLflow UI for {uri} on http://{host}:{port}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+           "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", (home() / "mlflow-artifacts").as_uri()]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The pipeline flow: each stage execution is a cached Prefect task over the artifact store.
+
+Prefect's cache is keyed on the stage key (flows/keys.py), its result is a small JSON reference
+(uri, key, fingerprint, metrics), and SERIALIZABLE isolation with a file lock per key makes two
+runs that need the same artifact compute it once. A cached result is only trusted while its
+artifact is whole: the flow checks the store first and refreshes the cache entry otherwise.
+MLflow is written from the flow (and, for live step metrics, through an explicit run id).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import CachePolicy
+from prefect.transactions import IsolationLevel
+
+from flows import console as term
+from flows.errors import StageFailed
+from flows.graph import Node, downstream, expand
+from flows.home import store_root, tracking_uri
+from flows.keys import assign_keys
+from flows.locks import CrashSafeLockManager
+from flows.spec import Spec, load_spec
+from flows.store import Store
+from flows.tracking import StepLogger, Tracker
+from tasks import load_stage_kinds
+from tasks.base import StageContext
+
+HISTORY = "metrics_history.jsonl"
+
+
+@dataclass
+class StageJob:
+    node: Node
+    inputs: dict[str, dict]  # parameter -> reference of the input artifact
+    store_root: str
+    force: bool = False
+    tracker: Tracker | None = None
+    mlflow_run_id: str | None = None
+
+
+class StageKeyPolicy(CachePolicy):
+    """Prefect's cache key is the stage key: config, inputs, code and seed; never the run id."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        return inputs["job"].node.key
+
+
+def cache_policy(root: str) -> CachePolicy:
+    prefect_dir = Path(root) / "_prefect"
+    return StageKeyPolicy().configure(
+        key_storage=str(prefect_dir / "records"),
+        lock_manager=CrashSafeLockManager(prefect_dir / "locks"),
+        isolation_level=IsolationLevel.SERIALIZABLE,
+    )
+
+
+def reference(store: Store, node: Node, manifest: dict, computed: bool) -> dict:
+    return {"uri": str(store.path(node.kind, node.key)), "key": node.key, "kind": node.kind,
+            "fingerprint": manifest["fingerprint"], "metrics": manifest.get("metrics", {}),
+            "computed": computed}
+
+
+def build(job: StageJob) -> dict:
+    """Compute one stage's artifact unless it is already whole in the store; return its reference."""
+    node, store = job.node, Store(job.store_root)
+    if not job.force and store.check(node.kind, node.key) is None:
+        return reference(store, node, store.manifest(node.kind, node.key), computed=False)
+    kind = load_stage_kinds()[node.kind]
+    steps = StepLogger(job.tracker, job.mlflow_run_id)
+    with store.build(node.kind, node.key) as tmp:
+        ctx = StageContext(out=tmp, inputs={p: Path(ref["uri"]) for p, ref in job.inputs.items()},
+                           params=node.params, seed=node.recipe["seed"],
+                           log_metrics=steps, progress=term.progress)
+        metrics = {k: float(v) for k, v in (kind.run(ctx) or {}).items()}
+        steps.flush()
+        if steps.history:
+            (tmp / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in steps.history))
+        manifest = store.commit(tmp, node.kind, node.key, {
+            "stage": node.name, "round": node.round, "config": node.recipe["config"],
+            "seed": node.recipe["seed"], "code": node.recipe["code"], "metrics": metrics,
+            "inputs": {p: {"key": r["key"], "fingerprint": r["fingerprint"]} for p, r in job.inputs.items()},
+            "versions": _versions(),
+        })
+    return reference(store, node, manifest, computed=True)
+
+
+@task(persist_result=True, result_serializer="json")
+def run_stage(job: StageJob) -> dict:
+    return build(job)
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for pkg in ("alignflow", "torch", "transformers", "accelerate", "peft", "datasets"):
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def resolve(spec: Spec) -> list[Node]:
+    nodes = expand(spec)
+    assign_keys(nodes, spec.seed)
+    return nodes
+
+
+@flow(name="alignflow", validate_parameters=False)
+def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | None = None,
+             force: list[str] | None = None) -> dict:
+    from prefect.runtime import flow_run
+
+    spec = load_spec(spec_file, overrides or [], rounds)
+    nodes = resolve(spec)
+    forced = downstream(nodes, set(force or []))
+    root = store_root(spec.store)
+    store = Store(root)
+    store.sweep()
+    policy = cache_policy(root)
+    tracker = Tracker(tracking_uri(spec.tracking_uri), spec.name)
+    parent = tracker.start_run(f"{spec.name}", {
+        "alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
+        "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count),
+    })
+    tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
+    refs: dict[str, dict] = {}
+    summary = []
+    try:
+        for node in nodes:
+            refs[node.id], row = _execute(node, refs, store, policy, tracker, parent, node.id in forced)
+            store.record_recipe(spec.name, node.id, node.key, node.recipe)
+            summary.append(row)
+    except BaseException:
+        tracker.end(parent, "FAILED")
+        raise
+    hits = sum(row["cache"] == "hit" for row in summary)
+    tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
+    tracker.end(parent)
+    return {"parent_run_id": parent, "stages": summary}
+
+
+def _execute(node: Node, refs, store: Store, policy, tracker: Tracker, parent: str, forced: bool):
+    started = time.time()
+    damaged = store.check(node.kind, node.key)
+    run_id = tracker.start_run(node.label, {
+        "alignflow.stage": node.name, "alignflow.round": str(node.round),
+        "alignflow.key": node.key, "alignflow.kind": node.kind,
+    }, parent=parent)
+    tracker.log(run_id, params={"kind": node.kind, "seed": node.recipe["seed"], **node.recipe["config"],
+                                **{f"input.{p}": refs[i]["key"] for p, i in node.inputs.items()}})
+    job = StageJob(node=node, inputs={p: refs[i] for p, i in node.inputs.items()},
+                   store_root=str(store.root), force=forced, tracker=tracker, mlflow_run_id=run_id)
+    task_ = run_stage.with_options(
+        name=node.kind, task_run_name=node.label.replace(" ", "-"), cache_policy=policy,
+        refresh_cache=forced or damaged is not None,
+    )
+    state = task_(job, return_state=True)
+    if not state.is_completed():
+        tracker.end(run_id, "FAILED")
+        cause = _exception(state)
+        term.console.print(f"[red]✗ {node.label}[/] failed after {time.time() - started:.1f}s")
+        raise StageFailed(node.name, node.round, cause)
+    ref = state.result()
+    hit = state.name == "Cached" or not ref["computed"]
+    extra = {}
+    if hit:  # the original execution's metrics, so the hit run reads like the run it stands for
+        history = Path(ref["uri"]) / HISTORY
+        extra["history"] = [json.loads(l) for l in history.read_text().splitlines()] if history.exists() else []
+    tracker.log(run_id, metrics=ref["metrics"], step=0,
+                tags={"alignflow.cache": "hit" if hit else "miss", "alignflow.uri": ref["uri"]}, **extra)
+    tracker.end(run_id)
+    seconds = time.time() - started
+    shown = ", ".join(f"{k}={v:.3g}" for k, v in list(ref["metrics"].items())[:4])
+    mark = "[dim]cached[/]" if hit else "[green]ran[/]"
+    term.console.print(f"[green]✓[/] {node.label:<24} {mark:<18} {seconds:6.1f}s  {shown}")
+    return ref, {"stage": node.name, "round": node.round, "key": node.key,
+                 "cache": "hit" if hit else "miss", "seconds": round(seconds, 3), "metrics": ref["metrics"]}
+
+
+def _exception(state) -> BaseException:
+    try:
+        state.result()
+    except BaseException as exc:  # the task's own exception
+        return exc
+    return RuntimeError(f"ended in state {state.name}")
+
+
+def _dump_yaml(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)

@@ -1,0 +1,320 @@
+"""The pipeline spec: YAML in, a validated `Spec` out, or a `SpecError` naming every problem.
+
+A spec has three kinds of named nodes (`models`, `datasets`, `stages`), each a `kind` with its
+parameters, and a `rounds` section saying which stages repeat and what carries from one round to
+the next. Parameters that reference other nodes hold their names; two names are reserved inside
+rounds: `policy` (round 1: `rounds.policy.start`; round r+1: round r's `rounds.policy.next`) and
+`reference` (`fixed`: round 1's policy in every round; `previous`: the round's starting policy).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flows.errors import Problem, SpecError, did_you_mean
+from tasks import load_stage_kinds
+from tasks.base import StageParams, ref_fields
+
+ROUND_NAMES = ("policy", "reference")
+SECTIONS = {"models": ("model", "reward_model"), "datasets": ("table",), "stages": None}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PolicyCarry(_Strict):
+    start: str = Field(description="the node whose output is round 1's policy")
+    next: str = Field(description="the repeated stage whose output is the next round's policy")
+
+
+class Rounds(_Strict):
+    count: int = Field(default=1, ge=0, le=1000)
+    repeat: list[str] = Field(default_factory=list)
+    policy: PolicyCarry | None = None
+    reference: Literal["fixed", "previous"] = "fixed"
+
+
+class Tracking(_Strict):
+    uri: str | None = None  # default: sqlite under ALIGNFLOW_HOME
+
+
+class SpecFile(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    seed: int = 0
+    store: str | None = None  # default: $ALIGNFLOW_HOME/store
+    tracking: Tracking = Field(default_factory=Tracking)
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    rounds: Rounds = Field(default_factory=Rounds)
+
+
+@dataclass
+class NodeDef:
+    name: str
+    section: str  # models | datasets | stages
+    params: StageParams
+    refs: dict[str, str]  # parameter -> referenced name (a node or a round name)
+    output: str
+
+    @property
+    def kind(self) -> str:
+        return self.params.kind
+
+
+@dataclass
+class Spec:
+    file: str
+    name: str
+    seed: int
+    store: str | None
+    tracking_uri: str | None
+    nodes: dict[str, NodeDef]
+    rounds: Rounds
+    resolved: dict[str, Any]  # the spec after overrides, as run
+    overridden: set[str] = field(default_factory=set)
+
+    @property
+    def repeated(self) -> list[str]:
+        return list(self.rounds.repeat) if self.rounds.count > 0 else []
+
+    @property
+    def hash(self) -> str:
+        text = json.dumps(self.resolved, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_override(item: str, file: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise SpecError(Problem(file, "", f"--set {item!r}: expected dotted.key=value"))
+    path, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(Problem(file, path, f"--set value {text!r} is not valid YAML: {exc}"))
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise SpecError(Problem(file, path, "--set: expected a dotted key like stages.dpo.beta"))
+    return keys, value
+
+
+def apply_override(raw: dict, keys: list[str], value: Any, file: str) -> None:
+    """Set raw[k1][k2]...[kn] = value. Every parent must exist: a typo must not create a stage."""
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key) if isinstance(node, dict) else None
+        if child is None and depth >= 2:  # e.g. stages.dpo.lora.r where lora is not set yet
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            where = ".".join(keys[: depth + 1])
+            choices = node.keys() if isinstance(node, dict) else []
+            raise SpecError(Problem(
+                file, ".".join(keys),
+                f"--set: there is no '{where}' in the spec{did_you_mean(key, choices)}",
+            ))
+        node = child
+    node[keys[-1]] = value
+
+
+def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = None) -> Spec:
+    """Read, override and validate a spec. Raises SpecError listing every problem found."""
+    file = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(Problem(file, "", "spec file not found"))
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(Problem(file, "", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"))
+    if not isinstance(raw, dict):
+        raise SpecError(Problem(file, "", "expected a mapping with name, stages, ..."))
+
+    overridden = set()
+    for item in overrides:
+        keys, value = parse_override(item, file)
+        apply_override(raw, keys, value, file)
+        overridden.add(".".join(keys))
+    if rounds is not None:
+        raw.setdefault("rounds", {})
+        if not isinstance(raw["rounds"], dict):
+            raise SpecError(Problem(file, "rounds", "expected a mapping"))
+        raw["rounds"]["count"] = rounds
+        overridden.add("rounds.count")
+
+    try:
+        top = SpecFile.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(pydantic_problems(exc, file, "", SpecFile, overridden))
+
+    problems: list[Problem] = []
+    nodes = _validate_nodes(top, file, p.parent, overridden, problems)
+    _check_names_and_refs(top, nodes, file, problems)
+    if not problems:
+        _check_cycles(top, nodes, file, problems)
+    if problems:
+        raise SpecError(problems)
+    return Spec(
+        file=file, name=top.name, seed=top.seed, store=top.store, tracking_uri=top.tracking.uri,
+        nodes=nodes, rounds=top.rounds, resolved=copy.deepcopy(raw), overridden=overridden,
+    )
+
+
+def _validate_nodes(top: SpecFile, file, base_dir: Path, overridden, problems) -> dict[str, NodeDef]:
+    kinds = load_stage_kinds()
+    nodes: dict[str, NodeDef] = {}
+    for section, allowed_outputs in SECTIONS.items():
+        for name, body in getattr(top, section).items():
+            where = f"{section}.{name}"
+            if name in ROUND_NAMES:
+                problems.append(Problem(file, where, f"'{name}' is reserved for the round's {name}"))
+                continue
+            if name in nodes:
+                problems.append(Problem(file, where, f"name '{name}' is already used in {nodes[name].section}"))
+                continue
+            if not isinstance(body, dict):
+                problems.append(Problem(file, where, "expected a mapping with a 'kind'"))
+                continue
+            kind_name = body.get("kind")
+            choices = sorted(k for k, v in kinds.items() if not allowed_outputs or v.output in allowed_outputs)
+            if kind_name is None:
+                problems.append(Problem(file, f"{where}.kind", f"required: one of {', '.join(choices)}"))
+                continue
+            if kind_name not in choices:
+                problems.append(Problem(
+                    file, f"{where}.kind",
+                    f"unknown {section[:-1]} kind '{kind_name}'{did_you_mean(kind_name, choices)}; "
+                    f"expected one of {', '.join(choices)}",
+                ))
+                continue
+            kind = kinds[kind_name]
+            try:
+                params = kind.params.model_validate(body, context={"base_dir": base_dir})
+            except ValidationError as exc:
+                problems.extend(pydantic_problems(exc, file, where, kind.params, overridden))
+                continue
+            for missing in params.source_files():
+                if not Path(missing).exists():
+                    field_name = _field_holding(params, missing)
+                    problems.append(Problem(file, f"{where}.{field_name}", f"file not found: {missing}"))
+            refs = {k: getattr(params, k) for k in ref_fields(kind.params) if getattr(params, k) is not None}
+            nodes[name] = NodeDef(name=name, section=section, params=params, refs=refs, output=kind.output)
+    return nodes
+
+
+def _field_holding(params: StageParams, value) -> str:
+    for name in type(params).model_fields:
+        if str(getattr(params, name)) == str(value):
+            return name
+    return "path"
+
+
+def _check_names_and_refs(top: SpecFile, nodes: dict[str, NodeDef], file, problems) -> None:
+    rounds = top.rounds
+    repeated = set(rounds.repeat)
+    for i, name in enumerate(rounds.repeat):
+        if name not in top.stages:
+            problems.append(Problem(file, f"rounds.repeat[{i}]", f"no stage named '{name}'{did_you_mean(name, top.stages)}"))
+    if rounds.policy is not None:
+        start, nxt = rounds.policy.start, rounds.policy.next
+        if start not in nodes:
+            problems.append(Problem(file, "rounds.policy.start", f"no model or stage named '{start}'{did_you_mean(start, nodes)}"))
+        elif start in repeated:
+            problems.append(Problem(file, "rounds.policy.start", f"'{start}' repeats every round; expected a stage or model outside rounds.repeat"))
+        elif nodes[start].output != "model":
+            problems.append(Problem(file, "rounds.policy.start", f"'{start}' outputs a {nodes[start].output}; expected a model"))
+        if nxt not in repeated:
+            problems.append(Problem(file, "rounds.policy.next", f"'{nxt}' is not in rounds.repeat{did_you_mean(nxt, repeated)}; expected the stage that trains the next round's policy"))
+        elif nxt in nodes and nodes[nxt].output != "model":
+            problems.append(Problem(file, "rounds.policy.next", f"'{nxt}' outputs a {nodes[nxt].output}; expected a model"))
+
+    kinds = load_stage_kinds()
+    for node in nodes.values():
+        accepted = ref_fields(kinds[node.kind].params)
+        for param, target in node.refs.items():
+            where = f"{node.section}.{node.name}.{param}"
+            if target in ROUND_NAMES:
+                if node.name not in repeated:
+                    problems.append(Problem(file, where, f"'{target}' exists only inside rounds; add '{node.name}' to rounds.repeat or name a model or stage"))
+                elif rounds.policy is None:
+                    problems.append(Problem(file, where, f"'{target}' needs rounds.policy (start and next)"))
+                elif "model" not in accepted[param]:
+                    problems.append(Problem(file, where, f"'{target}' is a model; expected a {' or '.join(accepted[param])}"))
+                continue
+            if target not in nodes:
+                problems.append(Problem(file, where, f"no model, dataset or stage named '{target}'{did_you_mean(target, list(nodes) + list(ROUND_NAMES))}"))
+                continue
+            if target == node.name:
+                problems.append(Problem(file, where, "a stage cannot use its own output"))
+                continue
+            out = nodes[target].output
+            if out not in accepted[param]:
+                problems.append(Problem(file, where, f"'{target}' outputs a {out}; expected a {' or '.join(accepted[param])}"))
+            if target in repeated and node.name not in repeated:
+                problems.append(Problem(file, where, f"'{target}' repeats every round, '{node.name}' does not; a one-off stage cannot pick one round's output"))
+
+
+def _check_cycles(top: SpecFile, nodes: dict[str, NodeDef], file, problems) -> None:
+    # Round names point to the previous round or to round 0, so only direct references can loop.
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(name: str, stack: list[str]) -> bool:
+        if state.get(name) == 2:
+            return False
+        if state.get(name) == 1:
+            loop = stack[stack.index(name):] + [name]
+            first = nodes[loop[0]]
+            param = next(k for k, v in first.refs.items() if v == loop[1])
+            problems.append(Problem(file, f"{first.section}.{first.name}.{param}", f"cycle: {' -> '.join(loop)}"))
+            return True
+        state[name] = 1
+        for target in nodes[name].refs.values():
+            if target in nodes and visit(target, stack + [name]):
+                return True
+        state[name] = 2
+        return False
+
+    for name in nodes:
+        if visit(name, []):
+            return
+
+
+def pydantic_problems(exc: ValidationError, file: str, prefix: str, model: type[BaseModel], overridden) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        loc = [str(x) for x in err["loc"]]
+        path = ".".join([prefix] + loc if prefix else loc)
+        via = " (from --set)" if path in overridden else ""
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            hint = did_you_mean(loc[-1], owner.model_fields) if owner else ""
+            known = f"; known keys: {', '.join(owner.model_fields)}" if owner else ""
+            problems.append(Problem(file, path, f"unknown key '{loc[-1]}'{via}{hint}{known}"))
+        elif err["type"] == "missing":
+            problems.append(Problem(file, path, "required key is missing"))
+        else:
+            got = err.get("input")
+            got_text = f"; got {got!r}" if not isinstance(got, (dict, list)) else ""
+            msg = err["msg"][0].lower() + err["msg"][1:]
+            problems.append(Problem(file, path, f"expected: {msg}{got_text}{via}"))
+    return problems
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    for part in loc:
+        info = model.model_fields.get(part)
+        ann = getattr(info, "annotation", None) if info else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model

@@ -1,0 +1,81 @@
+"""MLflow, at the edge: an experiment per spec, a parent run per invocation, a nested run per
+stage execution. Runs are addressed by id through MlflowClient, never through mlflow's
+thread-local "active run", so a stage running in a worker thread still nests under its parent."""
+from __future__ import annotations
+
+import json
+import time
+
+from flows.home import mlflow_artifact_root
+
+BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch call
+
+
+def _flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=f"{mlflow_artifact_root()}/{experiment}")
+
+    def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        if parent:
+            tags = {**tags, "mlflow.parentRunId": parent}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def log(self, run_id: str, metrics: dict | None = None, params: dict | None = None,
+            tags: dict | None = None, step: int = 0, history: list[dict] = ()) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+        for row in history:
+            items += [Metric(k, float(v), now, int(row["step"])) for k, v in row.items() if k != "step"]
+        params_ = [Param(k, v[:6000]) for k, v in _flatten("", params or {}, {}).items()]
+        tags_ = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if not (items or params_ or tags_):
+            return
+        for i in range(0, max(len(items), 1), BATCH):
+            chunk = items[i:i + BATCH]
+            self.client.log_batch(run_id, metrics=chunk, params=params_ if i == 0 else [],
+                                  tags=tags_ if i == 0 else [])
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+class StepLogger:
+    """Collects a stage's step metrics; sends them to MLflow in batches, not one call a value."""
+
+    def __init__(self, tracker: Tracker | None, run_id: str | None, every_s: float = 5.0):
+        self.tracker, self.run_id, self.every_s = tracker, run_id, every_s
+        self.history: list[dict] = []
+        self._sent, self._last = 0, time.time()
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        self.history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+        if time.time() - self._last > self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.tracker and self.run_id and self._sent < len(self.history):
+            self.tracker.log(self.run_id, history=self.history[self._sent:])
+        self._sent, self._last = len(self.history), time.time()

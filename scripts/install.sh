@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates the virtual environment and installs alignflow with its dev tools.
+# torch goes in first: a CPU build where there is no NVIDIA GPU (a plain `pip install torch`
+# would pull gigabytes of CUDA packages), the default CUDA build where there is one.
+set -euo pipefail
+VENV="${1:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+TORCH_VERSION="${ALIGNFLOW_TORCH_VERSION:-2.13.0}"
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "NVIDIA GPU found: installing the CUDA build of torch"
+    "${PIP[@]}" "torch==$TORCH_VERSION"
+  else
+    echo "no NVIDIA GPU: installing the CPU build of torch"
+    "${PIP[@]}" "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+      || "${PIP[@]}" "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+"${PIP[@]}" -e ".[dev]"

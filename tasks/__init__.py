@@ -1,0 +1,26 @@
+"""Stage kinds. Each module registers its kinds in `tasks.base.STAGE_KINDS` on import.
+
+Stage modules stay light at import time (parameters and a thin `run`); the heavy ML code lives in
+plain-function modules (tasks/models.py, tasks/train/loop.py, ...) that `run` imports when it runs,
+so planning or a fully cached run never pays for importing torch.
+"""
+from tasks.base import STAGE_KINDS, StageContext, StageKind, StageParams  # noqa: F401
+
+STAGE_MODULES = (
+    "tasks.sources",
+    "tasks.generate",
+    "tasks.score",
+    "tasks.pairs",
+    "tasks.train.sft",
+    "tasks.train.reward_model",
+    "tasks.train.dpo",
+    "tasks.evaluate",
+)
+
+
+def load_stage_kinds() -> dict[str, StageKind]:
+    import importlib
+
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+    return STAGE_KINDS

@@ -1,0 +1,110 @@
+"""What every stage kind shares: its parameters, the context it runs in, and the registry.
+
+A stage kind is a plain function `run(ctx) -> metrics` plus a pydantic model of its parameters.
+It reads its inputs from `ctx.inputs` (artifact folders), writes its one artifact into `ctx.out`,
+and returns its final metrics. It knows nothing of Prefect or MLflow: `flows/` calls it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# What an artifact holds; a reference names the type it expects so the spec is checked up front.
+ArtifactType = Literal["model", "reward_model", "table", "metrics"]
+
+
+@dataclass(frozen=True)
+class RefTo:
+    """Marks a parameter as a reference to another node's output (by name)."""
+
+    types: tuple[str, ...]
+
+
+def Ref(*types: str) -> Any:
+    """A reference parameter: `policy: Ref("model")`. The value in the spec is a node name."""
+    return Annotated[str, RefTo(types)]
+
+
+def OptionalRef(*types: str) -> Any:
+    return Annotated[str | None, RefTo(types)]
+
+
+class StageParams(BaseModel):
+    """Base of every kind's parameters. Unknown keys are errors (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    seed: int | None = Field(default=None, description="defaults to the spec's seed")
+
+    # Parameters that never change the result (how much to print, say) are left out of the key.
+    not_in_key: ClassVar[frozenset[str]] = frozenset()
+
+    def source_files(self) -> list[Path]:
+        """Files whose content the result depends on (hashed into the key; must exist)."""
+        return []
+
+
+class Progress:
+    """A progress counter a stage advances; `flows/` draws it (rich) and tests ignore it."""
+
+    def advance(self, n: int = 1) -> None:  # pragma: no cover - replaced by flows
+        pass
+
+
+def _no_metrics(metrics: dict[str, float], step: int) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int | None = None) -> Iterator[Progress]:
+    yield Progress()
+
+
+@dataclass
+class StageContext:
+    """Everything a stage function sees."""
+
+    out: Path  # an empty folder to write the artifact into (renamed into place by the store)
+    inputs: dict[str, Path]  # parameter name -> folder of the referenced artifact
+    params: StageParams
+    seed: int
+    log_metrics: Callable[[dict[str, float], int], None] = _no_metrics  # step metrics
+    progress: Callable[..., contextlib.AbstractContextManager[Progress]] = field(
+        default=_no_progress
+    )
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    params: type[StageParams]
+    output: ArtifactType
+    run: Callable[[StageContext], dict[str, float]]
+
+
+STAGE_KINDS: dict[str, StageKind] = {}
+
+
+def stage_kind(name: str, params: type[StageParams], output: ArtifactType):
+    """Register `run` as stage kind `name`."""
+
+    def register(run: Callable[[StageContext], dict[str, float]]):
+        STAGE_KINDS[name] = StageKind(name=name, params=params, output=output, run=run)
+        return run
+
+    return register
+
+
+def ref_fields(params: type[StageParams]) -> dict[str, tuple[str, ...]]:
+    """Parameter name -> accepted artifact types, for every reference parameter."""
+    refs = {}
+    for name, info in params.model_fields.items():
+        for meta in info.metadata:
+            if isinstance(meta, RefTo):
+                refs[name] = meta.types
+    return refs
