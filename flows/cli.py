@@ -6,7 +6,6 @@ Heavy imports (prefect, mlflow, torch) happen only in the commands that need the
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from typing import List, Optional
 
@@ -14,7 +13,8 @@ import typer
 
 from flows.console import console
 from flows.errors import Problem, SpecError, StageFailed, did_you_mean
-from flows.home import configure_prefect, home, store_root, tracking_uri
+from flows.home import configure_environment, home, store_root, tracking_uri
+from tasks.base import BadInput
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declarative preference-alignment pipelines on Prefect and MLflow.")
@@ -42,24 +42,6 @@ def _fail_spec(err: SpecError) -> None:
     raise typer.Exit(2)
 
 
-def _start_prefect_server_early() -> threading.Thread | None:
-    """Boot Prefect's temporary local server while we do our own start-up work (it takes seconds).
-    Skipped when the user points at a Prefect server of their own."""
-    import os
-
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-
-    def boot():
-        from prefect.server.api.server import SubprocessASGIServer
-
-        SubprocessASGIServer().start()
-
-    thread = threading.Thread(target=boot, daemon=True)
-    thread.start()
-    return thread
-
-
 @app.command()
 def run(
     spec: str = typer.Argument(..., help="Path to the pipeline spec (YAML)."),
@@ -73,12 +55,16 @@ def run(
         loaded, nodes = _load(spec, set_, rounds, force)
     except SpecError as err:
         _fail_spec(err)
-    configure_prefect()
-    server = _start_prefect_server_early()
-    from flows.pipeline import pipeline
+    configure_environment()
+    from flows.prefect_server import start_if_needed
 
+    server = start_if_needed()  # boots in parallel with the imports and MLflow set-up below
+    from flows.pipeline import pipeline
+    from flows.tracking import get_tracker
+
+    get_tracker(tracking_uri(loaded.tracking_uri), loaded.name)
     if server is not None:
-        server.join()
+        server.wait_ready()
     console.print(f"[bold]{loaded.name}[/]: {len(nodes)} stage executions, store {store_root(loaded.store)}")
     try:
         result = pipeline(spec, list(set_), rounds, list(force))
@@ -86,8 +72,9 @@ def run(
         console.print(f"[red]error:[/] {err}")
         console.print("Finished stages are kept; `alignflow run` again resumes from them.")
         raise typer.Exit(1)
-    except SpecError as err:  # input data found bad while running (e.g. a malformed dataset)
-        _fail_spec(err)
+    except BadInput as err:  # the user's data, found malformed while running
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
     ran = sum(s["cache"] == "miss" for s in result["stages"])
     console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached; "
                   f"MLflow {tracking_uri(loaded.tracking_uri)} (run {result['parent_run_id']})")
@@ -98,6 +85,7 @@ def plan(
     spec: str = typer.Argument(..., help="Path to the pipeline spec (YAML)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     rounds: Optional[int] = typer.Option(None, "--rounds", min=0),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per row, for scripts."),
 ):
     """Show every stage of every round as fresh, stale or missing, and why. Runs nothing."""
     from rich.table import Table
@@ -110,6 +98,13 @@ def plan(
     except SpecError as err:
         _fail_spec(err)
     rows = make_plan(loaded.name, nodes, Store(store_root(loaded.store)))
+    if as_json:
+        import json
+
+        for row in rows:
+            print(json.dumps({"stage": row.node.name, "round": row.node.round, "kind": row.node.kind,
+                              "status": row.status, "key": row.node.key, "reason": row.reason}))
+        return
     table = Table(title=f"{loaded.name}: plan", show_lines=False)
     for column in ("round", "stage", "kind", "status", "key", "reason"):
         table.add_column(column, overflow="fold")

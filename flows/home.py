@@ -22,7 +22,7 @@ def mlflow_artifact_root() -> str:
     return (home() / "mlflow-artifacts").as_uri()
 
 
-def configure_prefect() -> None:
+def configure_environment() -> None:
     """Must run before prefect is imported (it reads these once), and only after the spec has
     validated: a bad spec leaves nothing behind, not even an empty folder."""
     os.environ.setdefault("PREFECT_HOME", str(home() / "prefect"))
@@ -30,3 +30,4 @@ def configure_prefect() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own console output says enough
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network here; costs per call

@@ -12,6 +12,7 @@ import ast
 import functools
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from flows.graph import Node
@@ -29,9 +30,12 @@ def sha256(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
 
 
-def _module_file(module: str) -> Path | None:
-    if module.split(".")[0] not in PROJECT_PACKAGES:
+def _module_file(module: str, packages: tuple[str, ...]) -> Path | None:
+    if module.split(".")[0] not in packages:
         return None
+    loaded = sys.modules.get(module)
+    if loaded is not None and getattr(loaded, "__file__", None) and module.split(".")[0] not in PROJECT_PACKAGES:
+        return Path(loaded.__file__)  # a plugin's module
     base = PROJECT_ROOT.joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
@@ -69,14 +73,15 @@ def _normalised(tree: ast.Module) -> str:
 @functools.lru_cache(maxsize=None)
 def code_version(module: str) -> tuple[tuple[str, str], ...]:
     """(project-relative file, hash of its normalised code) for the module and all it imports."""
+    packages = (*PROJECT_PACKAGES, module.split(".")[0])  # a plugin's own package counts too
     seen: dict[str, str] = {}
     todo = [module]
     while todo:
         name = todo.pop()
-        path = _module_file(name)
+        path = _module_file(name, packages)
         if path is None:
             continue
-        rel = path.relative_to(PROJECT_ROOT).as_posix()
+        rel = path.relative_to(PROJECT_ROOT).as_posix() if path.is_relative_to(PROJECT_ROOT) else str(path)
         if rel in seen:
             continue
         tree = ast.parse(path.read_text(), filename=str(path))

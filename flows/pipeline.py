@@ -27,11 +27,11 @@ from flows.keys import assign_keys
 from flows.locks import CrashSafeLockManager
 from flows.spec import Spec, load_spec
 from flows.store import Store
-from flows.tracking import StepLogger, Tracker
+from flows.tracking import StepLogger, Tracker, get_tracker
 from tasks import load_stage_kinds
-from tasks.base import StageContext
+from tasks.base import BadInput, StageContext
 
-HISTORY = "metrics_history.jsonl"
+HISTORY = "metrics_history.jsonl"  # step metrics, kept with the artifact
 
 
 @dataclass
@@ -63,7 +63,7 @@ def cache_policy(root: str) -> CachePolicy:
 def reference(store: Store, node: Node, manifest: dict, computed: bool) -> dict:
     return {"uri": str(store.path(node.kind, node.key)), "key": node.key, "kind": node.kind,
             "fingerprint": manifest["fingerprint"], "metrics": manifest.get("metrics", {}),
-            "computed": computed}
+            "mlflow_run_id": manifest.get("mlflow_run_id"), "computed": computed}
 
 
 def build(job: StageJob) -> dict:
@@ -85,7 +85,7 @@ def build(job: StageJob) -> dict:
             "stage": node.name, "round": node.round, "config": node.recipe["config"],
             "seed": node.recipe["seed"], "code": node.recipe["code"], "metrics": metrics,
             "inputs": {p: {"key": r["key"], "fingerprint": r["fingerprint"]} for p, r in job.inputs.items()},
-            "versions": _versions(),
+            "versions": _versions(), "mlflow_run_id": job.mlflow_run_id,
         })
     return reference(store, node, manifest, computed=True)
 
@@ -123,7 +123,7 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
     store = Store(root)
     store.sweep()
     policy = cache_policy(root)
-    tracker = Tracker(tracking_uri(spec.tracking_uri), spec.name)
+    tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)
     parent = tracker.start_run(f"{spec.name}", {
         "alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
         "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count),
@@ -152,8 +152,6 @@ def _execute(node: Node, refs, store: Store, policy, tracker: Tracker, parent: s
         "alignflow.stage": node.name, "alignflow.round": str(node.round),
         "alignflow.key": node.key, "alignflow.kind": node.kind,
     }, parent=parent)
-    tracker.log(run_id, params={"kind": node.kind, "seed": node.recipe["seed"], **node.recipe["config"],
-                                **{f"input.{p}": refs[i]["key"] for p, i in node.inputs.items()}})
     job = StageJob(node=node, inputs={p: refs[i] for p, i in node.inputs.items()},
                    store_root=str(store.root), force=forced, tracker=tracker, mlflow_run_id=run_id)
     task_ = run_stage.with_options(
@@ -165,15 +163,17 @@ def _execute(node: Node, refs, store: Store, policy, tracker: Tracker, parent: s
         tracker.end(run_id, "FAILED")
         cause = _exception(state)
         term.console.print(f"[red]✗ {node.label}[/] failed after {time.time() - started:.1f}s")
+        if isinstance(cause, BadInput):
+            raise cause
         raise StageFailed(node.name, node.round, cause)
     ref = state.result()
     hit = state.name == "Cached" or not ref["computed"]
-    extra = {}
-    if hit:  # the original execution's metrics, so the hit run reads like the run it stands for
-        history = Path(ref["uri"]) / HISTORY
-        extra["history"] = [json.loads(l) for l in history.read_text().splitlines()] if history.exists() else []
-    tracker.log(run_id, metrics=ref["metrics"], step=0,
-                tags={"alignflow.cache": "hit" if hit else "miss", "alignflow.uri": ref["uri"]}, **extra)
+    tags = {"alignflow.cache": "hit" if hit else "miss", "alignflow.uri": ref["uri"]}
+    if hit and ref.get("mlflow_run_id"):  # the run that computed it holds the step curves
+        tags["alignflow.original_run_id"] = ref["mlflow_run_id"]
+    params = {"kind": node.kind, "seed": node.recipe["seed"], **node.recipe["config"],
+              **{f"input.{p}": refs[i]["key"] for p, i in node.inputs.items()}}
+    tracker.log(run_id, metrics=ref["metrics"], params=params, tags=tags)
     tracker.end(run_id)
     seconds = time.time() - started
     shown = ", ".join(f"{k}={v:.3g}" for k, v in list(ref["metrics"].items())[:4])

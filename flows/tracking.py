@@ -62,6 +62,17 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
 
+_TRACKERS: dict[tuple[str, str], Tracker] = {}
+
+
+def get_tracker(uri: str, experiment: str) -> Tracker:
+    """One Tracker per store and experiment in a process (opening MLflow's store takes seconds,
+    so the CLI opens it while the Prefect server boots and the flow reuses it)."""
+    if (uri, experiment) not in _TRACKERS:
+        _TRACKERS[uri, experiment] = Tracker(uri, experiment)
+    return _TRACKERS[uri, experiment]
+
+
 class StepLogger:
     """Collects a stage's step metrics; sends them to MLflow in batches, not one call a value."""
 

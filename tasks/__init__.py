@@ -19,8 +19,12 @@ STAGE_MODULES = (
 
 
 def load_stage_kinds() -> dict[str, StageKind]:
+    """The built-in kinds, plus those of the modules named in ALIGNFLOW_PLUGINS (comma-separated
+    importable module names): a user's own stage kinds, registered with `@stage_kind`."""
     import importlib
+    import os
 
-    for module in STAGE_MODULES:
+    plugins = [m.strip() for m in os.environ.get("ALIGNFLOW_PLUGINS", "").split(",") if m.strip()]
+    for module in (*STAGE_MODULES, *plugins):
         importlib.import_module(module)
     return STAGE_KINDS

@@ -49,6 +49,15 @@ class StageParams(BaseModel):
         return []
 
 
+class BadInput(ValueError):
+    """Raised by a stage when its input data is malformed (a missing column, an empty file):
+    the user's data is at fault, not the code, so the CLI reports it as such (exit code 2)."""
+
+    def __init__(self, file: str, field: str, expected: str):
+        self.file, self.field, self.expected = file, field, expected
+        super().__init__(f"{file}: {field}: {expected}")
+
+
 class Progress:
     """A progress counter a stage advances; `flows/` draws it (rich) and tests ignore it."""
 

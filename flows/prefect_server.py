@@ -1,0 +1,75 @@
+"""A temporary local Prefect server for one `alignflow run`, started as early as possible.
+
+This is what Prefect's own ephemeral mode does (a uvicorn subprocess serving
+`prefect.server.api.server:create_app`, stopped at exit), with one difference that matters for a
+fully cached run: we start it before importing prefect and mlflow, so its ~4 s boot overlaps our
+own start-up instead of following it, and without importing prefect.server into this process.
+Users with their own server set PREFECT_API_URL and none is started.
+"""
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+class LocalPrefectServer:
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        self.port = _free_port()
+        prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL,
+        )
+        atexit.register(self.stop)
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{self.port}/api"
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the local Prefect server exited with code {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the local Prefect server did not answer within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_if_needed() -> LocalPrefectServer | None:
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    server = LocalPrefectServer()
+    server.start()
+    return server

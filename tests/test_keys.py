@@ -1,0 +1,83 @@
+"""Stage keys: a config change makes that stage and everything downstream stale, nothing upstream;
+an edit to a stage's code or a helper it imports does the same, a comment or unrelated edit not."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import DEMO_SPEC, REPO
+from flows.graph import expand
+from flows.keys import assign_keys
+from flows.spec import load_spec
+
+
+def keys(*overrides, rounds=3) -> dict[str, str]:
+    nodes = expand(load_spec(DEMO_SPEC, list(overrides), rounds))
+    assign_keys(nodes, 0)
+    return {n.id: n.key for n in nodes}
+
+
+def changed(a: dict, b: dict) -> set[str]:
+    return {i for i in a if a[i] != b[i]}
+
+
+def test_keys_are_deterministic_and_distinct():
+    first, second = keys(), keys()
+    assert first == second
+    assert len(set(first.values())) == len(first)  # no two executions share a key
+
+
+def test_evaluate_seed_changes_only_evaluate():
+    assert changed(keys(), keys("stages.evaluate.seed=7")) == {"evaluate@1", "evaluate@2", "evaluate@3"}
+
+
+def test_dpo_beta_changes_dpo_and_everything_after_it():
+    diff = changed(keys(), keys("stages.dpo.beta=0.2"))
+    assert diff == {"dpo@1", "evaluate@1"} | {f"{s}@{r}" for r in (2, 3)
+                                             for s in ("generate", "score", "pairs", "dpo", "evaluate")}
+
+
+def test_upstream_change_propagates_downstream_only():
+    diff = changed(keys(), keys("datasets.train_prompts.size=100"))
+    assert "sft" not in diff and "reward_model" not in diff and "eval_prompts" not in diff
+    assert {"train_prompts", "generate@1", "dpo@3", "evaluate@3"} <= diff
+
+
+def test_more_rounds_reuse_the_first_rounds():
+    two, three = keys(rounds=2), keys(rounds=3)
+    assert all(three[i] == k for i, k in two.items())
+
+
+def _keys_in_copy(tmp_path, edit_file=None, edit=None) -> dict[str, str]:
+    tree = tmp_path / "tree"
+    if not tree.exists():
+        tree.mkdir()
+        for part in ("flows", "tasks", "pipelines"):
+            shutil.copytree(REPO / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    if edit_file:
+        path = tree / edit_file
+        path.write_text(edit(path.read_text()))
+    code = ("import json; from flows.spec import load_spec; from flows.graph import expand; "
+            "from flows.keys import assign_keys; n = expand(load_spec('pipelines/demo.yaml')); "
+            "assign_keys(n, 0); print(json.dumps({x.id: x.key for x in n}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_code_edits(tmp_path):
+    base = _keys_in_copy(tmp_path)
+    # a comment and a docstring change nothing
+    after_comment = _keys_in_copy(tmp_path, "tasks/train/dpo.py", lambda s: "# a new comment\n" + s.replace('"""', '"""Reworded. ', 1))
+    assert after_comment == base
+    # an edit to the DPO stage's code: dpo and everything downstream of it
+    after_dpo = _keys_in_copy(tmp_path, "tasks/train/dpo.py", lambda s: s + "\n\nUNUSED_CONSTANT = 1\n")
+    assert changed(base, after_dpo) == changed(keys(), keys("stages.dpo.beta=0.2"))
+    # an edit to a helper the DPO stage imports (the losses) does the same
+    after_losses = _keys_in_copy(tmp_path, "tasks/train/losses.py", lambda s: s + "\n\nHELPER_CONSTANT = 2\n")
+    assert {"dpo@1", "dpo@3"} <= changed(after_dpo, after_losses)
+    assert "sft" not in changed(after_dpo, after_losses)
+    # an edit to an unrelated stage (evaluate) leaves the others alone
+    after_eval = _keys_in_copy(tmp_path, "tasks/evaluate.py", lambda s: s + "\n\nOTHER = 3\n")
+    assert changed(after_losses, after_eval) == {"evaluate@1", "evaluate@2", "evaluate@3"}
