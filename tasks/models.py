@@ -1,0 +1,276 @@
+"""Plain functions over causal LMs: build, load, save, tokenize, score and sample.
+
+Every stage formats an example the same way, so the log-probs computed in one stage (pairs)
+match those computed in another (dpo):
+
+    input  = [bos] + tokens(prompt) + tokens(response) + [eos]
+    labels = [-100] * (1 + len(tokens(prompt))) + tokens(response) + [eos]
+
+Prompt and response are tokenized separately so the response tokens scored are exactly the
+tokens a policy generated after the prompt.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+
+# Stages report progress through ctx.progress; transformers' own bars (loading weights...) are noise.
+transformers.utils.logging.disable_progress_bar()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+TINY_MODEL_PARAMETERS = 10_000_000
+
+
+def set_cpu_threads(model) -> None:
+    """Pick torch's CPU thread count for `model`: ALIGNFLOW_TORCH_THREADS if set, else 1 for tiny models.
+
+    Why: a tiny model's matrices are too small to split across threads; with 2 threads the
+    synchronisation costs more than the maths, and when another process shares the cores, OpenMP's
+    spin-waiting made the demo's training steps 15x slower (measured on a 2-core CPU).
+    """
+    import os
+
+    if next(model.parameters()).device.type != "cpu":
+        return
+    threads = os.environ.get("ALIGNFLOW_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    elif sum(p.numel() for p in model.parameters()) < TINY_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+
+
+# ---- building a tiny model ------------------------------------------------------------------
+
+
+def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (one id per whitespace-separated word) with pad/bos/eos/unk."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {word: i for i, word in enumerate(specials + [w for w in words if w not in specials])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def build_tiny_llama(
+    tokenizer,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 64,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A randomly initialised LlamaForCausalLM sized to `tokenizer`'s vocabulary."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+# ---- loading and saving ---------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | Path, **kwargs):
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if tokenizer.pad_token is None:  # many causal LMs ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, device: torch.device | str | None = None, **kwargs):
+    """Model and tokenizer from a "model" artifact folder (float32: training autocasts to bf16)."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+    model = model.to(device or default_device())
+    set_cpu_threads(model)
+    return model, load_tokenizer(path)
+
+
+def load_reward_model(path: str | Path, device: torch.device | str | None = None):
+    """A sequence-classification model (one score) and its tokenizer.
+
+    `path` may hold a reward model, or a causal LM: then its body is reused under a fresh score head.
+    """
+    tokenizer = load_tokenizer(path)
+    # From a causal LM, transformers reports lm_head as unused and the score head as new: expected.
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id
+        )
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last non-pad token
+    model = model.to(device or default_device())
+    set_cpu_threads(model)
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, folder: str | Path) -> None:
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+# ---- tokenizing -----------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def encode_examples(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[dict]:
+    """Each (prompt, response) as {"input_ids", "labels"}; labels mask the prompt with -100.
+
+    Sequences longer than max_length are cut at the end (the response loses its tail).
+    """
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    examples = []
+    for p, r in zip(prompt_ids, response_ids):
+        r = r + [tokenizer.eos_token_id]
+        examples.append({"input_ids": (p + r)[:max_length], "labels": ([IGNORE] * len(p) + r)[:max_length]})
+    return examples
+
+
+def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([[value] * (width - len(s)) + s if left else s + [value] * (width - len(s)) for s in sequences])
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (padding labelled -100)."""
+    input_ids = pad([e["input_ids"] for e in examples], pad_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": pad([[1] * len(e["input_ids"]) for e in examples], 0),
+        "labels": pad([e["labels"] for e in examples], IGNORE),
+    }
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+
+def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the labelled (response) tokens of each sequence, and how many there are."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = labels[:, 1:]  # token t is predicted from tokens < t
+    token_logps = -F.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+    )
+    mask = targets != IGNORE
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def batched_logps(model, tokenizer, prompts, responses, max_length: int, batch_size: int, on_batch=None):
+    """sequence_logps over a whole list, in batches. Returns (logps, token counts) as lists."""
+    model.eval()
+    device = next(model.parameters()).device
+    examples = encode_examples(tokenizer, prompts, responses, max_length)
+    logps, counts = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], tokenizer.pad_token_id).items()}
+        lp, n = sequence_logps(model, **batch)
+        logps += lp.tolist()
+        counts += n.tolist()
+        if on_batch:
+            on_batch()
+    return logps, counts
+
+
+@torch.no_grad()
+def batched_scores(reward_model, tokenizer, prompts, responses, max_length: int, batch_size: int, on_batch=None):
+    """Reward-model scores of (prompt, response) pairs, formatted exactly as in training."""
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    examples = encode_examples(tokenizer, prompts, responses, max_length)
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+        out = reward_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        scores += out.logits[:, 0].float().tolist()
+        if on_batch:
+            on_batch()
+    return scores
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+    on_batch: Callable[[], None] | None = None,
+) -> list[list[str]]:
+    """n sampled responses per prompt (temperature 0: greedy). Seeded: same inputs, same outputs.
+
+    batch_size counts prompts; each generate call holds batch_size * n sequences.
+    """
+    torch.manual_seed(seed)
+    model.eval()
+    device = next(model.parameters()).device
+    sampling = temperature > 0
+    # Greedy decoding gives one answer per prompt: generate it once and repeat it n times.
+    per_prompt = n if sampling else 1
+    options = dict(do_sample=sampling, num_return_sequences=per_prompt, max_new_tokens=max_new_tokens)
+    if sampling:
+        options.update(temperature=temperature, top_p=top_p, top_k=0)  # top_k=0: no top-k cut
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = encode_prompts(tokenizer, prompts[start : start + batch_size])
+        input_ids = pad(encoded, tokenizer.pad_token_id, left=True).to(device)  # left: new tokens line up
+        attention_mask = pad([[1] * len(e) for e in encoded], 0, left=True).to(device)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **options,
+        )
+        texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        responses += [texts[i * per_prompt : (i + 1) * per_prompt] * (n // per_prompt) for i in range(len(encoded))]
+        if on_batch:
+            on_batch()
+    return responses
