@@ -69,6 +69,9 @@ def run(
     try:
         result = pipeline(spec, list(set_), rounds, list(force))
     except StageFailed as err:
+        import traceback
+
+        console.print("".join(traceback.format_exception(err.cause)).rstrip(), style="dim", markup=False)
         console.print(f"[red]error:[/] {err}")
         console.print("Finished stages are kept; `alignflow run` again resumes from them.")
         raise typer.Exit(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import CachePolicy
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.transactions import IsolationLevel
 
 from flows import console as term
@@ -37,7 +39,6 @@ HISTORY = "metrics_history.jsonl"  # step metrics, kept with the artifact
 @dataclass
 class StageJob:
     node: Node
-    inputs: dict[str, dict]  # parameter -> reference of the input artifact
     store_root: str
     force: bool = False
     tracker: Tracker | None = None
@@ -60,21 +61,29 @@ def cache_policy(root: str) -> CachePolicy:
     )
 
 
-def reference(store: Store, node: Node, manifest: dict, computed: bool) -> dict:
+def reference(store: Store, node: Node, manifest: dict, computed: bool, seconds: float = 0.0) -> dict:
     return {"uri": str(store.path(node.kind, node.key)), "key": node.key, "kind": node.kind,
             "fingerprint": manifest["fingerprint"], "metrics": manifest.get("metrics", {}),
-            "mlflow_run_id": manifest.get("mlflow_run_id"), "computed": computed}
+            "mlflow_run_id": manifest.get("mlflow_run_id"), "computed": computed,
+            "seconds": round(seconds, 3)}
 
 
-def build(job: StageJob) -> dict:
-    """Compute one stage's artifact unless it is already whole in the store; return its reference."""
+# Cached stages resolve concurrently, but one stage at a time computes in a process: two
+# trainings sharing a GPU (or two cores) by surprise helps nobody.
+COMPUTING = threading.Semaphore(1)
+
+
+def build(job: StageJob, inputs: dict[str, dict]) -> dict:
+    """Compute one stage's artifact unless it is already whole in the store; return its reference.
+    `inputs` maps each reference parameter to its input artifact's reference."""
     node, store = job.node, Store(job.store_root)
     if not job.force and store.check(node.kind, node.key) is None:
         return reference(store, node, store.manifest(node.kind, node.key), computed=False)
     kind = load_stage_kinds()[node.kind]
     steps = StepLogger(job.tracker, job.mlflow_run_id)
-    with store.build(node.kind, node.key) as tmp:
-        ctx = StageContext(out=tmp, inputs={p: Path(ref["uri"]) for p, ref in job.inputs.items()},
+    with COMPUTING, store.build(node.kind, node.key) as tmp:
+        started = time.time()
+        ctx = StageContext(out=tmp, inputs={p: Path(ref["uri"]) for p, ref in inputs.items()},
                            params=node.params, seed=node.recipe["seed"],
                            log_metrics=steps, progress=term.progress)
         metrics = {k: float(v) for k, v in (kind.run(ctx) or {}).items()}
@@ -84,15 +93,15 @@ def build(job: StageJob) -> dict:
         manifest = store.commit(tmp, node.kind, node.key, {
             "stage": node.name, "round": node.round, "config": node.recipe["config"],
             "seed": node.recipe["seed"], "code": node.recipe["code"], "metrics": metrics,
-            "inputs": {p: {"key": r["key"], "fingerprint": r["fingerprint"]} for p, r in job.inputs.items()},
+            "inputs": {p: {"key": r["key"], "fingerprint": r["fingerprint"]} for p, r in inputs.items()},
             "versions": _versions(), "mlflow_run_id": job.mlflow_run_id,
         })
-    return reference(store, node, manifest, computed=True)
+    return reference(store, node, manifest, computed=True, seconds=time.time() - started)
 
 
 @task(persist_result=True, result_serializer="json")
-def run_stage(job: StageJob) -> dict:
-    return build(job)
+def run_stage(job: StageJob, inputs: dict[str, dict]) -> dict:
+    return build(job, inputs)
 
 
 def _versions() -> dict[str, str]:
@@ -111,9 +120,11 @@ def resolve(spec: Spec) -> list[Node]:
     return nodes
 
 
-@flow(name="alignflow", validate_parameters=False)
+@flow(name="alignflow", validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | None = None,
              force: list[str] | None = None) -> dict:
+    """Submit every stage execution with its inputs as upstream futures (Prefect orders them and
+    resolves cached ones concurrently), then record each in MLflow, in order, as it finishes."""
     from prefect.runtime import flow_run
 
     spec = load_spec(spec_file, overrides or [], rounds)
@@ -129,14 +140,33 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
         "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count),
     })
     tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
-    refs: dict[str, dict] = {}
-    summary = []
+    futures, run_ids, summary, recorded = {}, {}, [], set()
     try:
         for node in nodes:
-            refs[node.id], row = _execute(node, refs, store, policy, tracker, parent, node.id in forced)
+            run_ids[node.id] = tracker.start_run(node.label, {
+                "alignflow.stage": node.name, "alignflow.round": str(node.round),
+                "alignflow.key": node.key, "alignflow.kind": node.kind,
+            }, parent=parent)
+            damaged = store.check(node.kind, node.key) is not None  # never trust a cached reference to it
+            task_ = run_stage.with_options(
+                name=node.kind, task_run_name=node.label.replace(" ", "-"), cache_policy=policy,
+                refresh_cache=node.id in forced or damaged,
+            )
+            job = StageJob(node=node, store_root=str(store.root), force=node.id in forced,
+                           tracker=tracker, mlflow_run_id=run_ids[node.id])
+            futures[node.id] = task_.submit(job, {p: futures[i] for p, i in node.inputs.items()})
+        refs: dict[str, dict] = {}
+        for node in nodes:
+            refs[node.id] = _record(node, futures[node.id], refs, tracker, run_ids[node.id])
             store.record_recipe(spec.name, node.id, node.key, node.recipe)
-            summary.append(row)
+            recorded.add(node.id)
+            summary.append({"stage": node.name, "round": node.round, "key": node.key,
+                            "cache": "miss" if refs[node.id]["computed"] else "hit",
+                            "seconds": refs[node.id]["seconds"], "metrics": refs[node.id]["metrics"]})
     except BaseException:
+        for node_id, run_id in run_ids.items():
+            if node_id not in recorded:
+                tracker.end(run_id, "KILLED")
         tracker.end(parent, "FAILED")
         raise
     hits = sum(row["cache"] == "hit" for row in summary)
@@ -145,29 +175,20 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
     return {"parent_run_id": parent, "stages": summary}
 
 
-def _execute(node: Node, refs, store: Store, policy, tracker: Tracker, parent: str, forced: bool):
-    started = time.time()
-    damaged = store.check(node.kind, node.key)
-    run_id = tracker.start_run(node.label, {
-        "alignflow.stage": node.name, "alignflow.round": str(node.round),
-        "alignflow.key": node.key, "alignflow.kind": node.kind,
-    }, parent=parent)
-    job = StageJob(node=node, inputs={p: refs[i] for p, i in node.inputs.items()},
-                   store_root=str(store.root), force=forced, tracker=tracker, mlflow_run_id=run_id)
-    task_ = run_stage.with_options(
-        name=node.kind, task_run_name=node.label.replace(" ", "-"), cache_policy=policy,
-        refresh_cache=forced or damaged is not None,
-    )
-    state = task_(job, return_state=True)
+def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str) -> dict:
+    """Wait for one stage, log it to its MLflow run, print its line; raise if it failed."""
+    future.wait()
+    state = future.state
     if not state.is_completed():
         tracker.end(run_id, "FAILED")
         cause = _exception(state)
-        term.console.print(f"[red]✗ {node.label}[/] failed after {time.time() - started:.1f}s")
+        term.console.print(f"[red]✗ {node.label}[/] failed")
         if isinstance(cause, BadInput):
             raise cause
         raise StageFailed(node.name, node.round, cause)
-    ref = state.result()
-    hit = state.name == "Cached" or not ref["computed"]
+    ref = dict(state.result())
+    ref["computed"] = ref["computed"] and state.name != "Cached"  # a cache record replays the original
+    hit = not ref["computed"]
     tags = {"alignflow.cache": "hit" if hit else "miss", "alignflow.uri": ref["uri"]}
     if hit and ref.get("mlflow_run_id"):  # the run that computed it holds the step curves
         tags["alignflow.original_run_id"] = ref["mlflow_run_id"]
@@ -175,12 +196,10 @@ def _execute(node: Node, refs, store: Store, policy, tracker: Tracker, parent: s
               **{f"input.{p}": refs[i]["key"] for p, i in node.inputs.items()}}
     tracker.log(run_id, metrics=ref["metrics"], params=params, tags=tags)
     tracker.end(run_id)
-    seconds = time.time() - started
     shown = ", ".join(f"{k}={v:.3g}" for k, v in list(ref["metrics"].items())[:4])
-    mark = "[dim]cached[/]" if hit else "[green]ran[/]"
-    term.console.print(f"[green]✓[/] {node.label:<24} {mark:<18} {seconds:6.1f}s  {shown}")
-    return ref, {"stage": node.name, "round": node.round, "key": node.key,
-                 "cache": "hit" if hit else "miss", "seconds": round(seconds, 3), "metrics": ref["metrics"]}
+    mark = "[dim]cached[/]" if hit else f"[green]ran[/] {ref['seconds']:6.1f}s"
+    term.console.print(f"[green]✓[/] {node.label:<24} {mark:<22} {shown}")
+    return ref
 
 
 def _exception(state) -> BaseException:

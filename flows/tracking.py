@@ -22,6 +22,9 @@ def _flatten(prefix: str, value, out: dict) -> dict:
 
 class Tracker:
     def __init__(self, uri: str, experiment: str):
+        import logging
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database set-up chatter
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(uri)

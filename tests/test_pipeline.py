@@ -151,9 +151,26 @@ def test_failing_stage_exits_1_and_keeps_finished_work(tmp_path):
     out = alignflow("run", spec, home=home, env={"ALIGNFLOW_PLUGINS": "toy_stages"})
     assert out.returncode == 1, out.stderr
     assert "stage 'boom'" in out.stderr and "failing on purpose" in out.stderr
+    assert "Traceback" in out.stderr  # a failure in code gets its traceback, to debug it
     rows = [json.loads(l) for l in alignflow("plan", spec, "--json", home=home, env={"ALIGNFLOW_PLUGINS": "toy_stages"},
                                              check=True).stdout.splitlines()]
     assert {r["stage"]: r["status"] for r in rows} == {"prompts": "fresh", "boom": "missing"}
+
+
+def test_malformed_dataset_exits_2_naming_file_and_line(tmp_path):
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d"}\n')
+    spec = tmp_path / "data.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "bad-data",
+        "datasets": {"prefs": {"kind": "jsonl", "path": "prefs.jsonl"}},  # relative to the spec
+        "stages": {"boom": {"kind": "toy_fail", "data": "prefs"}},
+    }))
+    home = tmp_path / "home"
+    out = alignflow("run", spec, home=home, env={"ALIGNFLOW_PLUGINS": "toy_stages"})
+    assert out.returncode == 2, out.stderr
+    assert f"{tmp_path / 'prefs.jsonl'}: line 2: a value for 'chosen'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not [p for p in (home / "store").rglob("*") if p.parent.name == "jsonl"], "no half-written table"
 
 
 def test_two_runs_needing_one_key_compute_it_once(tmp_path):
