@@ -23,17 +23,14 @@ SET_HELP = "Override a spec value: dotted.key=value (value parsed as YAML). Repe
 
 
 def _load(spec: str, overrides: list[str], rounds: int | None, force: list[str] = ()):
-    from flows.graph import expand
-    from flows.keys import assign_keys
+    from flows.keys import resolve
     from flows.spec import load_spec
 
     loaded = load_spec(spec, overrides, rounds)
     for name in force:
         if name not in loaded.nodes:
             raise SpecError(Problem(spec, f"--force {name}", f"no stage named '{name}'{did_you_mean(name, loaded.nodes)}"))
-    nodes = expand(loaded)
-    assign_keys(nodes, loaded.seed)
-    return loaded, nodes
+    return loaded, resolve(loaded)
 
 
 def _fail_spec(err: SpecError) -> None:

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from flows.graph import Node
+from flows.graph import Node, expand
 from tasks import load_stage_kinds
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +128,13 @@ def assign_keys(nodes: list[Node], spec_seed: int) -> None:
         }
         node.key = sha256(canonical(node.recipe))[:24]
         keys[node.id] = node.key
+
+
+def resolve(spec) -> list[Node]:
+    """Every stage execution of a validated spec, in run order, with its key."""
+    nodes = expand(spec)
+    assign_keys(nodes, spec.seed)
+    return nodes
 
 
 def explain_change(old: dict, new: dict, input_labels: dict[str, str]) -> list[str]:

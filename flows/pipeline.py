@@ -23,11 +23,11 @@ from prefect.transactions import IsolationLevel
 
 from flows import console as term
 from flows.errors import StageFailed
-from flows.graph import Node, downstream, expand
+from flows.graph import Node, downstream
 from flows.home import store_root, tracking_uri
-from flows.keys import assign_keys
+from flows.keys import resolve
 from flows.locks import CrashSafeLockManager
-from flows.spec import Spec, load_spec
+from flows.spec import load_spec
 from flows.store import Store
 from flows.tracking import StepLogger, Tracker, get_tracker
 from tasks import load_stage_kinds
@@ -114,12 +114,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def resolve(spec: Spec) -> list[Node]:
-    nodes = expand(spec)
-    assign_keys(nodes, spec.seed)
-    return nodes
-
-
 @flow(name="alignflow", validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | None = None,
              force: list[str] | None = None) -> dict:
@@ -127,6 +121,7 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
     resolves cached ones concurrently), then record each in MLflow, in order, as it finishes."""
     from prefect.runtime import flow_run
 
+    # Parameters are the spec file and options, not objects, so a deployment can run it as well.
     spec = load_spec(spec_file, overrides or [], rounds)
     nodes = resolve(spec)
     forced = downstream(nodes, set(force or []))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 # What an artifact holds; a reference names the type it expects so the spec is checked up front.
 ArtifactType = Literal["model", "reward_model", "table", "metrics"]
@@ -31,6 +31,17 @@ def Ref(*types: str) -> Any:
 
 def OptionalRef(*types: str) -> Any:
     return Annotated[str | None, RefTo(types)]
+
+
+def spec_relative(value: str, info: ValidationInfo) -> str:
+    """A relative path is relative to the spec file's folder, not to where you run from."""
+    base = (info.context or {}).get("base_dir")
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() or base is None else Path(base) / path)
+
+
+# A file path parameter, resolved against the spec's folder.
+SpecPath = Annotated[str, AfterValidator(spec_relative)]
 
 
 class StageParams(BaseModel):

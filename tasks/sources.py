@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from tasks.base import BadInput, StageContext, StageParams, stage_kind
+from tasks.base import BadInput, SpecPath, StageContext, StageParams, spec_relative, stage_kind
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -59,11 +59,9 @@ class PretrainedParams(StageParams):
 
     @field_validator("path")
     @classmethod
-    def _relative_to_spec(cls, value: str, info: ValidationInfo) -> str:
-        """A relative path is relative to the spec file's folder, not to where you run from."""
-        base = (info.context or {}).get("base_dir")
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() or base is None else Path(base) / path)
+    def _local_relative_to_spec(cls, value: str, info: ValidationInfo) -> str:
+        resolved = spec_relative(value, info)
+        return resolved if Path(resolved).exists() else value  # else a hub id, kept as written
 
     def source_files(self) -> list[Path]:
         return [Path(self.path)] if _is_local(self.path) else []
@@ -115,19 +113,12 @@ def synthetic(ctx: StageContext) -> dict[str, float]:
 
 
 class FileParams(StageParams):
-    path: str
+    path: SpecPath
     columns: list[str] | None = Field(
         None, description="columns to keep; each must be present (and not null) in every row"
     )
     # Without `columns`, a jsonl row missing one of the first row's keys is an error too.
 
-    @field_validator("path")
-    @classmethod
-    def _relative_to_spec(cls, value: str, info: ValidationInfo) -> str:
-        """A relative path is relative to the spec file's folder, not to where you run from."""
-        base = (info.context or {}).get("base_dir")
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() or base is None else Path(base) / path)
 
     def source_files(self) -> list[Path]:
         return [Path(self.path)]

@@ -10,12 +10,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.base import Ref, StageContext, StageParams, stage_kind
+from tasks.base import Ref, StageContext, stage_kind
+from tasks.train import TrainParams
 
 REF_COLUMNS = ["ref_chosen_logp", "ref_rejected_logp", "chosen_tokens", "rejected_tokens"]
 
 
-class DPOParams(StageParams):
+class DPOParams(TrainParams):
     kind: Literal["dpo"] = "dpo"
     policy: Ref("model")
     pairs: Ref("table")  # prompt, chosen, rejected + reference log-probs (pairs with `reference`)
@@ -23,12 +24,9 @@ class DPOParams(StageParams):
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO; loss dpo only")
     sft_weight: float = Field(0.0, ge=0, description="adds the chosen response's mean NLL")
-    epochs: float = Field(1.0, gt=0)
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(16, ge=1, description="pairs per step")
     max_length: int = Field(512, ge=2, description="must match the pairs stage's max_length")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _smoothing_is_dpo_only(self):

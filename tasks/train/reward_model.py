@@ -3,22 +3,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
 
-from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+from tasks.base import OptionalRef, Ref, StageContext, stage_kind
+from tasks.train import TrainParams
 
 
-class RewardModelParams(StageParams):
+class RewardModelParams(TrainParams):
     kind: Literal["reward_model"] = "reward_model"
     model: Ref("model")  # its body initialises the reward model; the score head is fresh
     data: Ref("table")  # prompt, chosen, rejected
     eval_data: OptionalRef("table") = None
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(16, ge=1)
-    max_length: int = Field(512, ge=2)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
 
 
 def pair_examples(tokenizer, table, max_length: int) -> list[dict]:

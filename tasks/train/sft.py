@@ -3,21 +3,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
 
-from tasks.base import Ref, StageContext, StageParams, stage_kind
+from tasks.base import Ref, StageContext, stage_kind
+from tasks.train import TrainParams
 
 
-class SFTParams(StageParams):
+class SFTParams(TrainParams):
     kind: Literal["sft"] = "sft"
     model: Ref("model")
     data: Ref("table")  # prompt, response
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(16, ge=1)
-    max_length: int = Field(512, ge=2)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
 
 
 def sft_loss(model, batch):
