@@ -24,8 +24,9 @@ class Tracker:
     def __init__(self, uri: str, experiment: str):
         import logging
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database set-up chatter
         from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import: mlflow sets it on import
 
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
