@@ -135,7 +135,7 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
         "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count),
     })
     tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
-    futures, run_ids, summary, recorded = {}, {}, [], set()
+    futures, run_ids, summary, recorded, current = {}, {}, [], set(), None
     try:
         for node in nodes:
             run_ids[node.id] = tracker.start_run(node.label, {
@@ -152,6 +152,7 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
             futures[node.id] = task_.submit(job, {p: futures[i] for p, i in node.inputs.items()})
         refs: dict[str, dict] = {}
         for node in nodes:
+            current = node.id
             refs[node.id] = _record(node, futures[node.id], refs, tracker, run_ids[node.id])
             store.record_recipe(spec.name, node.id, node.key, node.recipe)
             recorded.add(node.id)
@@ -160,8 +161,8 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
                             "seconds": refs[node.id]["seconds"], "metrics": refs[node.id]["metrics"]})
     except BaseException:
         for node_id, run_id in run_ids.items():
-            if node_id not in recorded:
-                tracker.end(run_id, "KILLED")
+            if node_id not in recorded:  # the stage that failed, and those that never finished
+                tracker.end(run_id, "FAILED" if node_id == current else "KILLED")
         tracker.end(parent, "FAILED")
         raise
     hits = sum(row["cache"] == "hit" for row in summary)
@@ -175,7 +176,6 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str) -> di
     future.wait()
     state = future.state
     if not state.is_completed():
-        tracker.end(run_id, "FAILED")
         cause = _exception(state)
         term.console.print(f"[red]✗ {node.label}[/] failed")
         if isinstance(cause, BadInput):

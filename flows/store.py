@@ -124,6 +124,14 @@ class Store:
                 continue
             if tmp_host == host and not _pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
+        # A crash between commit's two renames leaves the previous artifact as .old-<key>-*:
+        # put it back if nothing replaced it (the renames are microseconds apart, hence the age).
+        for old in self.root.glob("*/.old-*"):
+            final = old.with_name(old.name.split("-")[1])
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            elif time.time() - old.stat().st_mtime > 60:
+                os.replace(old, final)
 
     # --- what each spec's stages last ran with, to explain staleness ---
     def _index_file(self, spec_name: str, node_id: str) -> Path:

@@ -155,6 +155,8 @@ def test_failing_stage_exits_1_and_keeps_finished_work(tmp_path):
     rows = [json.loads(l) for l in alignflow("plan", spec, "--json", home=home, env={"ALIGNFLOW_PLUGINS": "toy_stages"},
                                              check=True).stdout.splitlines()]
     assert {r["stage"]: r["status"] for r in rows} == {"prompts": "fresh", "boom": "missing"}
+    status = {r.data.tags["alignflow.stage"]: r.info.status for r in stage_runs(home, "fail-test")}
+    assert status == {"prompts": "FINISHED", "boom": "FAILED"}
 
 
 def test_malformed_dataset_exits_2_naming_file_and_line(tmp_path):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,6 +75,16 @@ def test_sweep_removes_only_dead_processes_tmp(tmp_path):
     live_tmp.mkdir()
     store.sweep()
     assert not dead_tmp.exists() and live_tmp.exists()
+
+
+def test_sweep_restores_an_artifact_a_crash_left_aside(tmp_path):
+    store = Store(tmp_path)
+    build_one(store)
+    aside = tmp_path / "toy" / ".old-k1-abcd1234"
+    os.replace(store.path("toy", "k1"), aside)  # as if killed between commit's two renames
+    os.utime(aside, (time.time() - 120, time.time() - 120))
+    store.sweep()
+    assert store.check("toy", "k1") is None and not aside.exists()
 
 
 def test_lock_of_a_dead_process_is_free(tmp_path):
