@@ -130,7 +130,7 @@ class Store:
             final = old.with_name(old.name.split("-")[1])
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
-            elif time.time() - old.stat().st_mtime > 60:
+            elif time.time() - old.stat().st_ctime > 60:  # ctime: when it was renamed
                 os.replace(old, final)
 
     # --- what each spec's stages last ran with, to explain staleness ---
