@@ -15,6 +15,8 @@ STAGE_MODULES = (
     "tasks.train.reward_model",
     "tasks.train.dpo",
     "tasks.evaluate",
+    "tasks.ref_logps",
+    "tasks.reward_accuracy",
 )
 
 

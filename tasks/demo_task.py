@@ -16,9 +16,20 @@ It lies in [-1, 1]; a response in the demo's phrase form peaks at 0.75 ("good ca
 The SFT data deliberately mixes good and bad responses (adjectives of random sentiment, nouns half
 off-topic), so the SFT policy is mediocre and preference training has room to improve it.
 
-Hooks for distribution shift (not used by the demo yet): `HELDOUT_TOPICS` are topics no training
-split uses (a prompt-shift set), and `ResponseStyle` describes the response distribution (a
-response-shift set is a different style).
+Distribution shift (for EXRM vs DPORM, pipelines/exrm_vs_dporm.yaml): `HELDOUT_TOPICS` are topics
+no training split uses, and `ResponseStyle` describes the response distribution. Two gold-labelled
+preference splits shift one thing each against `preferences_heldout` (the in-distribution set):
+
+- `preferences_prompt_shift`: prompts about the held-out topics (vehicles, clothes), responses in
+  the default style. The prompts' topic words were never in a training prompt, and their nouns
+  appeared in training only as *off-topic* nouns (a response's off-topic noun may come from any
+  other topic), so a reward that learned "vehicle nouns are bad" must now reverse itself: on-topic
+  is relative to the prompt, which is what generalising over prompts means here.
+- `preferences_response_shift`: the same prompts as the in-distribution set (training topics, the
+  held-out half of the prompt space), responses in `RESPONSE_SHIFT_STYLE`: longer (5-8 phrases
+  instead of 2-5), mostly neutral adjectives (so each pair differs by fewer sentiment words),
+  mostly on-topic nouns, and half the phrases in the other word order ("cat lovely"). The gold
+  reward ignores order and length, so the labels mean the same thing; only the responses moved.
 
 Pure Python on purpose: the engine imports it when checking a spec.
 """
@@ -51,9 +62,12 @@ ADJECTIVES = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}
 SEPARATOR = ":"
 _TOPIC_OF_NOUN = {noun: topic for topic, nouns in TOPICS.items() for noun in nouns}
 
-SPLITS = ("sft", "preferences", "preferences_heldout", "prompts", "eval_prompts")
+SPLITS = (
+    "sft", "preferences", "preferences_heldout", "prompts", "eval_prompts",
+    "preferences_prompt_shift", "preferences_response_shift",
+)
 # Splits drawn from the held-out half of the prompt space, so evaluation never sees a train prompt.
-HELDOUT_SPLITS = ("preferences_heldout", "eval_prompts")
+HELDOUT_SPLITS = ("preferences_heldout", "eval_prompts", "preferences_prompt_shift", "preferences_response_shift")
 
 
 def vocabulary() -> list[str]:
@@ -87,6 +101,11 @@ class ResponseStyle:
     positive: float = 1 / 3  # probability an adjective is positive / negative (else neutral)
     negative: float = 1 / 3
     on_topic: float = 0.5  # probability a noun is from the prompt's topic
+    noun_first: float = 0.0  # probability a phrase is "noun adjective" instead of "adjective noun"
+
+
+# The response-shift set's style (see the module docstring).
+RESPONSE_SHIFT_STYLE = ResponseStyle(min_phrases=5, max_phrases=8, positive=0.2, negative=0.2, on_topic=0.7, noun_first=0.5)
 
 
 def sample_response(rng: random.Random, topic: str, style: ResponseStyle = ResponseStyle()) -> str:
@@ -97,6 +116,8 @@ def sample_response(rng: random.Random, topic: str, style: ResponseStyle = Respo
         words.append(rng.choice(ADJECTIVES[kind]))
         noun_topic = topic if rng.random() < style.on_topic else rng.choice([t for t in TOPICS if t != topic])
         words.append(rng.choice(TOPICS[noun_topic]))
+        if style.noun_first and rng.random() < style.noun_first:  # no draw at 0: default style unchanged
+            words[-2:] = words[-1], words[-2]
     return " ".join(words)
 
 
@@ -123,17 +144,23 @@ def make_split(
     seed: int,
     topics: list[str] | None = None,
     min_margin: float = 0.2,
-    style: ResponseStyle = ResponseStyle(),
+    style: ResponseStyle | None = None,
 ) -> dict[str, list]:
     """Rows of one split as columns (a dict of lists). Seeded by seed AND split name, so splits differ.
 
-    sft: prompt, response, reward.  preferences / preferences_heldout: prompt, chosen, rejected,
-    chosen_reward, rejected_reward, margin (gold margin >= min_margin).  prompts / eval_prompts:
-    prompt_id, prompt, topic (distinct prompts while the prompt space lasts).
+    sft: prompt, response, reward.  preferences*: prompt, chosen, rejected, chosen_reward,
+    rejected_reward, margin (gold margin >= min_margin).  prompts / eval_prompts: prompt_id, prompt,
+    topic (distinct prompts while the prompt space lasts).  By default topics are the training
+    topics (the held-out ones for preferences_prompt_shift) and the style is the default one
+    (RESPONSE_SHIFT_STYLE for preferences_response_shift).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    topics = tuple(topics) if topics else TRAIN_TOPICS
+    if not topics:
+        topics = HELDOUT_TOPICS if split == "preferences_prompt_shift" else TRAIN_TOPICS
+    topics = tuple(topics)
+    if style is None:
+        style = RESPONSE_SHIFT_STYLE if split == "preferences_response_shift" else ResponseStyle()
     unknown = [t for t in topics if t not in TOPICS]
     if unknown:
         raise ValueError(f"unknown topics {unknown}; known: {', '.join(TOPICS)}")

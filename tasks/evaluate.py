@@ -1,11 +1,34 @@
-"""evaluate: gold-judged win rate of a policy against a baseline on held-out prompts."""
+"""evaluate: judged win rate of a policy against a baseline on held-out prompts.
+
+Both models answer every prompt (one sample each, the same seed); a judge decides each prompt:
+
+- `judge`: a programmatic reward function (tasks/rewards.py; the demo's `demo_gold`), or
+- `judge_model`: a reward model; the response with the higher reward wins, or
+- `judge_lm`: a causal LM asked which of the two responses is better (JUDGE_TEMPLATE, answered by
+  the next token "A" or "B"). It is asked in both orders, to cancel its position bias: a response
+  wins only if both orders prefer it, otherwise the prompt is a tie.
+
+Ties count half. Metrics: win_rate (with a 95% interval), reward_policy / reward_baseline (mean
+judge reward, when the judge gives rewards), length_policy / length_baseline (mean response
+length in tokens, each under its own model's tokenizer) and, with a `reference` model, kl: the
+policy's KL(pi || pi_ref) estimated on its own samples.
+"""
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
-from tasks.base import Ref, StageContext, StageParams, stage_kind
+from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+
+# The pairwise judge's question; the next token after it is the answer, "A" or "B".
+JUDGE_TEMPLATE = (
+    "Which response to the prompt is better?\n"
+    "Prompt: {prompt}\n"
+    "Response A: {a}\n"
+    "Response B: {b}\n"
+    "The better response is"
+)
 
 
 class EvaluateParams(StageParams):
@@ -13,22 +36,37 @@ class EvaluateParams(StageParams):
     policy: Ref("model")
     baseline: Ref("model")
     prompts: Ref("table")
-    judge: str = Field("demo_gold", description="a reward function name in tasks/rewards.py")
-    temperature: float = Field(1.0, ge=0)
+    # The judge: exactly one of these three; with none given, judge: demo_gold.
+    judge: str | None = Field(None, description="a reward function name in tasks/rewards.py")
+    judge_model: OptionalRef("reward_model") = None
+    judge_lm: OptionalRef("model") = None
+    reference: OptionalRef("model") = Field(None, description="to estimate KL(policy || reference)")
+    temperature: float = Field(1.0, ge=0, description="KL is an estimate of the sampled distribution's")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
+    max_length: int = Field(512, ge=2, description="for the reward model, the judge LM and the KL log-probs")
 
-    @field_validator("judge")
+    @model_validator(mode="before")
     @classmethod
-    def _known_judge(cls, name: str) -> str:
-        from tasks.rewards import get_reward_fn
+    def _default_judge(cls, data):
+        if isinstance(data, dict) and all(data.get(k) is None for k in ("judge", "judge_model", "judge_lm")):
+            data = {**data, "judge": "demo_gold"}
+        return data
 
-        get_reward_fn(name)
-        return name
+    @model_validator(mode="after")
+    def _one_judge(self):
+        given = [k for k in ("judge", "judge_model", "judge_lm") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"evaluate takes exactly one of judge, judge_model or judge_lm (got {', '.join(given)})")
+        if self.judge is not None:
+            from tasks.rewards import get_reward_fn  # pure Python: cheap
+
+            get_reward_fn(self.judge)  # an unknown name fails when the spec is checked
+        return self
 
 
-def win_rate(policy_rewards: list[float], baseline_rewards: list[float]) -> dict[str, float]:
+def win_rate_of(outcomes: list[float]) -> dict[str, float]:
     """Mean per-prompt outcome (win 1, tie 0.5, loss 0) with a 95% normal (Wald) interval.
 
     The interval is mean +- 1.96 * sample std / sqrt(n) over the outcomes in {0, 0.5, 1},
@@ -36,12 +74,73 @@ def win_rate(policy_rewards: list[float], baseline_rewards: list[float]) -> dict
     """
     import math
 
-    outcomes = [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy_rewards, baseline_rewards)]
     n = len(outcomes)
     mean = sum(outcomes) / n
     std = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * std / math.sqrt(n)
-    return {"win_rate": mean, "win_rate_ci_low": max(0.0, mean - half), "win_rate_ci_high": min(1.0, mean + half), "outcomes": outcomes}
+    return {"win_rate": mean, "win_rate_ci_low": max(0.0, mean - half), "win_rate_ci_high": min(1.0, mean + half)}
+
+
+def win_rate(policy_rewards: list[float], baseline_rewards: list[float]) -> dict:
+    """win_rate_of the per-prompt reward comparisons; also returns the "outcomes"."""
+    outcomes = [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy_rewards, baseline_rewards)]
+    return {**win_rate_of(outcomes), "outcomes": outcomes}
+
+
+def pairwise_outcomes(prompts: list[str], policy: list[str], baseline: list[str], prefers_a) -> list[float]:
+    """Per-prompt outcome of the policy's response against the baseline's, judged in both orders.
+
+    `prefers_a(prompts, responses_a, responses_b)` returns, per prompt, how much the judge prefers
+    response A (> 0: A, < 0: B, 0: no preference). The policy wins (1) only if the judge prefers
+    it both as A and as B, loses (0) only if it prefers the baseline both times; else a tie (0.5).
+    A judge that always says "A" therefore ties every prompt.
+    """
+    policy_first = prefers_a(prompts, policy, baseline)
+    baseline_first = prefers_a(prompts, baseline, policy)
+    outcomes = []
+    for first, second in zip(policy_first, baseline_first):
+        if first > 0 and second < 0:
+            outcomes.append(1.0)
+        elif first < 0 and second > 0:
+            outcomes.append(0.0)
+        else:
+            outcomes.append(0.5)
+    return outcomes
+
+
+def lm_judge(model, tokenizer, max_length: int, batch_size: int, on_batch=None):
+    """`prefers_a` for a causal LM judge: log p("A") - log p("B") as the token after JUDGE_TEMPLATE."""
+    import torch
+
+    from tasks.models import encode_prompts, pad
+
+    # The answer's token as it follows the template's last words (" A" in a BPE vocabulary, "▁A" in
+    # a sentencepiece one): the first token of "... is A" beyond those of "... is".
+    tail = JUDGE_TEMPLATE.splitlines()[-1]
+    n_tail = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    answer_ids = [tokenizer(f"{tail} {letter}", add_special_tokens=False)["input_ids"][n_tail] for letter in ("A", "B")]
+    if answer_ids[0] == answer_ids[1]:
+        raise ValueError(f"judge_lm's tokenizer gives 'A' and 'B' the same token ({answer_ids[0]}): it cannot answer")
+
+    @torch.no_grad()
+    def prefers_a(prompts, responses_a, responses_b) -> list[float]:
+        model.eval()
+        device = next(model.parameters()).device
+        questions = [JUDGE_TEMPLATE.format(prompt=x, a=a, b=b) for x, a, b in zip(prompts, responses_a, responses_b)]
+        preferences = []
+        for start in range(0, len(questions), batch_size):
+            encoded = [ids[-max_length:] for ids in encode_prompts(tokenizer, questions[start : start + batch_size])]
+            input_ids = pad(encoded, tokenizer.pad_token_id, left=True).to(device)  # left: last token at -1
+            attention_mask = pad([[1] * len(e) for e in encoded], 0, left=True).to(device)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions start at each text's start
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, -1]
+            logps = torch.log_softmax(logits.float(), dim=-1)
+            preferences += (logps[:, answer_ids[0]] - logps[:, answer_ids[1]]).tolist()
+            if on_batch:
+                on_batch()
+        return preferences
+
+    return prefers_a
 
 
 @stage_kind("evaluate", EvaluateParams, output="metrics")
@@ -49,18 +148,19 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     import json
     import math
 
-    from tasks.models import load_causal_lm, sample_responses
-    from tasks.rewards import get_reward_fn
-    from tasks.tables import read_table
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tasks.models import batched_logps, load_causal_lm, sample_responses
+    from tasks.tables import read_table
+
     p: EvaluateParams = ctx.params
     prompts = read_table(ctx.inputs["prompts"], ["prompt"], what="prompts table").column("prompt").to_pylist()
-    judge = get_reward_fn(p.judge)
+    n = len(prompts)
 
-    responses, rewards = {}, {}
-    n_batches = math.ceil(len(prompts) / p.batch_size)
+    responses, lengths = {}, {}
+    kl = None
+    n_batches = math.ceil(n / p.batch_size)
     with ctx.progress("evaluating", total=2 * n_batches) as bar:
         for name in ("policy", "baseline"):
             model, tokenizer = load_causal_lm(ctx.inputs[name])
@@ -70,25 +170,52 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
                 model, tokenizer, prompts, n=1, temperature=p.temperature, top_p=p.top_p,
                 max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance,
             )]
-            rewards[name] = [judge(prompt, response) for prompt, response in zip(prompts, responses[name])]
+            lengths[name] = [len(ids) for ids in tokenizer(responses[name], add_special_tokens=False)["input_ids"]]
+            if name == "policy" and p.reference is not None:
+                # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], on the policy's own samples.
+                policy_logps, _ = batched_logps(model, tokenizer, prompts, responses["policy"], p.max_length, p.batch_size)
+                reference, ref_tokenizer = load_causal_lm(ctx.inputs["reference"])
+                ref_logps, _ = batched_logps(reference, ref_tokenizer, prompts, responses["policy"], p.max_length, p.batch_size)
+                kl = sum(a - b for a, b in zip(policy_logps, ref_logps)) / n
+                del reference
             del model
 
-    result = win_rate(rewards["policy"], rewards["baseline"])
-    outcomes = result.pop("outcomes")
-    metrics = {
-        **result,
-        "reward_policy": sum(rewards["policy"]) / len(prompts),
-        "reward_baseline": sum(rewards["baseline"]) / len(prompts),
-        "n": float(len(prompts)),
-    }
+    rewards = None
+    if p.judge is not None:
+        from tasks.rewards import get_reward_fn
+
+        judge = get_reward_fn(p.judge)
+        rewards = {name: [judge(x, y) for x, y in zip(prompts, responses[name])] for name in responses}
+    elif p.judge_model is not None:
+        from tasks.models import batched_scores, load_reward_model
+
+        judge, judge_tokenizer = load_reward_model(ctx.inputs["judge_model"])
+        rewards = {name: batched_scores(judge, judge_tokenizer, prompts, responses[name], p.max_length, p.batch_size)
+                   for name in responses}
+    if rewards is not None:
+        outcomes = win_rate(rewards["policy"], rewards["baseline"])["outcomes"]
+    else:
+        judge, judge_tokenizer = load_causal_lm(ctx.inputs["judge_lm"])
+        prefers_a = lm_judge(judge, judge_tokenizer, p.max_length, p.batch_size)
+        outcomes = pairwise_outcomes(prompts, responses["policy"], responses["baseline"], prefers_a)
+
+    metrics = {**win_rate_of(outcomes), "n": float(n)}
+    if rewards is not None:
+        metrics["reward_policy"] = sum(rewards["policy"]) / n
+        metrics["reward_baseline"] = sum(rewards["baseline"]) / n
+    metrics["length_policy"] = sum(lengths["policy"]) / n
+    metrics["length_baseline"] = sum(lengths["baseline"]) / n
+    if kl is not None:
+        metrics["kl"] = kl
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    samples = pa.table({
+    samples = {
         "prompt": prompts,
         "policy_response": responses["policy"],
         "baseline_response": responses["baseline"],
-        "policy_reward": rewards["policy"],
-        "baseline_reward": rewards["baseline"],
         "outcome": outcomes,
-    })
-    pq.write_table(samples, ctx.out / "samples.parquet")
+    }
+    if rewards is not None:
+        samples["policy_reward"] = rewards["policy"]
+        samples["baseline_reward"] = rewards["baseline"]
+    pq.write_table(pa.table(samples), ctx.out / "samples.parquet")
     return metrics

@@ -41,10 +41,25 @@ def best_vs_worst(prompt_keys: list, rewards: list[float], min_margin: float) ->
     return pairs, dropped
 
 
-@stage_kind("pairs", PairsParams, output="table")
-def pairs(ctx: StageContext) -> dict[str, float]:
+def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch_size: int, progress) -> None:
+    """Add ref_chosen_logp, ref_rejected_logp, chosen_tokens, rejected_tokens to `rows` (columns
+    prompt, chosen, rejected): the reference model's summed response-token log-probs and how many
+    tokens they cover. `reference` is a model artifact folder. Shared by `pairs` and `ref_logps`."""
     import math
 
+    from tasks.models import batched_logps, load_causal_lm
+
+    model, tokenizer = load_causal_lm(reference)
+    n_batches = 2 * math.ceil(len(rows["prompt"]) / batch_size)
+    with progress("reference log-probs", total=n_batches) as bar:
+        for side in ("chosen", "rejected"):
+            logps, counts = batched_logps(model, tokenizer, rows["prompt"], rows[side], max_length, batch_size, bar.advance)
+            rows[f"ref_{side}_logp"] = logps
+            rows[f"{side}_tokens"] = counts
+
+
+@stage_kind("pairs", PairsParams, output="table")
+def pairs(ctx: StageContext) -> dict[str, float]:
     from tasks.tables import read_table, write_table
 
     p: PairsParams = ctx.params
@@ -67,15 +82,7 @@ def pairs(ctx: StageContext) -> dict[str, float]:
         raise ValueError(f"no pairs left: {dropped['dropped_ties']} ties, {dropped['dropped_min_margin']} under min_margin={p.min_margin}")
 
     if p.reference is not None:
-        from tasks.models import batched_logps, load_causal_lm
-
-        model, tokenizer = load_causal_lm(ctx.inputs["reference"])
-        n_batches = 2 * math.ceil(len(rows["prompt"]) / p.batch_size)
-        with ctx.progress("reference log-probs", total=n_batches) as bar:
-            for side in ("chosen", "rejected"):
-                logps, counts = batched_logps(model, tokenizer, rows["prompt"], rows[side], p.max_length, p.batch_size, bar.advance)
-                rows[f"ref_{side}_logp"] = logps
-                rows[f"{side}_tokens"] = counts
+        add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress)
 
     write_table(rows, ctx.out)
     n = len(rows["prompt"])

@@ -91,9 +91,14 @@ class SyntheticParams(StageParams):
 
     kind: Literal["synthetic"] = "synthetic"
     task: Literal["demo"] = "demo"
-    split: Literal["sft", "preferences", "preferences_heldout", "prompts", "eval_prompts"]
+    split: Literal[
+        "sft", "preferences", "preferences_heldout", "prompts", "eval_prompts",
+        "preferences_prompt_shift", "preferences_response_shift",
+    ]
     size: int = Field(gt=0)
-    topics: list[str] | None = Field(None, description="default: the task's training topics")
+    topics: list[str] | None = Field(
+        None, description="default: the task's training topics (held-out topics for preferences_prompt_shift)"
+    )
     min_margin: float = Field(0.2, ge=0, description="preference splits: least gold margin of a pair")
 
 

@@ -66,12 +66,15 @@ def evaluate_pairs(model, examples: list[dict], pad_id: int, batch_size: int = 1
 def reward_model(ctx: StageContext) -> dict[str, float]:
     from functools import partial
 
+    import torch
+
     from tasks.models import load_reward_model, save_model
     from tasks.tables import read_table
     from tasks.train.loop import train
 
     p: RewardModelParams = ctx.params
     columns = ["prompt", "chosen", "rejected"]
+    torch.manual_seed(ctx.seed)  # the fresh score head's init follows the stage's seed
     model, tokenizer = load_reward_model(ctx.inputs["model"])
     examples = pair_examples(tokenizer, read_table(ctx.inputs["data"], columns, what="reward model data"), p.max_length)
     model, metrics = train(

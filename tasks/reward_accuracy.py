@@ -1,0 +1,138 @@
+"""reward_accuracy: how often a reward ranks chosen above rejected, in distribution and under shift.
+
+Lin et al. 2024, "On the limited generalization capability of the implicit reward model induced by
+DPO": compare an explicitly trained Bradley-Terry reward model (EXRM, a `reward_model` artifact)
+with DPO's implicit reward (DPORM) r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)), on preference
+pairs from the training distribution (`id`), with shifted prompts (`prompt_shift`) and with
+shifted responses (`response_shift`). Metrics: `<reward>_acc_<set>` with `_ci_low` / `_ci_high`,
+e.g. exrm_acc_id, dporm_acc_prompt_shift_ci_low. The artifact: metrics.json and pairs.parquet
+(every pair with both rewards of chosen and rejected).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+
+SETS = ("id", "prompt_shift", "response_shift")
+
+
+class RewardAccuracyParams(StageParams):
+    kind: Literal["reward_accuracy"] = "reward_accuracy"
+    id: Ref("table")  # preference pairs (prompt, chosen, rejected) from the training distribution
+    prompt_shift: OptionalRef("table") = None
+    response_shift: OptionalRef("table") = None
+    exrm: OptionalRef("reward_model") = None
+    dporm_policy: OptionalRef("model") = None  # the DPO policy ...
+    dporm_reference: OptionalRef("model") = None  # ... and the reference it was trained against
+    beta: float = Field(0.1, gt=0, description="DPORM's scale (as in the dpo stage); the ranking ignores it")
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(512, ge=2)
+
+    @model_validator(mode="after")
+    def _rewards(self):
+        if (self.dporm_policy is None) != (self.dporm_reference is None):
+            raise ValueError("DPORM needs both dporm_policy and dporm_reference")
+        if self.exrm is None and self.dporm_policy is None:
+            raise ValueError("reward_accuracy needs exrm, or dporm_policy and dporm_reference, or all three")
+        return self
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval for a proportion (successes may be fractional: ties count half).
+
+    Wilson rather than the normal (Wald) interval: it stays inside [0, 1] and keeps its coverage
+    near 0 and 1, where reward accuracies on easy pairs live.
+    """
+    import math
+
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def ranking_accuracy(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    """Fraction of pairs with chosen rewarded above rejected (a tie counts half), and its interval."""
+    n = len(chosen)
+    correct = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
+    low, high = wilson_interval(correct, n)
+    return {"acc": correct / n, "ci_low": low, "ci_high": high}
+
+
+@stage_kind("reward_accuracy", RewardAccuracyParams, output="metrics")
+def reward_accuracy(ctx: StageContext) -> dict[str, float]:
+    import json
+    import math
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.tables import read_table
+
+    p: RewardAccuracyParams = ctx.params
+    tables = {
+        name: read_table(ctx.inputs[name], ["prompt", "chosen", "rejected"], what=f"{name} table").to_pydict()
+        for name in SETS if getattr(p, name) is not None
+    }
+    rewards = []  # the rewards compared: "exrm", "dporm"
+    if p.exrm is not None:
+        rewards.append("exrm")
+    if p.dporm_policy is not None:
+        rewards.append("dporm")
+
+    # scores[reward][set][side] = list of rewards
+    scores = {reward: {name: {} for name in tables} for reward in rewards}
+    batches = sum(math.ceil(len(t["prompt"]) / p.batch_size) for t in tables.values())
+    with ctx.progress("scoring pairs", total=2 * batches * (len(rewards) + (p.dporm_policy is not None))) as bar:
+        if p.exrm is not None:
+            from tasks.models import batched_scores, load_reward_model
+
+            model, tokenizer = load_reward_model(ctx.inputs["exrm"])
+            for name, t in tables.items():
+                for side in ("chosen", "rejected"):
+                    scores["exrm"][name][side] = batched_scores(
+                        model, tokenizer, t["prompt"], t[side], p.max_length, p.batch_size, bar.advance)
+            del model
+        if p.dporm_policy is not None:
+            from tasks.models import batched_logps, load_causal_lm
+
+            logps = {}
+            for role in ("dporm_policy", "dporm_reference"):
+                model, tokenizer = load_causal_lm(ctx.inputs[role])
+                for name, t in tables.items():
+                    for side in ("chosen", "rejected"):
+                        logps[role, name, side], _ = batched_logps(
+                            model, tokenizer, t["prompt"], t[side], p.max_length, p.batch_size, bar.advance)
+                del model
+            for name in tables:
+                for side in ("chosen", "rejected"):
+                    scores["dporm"][name][side] = [
+                        p.beta * (lp - ref) for lp, ref in zip(logps["dporm_policy", name, side], logps["dporm_reference", name, side])
+                    ]
+
+    metrics = {}
+    for reward in rewards:
+        for name in tables:
+            result = ranking_accuracy(scores[reward][name]["chosen"], scores[reward][name]["rejected"])
+            metrics[f"{reward}_acc_{name}"] = result["acc"]
+            metrics[f"{reward}_acc_{name}_ci_low"] = result["ci_low"]
+            metrics[f"{reward}_acc_{name}_ci_high"] = result["ci_high"]
+    for name, t in tables.items():
+        metrics[f"n_{name}"] = float(len(t["prompt"]))
+    (ctx.out / "metrics.json").write_text(json.dumps({**metrics, "beta": p.beta}, indent=2))
+
+    columns = {"set": [], "prompt": [], "chosen": [], "rejected": []}
+    for reward in rewards:
+        columns[f"{reward}_chosen"], columns[f"{reward}_rejected"] = [], []
+    for name, t in tables.items():
+        columns["set"] += [name] * len(t["prompt"])
+        for column in ("prompt", "chosen", "rejected"):
+            columns[column] += t[column]
+        for reward in rewards:
+            for side in ("chosen", "rejected"):
+                columns[f"{reward}_{side}"] += scores[reward][name][side]
+    pq.write_table(pa.table(columns), ctx.out / "pairs.parquet")
+    return metrics
