@@ -1,10 +1,11 @@
-"""The `alignflow` command: run, plan, ui.
+"""The `alignflow` command: run, plan, compare, ui.
 
 Exit codes: 0 success; 2 a bad spec, option or input (nothing written); 1 a failure while running.
 Heavy imports (prefect, mlflow, torch) happen only in the commands that need them.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import List, Optional
@@ -115,6 +116,70 @@ def plan(
     from rich.console import Console
 
     Console(width=max(160, console.width), soft_wrap=True).print(table)
+
+
+@app.command()
+def compare(
+    experiment: Optional[str] = typer.Argument(
+        None, help="An experiment name, or a spec file (its name and tracking store). "
+                   "Default: the experiment of the most recent run in the tracking store."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="Show this parent run (or a stage run's parent) "
+                                                             "instead of the latest."),
+    metric: List[str] = typer.Option([], "--metric", "-m", help="Only metric columns matching this glob "
+                                                                "(e.g. 'win_rate*'). Repeatable."),
+):
+    """Print a run's summary table (one row per stage execution: stage, round, cache, metrics) from MLflow."""
+    from pathlib import Path
+
+    uri = tracking_uri(None)
+    if experiment and (experiment.endswith((".yaml", ".yml")) or Path(experiment).is_file()):
+        try:
+            from flows.spec import load_spec
+
+            loaded = load_spec(experiment)
+        except SpecError as err:
+            _fail_spec(err)
+        experiment, uri = loaded.name, tracking_uri(loaded.tracking_uri)
+    if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        console.print(f"[red]error:[/] no tracking store at {uri}: nothing has run here yet "
+                      "(set ALIGNFLOW_HOME or MLFLOW_TRACKING_URI, or name a spec)")
+        raise typer.Exit(2)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # reading only: no folders made, no phoning home
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from flows.report import BASE_COLUMNS, NotFound, display_columns, find_parent_run, read_summary, select_columns
+    from flows.tracking import quiet_mlflow
+
+    quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        run = find_parent_run(client, experiment, run_id)
+    except NotFound as err:
+        console.print(f"[red]error:[/] {err} (tracking store {uri})")
+        raise typer.Exit(2)
+    table = display_columns(select_columns(read_summary(client, run), metric))
+    name = client.get_experiment(run.info.experiment_id).name
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
+    out = Table(title=f"{name}: run {run.info.run_id} ({run.info.status.lower()}, started {started})",
+                caption="metric \\[interval low, high]; empty: the stage has no such metric")
+    for column, cells in table.items():  # a header may fold; a value never does
+        out.add_column(column, overflow="fold", justify="left" if column in BASE_COLUMNS else "right",
+                       min_width=max(map(len, cells), default=1))
+    colour = {"hit": "dim", "miss": "green", "failed": "red", "killed": "yellow"}
+    for cells in zip(*table.values()):
+        if metric and not any(cells[len(BASE_COLUMNS):]):
+            continue  # --metric: only the stages that have one of them
+        out.add_row(*(Text(cell, style=colour.get(cell, "") if i == 2 else "") for i, cell in enumerate(cells)))
+    width = max(160, console.width)
+    if not sys.stdout.isatty():  # a file or a pipe: as wide as the table wants, nothing folded
+        width = max(width, Console(width=10_000).measure(out).maximum)
+    Console(width=width, soft_wrap=True).print(out)
 
 
 @app.command()

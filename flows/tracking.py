@@ -11,6 +11,11 @@ from flows.home import mlflow_artifact_root
 BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch call
 
 
+def is_remote(uri: str) -> bool:
+    """A tracking server (or Databricks), as opposed to a store this process opens itself."""
+    return uri.split(":", 1)[0].lower() in ("http", "https", "databricks")
+
+
 def _flatten(prefix: str, value, out: dict) -> dict:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -20,19 +25,31 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+def quiet_mlflow() -> None:
+    """MLflow's own logger at WARNING: after its import, as mlflow sets the level on import."""
+    import logging
+
+    import mlflow  # noqa: F401
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
-        import logging
-
         from mlflow.tracking import MlflowClient
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import: mlflow sets it on import
+        quiet_mlflow()
 
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
+        elif is_remote(uri):
+            # The server chooses where artifacts go (with --serve-artifacts, its proxy:
+            # mlflow-artifacts:/...), so every client and the UI can reach them.
+            self.experiment_id = self.client.create_experiment(experiment)
         else:
+            # A local store: its artifacts next to it, under ALIGNFLOW_HOME.
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=f"{mlflow_artifact_root()}/{experiment}")
 
@@ -61,6 +78,13 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
+
+    def log_table(self, run_id: str, table: dict[str, list], name: str) -> None:
+        """An MLflow table artifact (shown as a table in the UI; `mlflow.load_table` reads it)."""
+        self.client.log_table(run_id, data=table, artifact_file=name)
+
+    def log_file(self, run_id: str, path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

@@ -6,7 +6,7 @@ import os
 import time
 from typing import Literal
 
-from tasks.base import Ref, StageParams, stage_kind
+from tasks.base import OptionalRef, Ref, StageParams, stage_kind
 
 
 class SlowCountParams(StageParams):
@@ -33,3 +33,40 @@ class FailParams(StageParams):
 @stage_kind("toy_fail", FailParams, output="metrics")
 def fail(ctx):
     raise RuntimeError("toy stage failing on purpose")
+
+
+class ToyPolicyParams(StageParams):
+    """A stand-in "model": a quality number that each round adds `gain` to."""
+
+    kind: Literal["toy_policy"] = "toy_policy"
+    previous: OptionalRef("model") = None
+    gain: float = 0.0
+
+
+@stage_kind("toy_policy", ToyPolicyParams, output="model")
+def toy_policy(ctx):
+    quality = ctx.params.gain
+    if ctx.params.previous:
+        quality += json.loads((ctx.inputs["previous"] / "quality.json").read_text())["quality"]
+    (ctx.out / "quality.json").write_text(json.dumps({"quality": quality}))
+    return {"quality": quality}
+
+
+class ToyMetricsParams(StageParams):
+    """Returns the metrics it is given (reporting tests need no ML): plus, for the metrics named
+    in `shift`, the quality of `policy` (so an evaluation improves round by round)."""
+
+    kind: Literal["toy_metrics"] = "toy_metrics"
+    metrics: dict[str, float] = {}
+    policy: OptionalRef("model") = None
+    shift: list[str] = []
+
+
+@stage_kind("toy_metrics", ToyMetricsParams, output="metrics")
+def toy_metrics(ctx):
+    metrics = dict(ctx.params.metrics)
+    if ctx.params.policy:
+        quality = json.loads((ctx.inputs["policy"] / "quality.json").read_text())["quality"]
+        metrics.update({name: metrics[name] + quality for name in ctx.params.shift})
+    (ctx.out / "metrics.json").write_text(json.dumps(metrics))
+    return metrics

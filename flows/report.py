@@ -1,0 +1,342 @@
+"""Reports over one pipeline run: a summary table and plots, logged on its parent MLflow run.
+
+Plain functions over the flow's summary rows (one per stage execution: stage, round, key, cache,
+seconds, metrics). The flow calls `log_report` once at its end:
+
+- `summary.json`: an MLflow table (`client.log_table`), one row per stage execution, columns
+  stage, round, cache and every metric; `alignflow compare` prints it back from MLflow.
+- `plots/win_rate.png`: win rate by round, one line per stage that reports `win_rate`, error bars
+  from `win_rate_ci_low`/`win_rate_ci_high`.
+- `plots/reward_accuracy.png`: EXRM against DPORM accuracy on each set (id, prompt_shift,
+  response_shift), one point per stage execution (several seeds show their spread), error bars
+  from the `_ci_low`/`_ci_high` metrics.
+
+A plot is only drawn when its metrics are there, and is cached by the content of what it shows
+(`<store>/_reports/<hash>/`): a fully cached run shows the same numbers, so it logs the PNGs it
+already has and never imports matplotlib.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+BASE_COLUMNS = ("stage", "round", "cache")
+REWARDS = ("exrm", "dporm")
+SETS = ("id", "prompt_shift", "response_shift")
+REWARD_LABELS = {"exrm": "EXRM (explicit reward model)", "dporm": "DPORM (DPO implicit reward)"}
+SUMMARY_FILE = "summary.json"
+
+
+# ---------------------------------------------------------------- the table
+def summary_table(rows: Iterable[dict]) -> dict[str, list]:
+    """Column name -> values: stage, round, cache, then every metric in order of first appearance
+    (None where a stage has no such metric)."""
+    rows = list(rows)
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row.get("metrics") or {}))
+    table: dict[str, list] = {column: [] for column in (*BASE_COLUMNS, *names)}
+    for row in rows:
+        table["stage"].append(row["stage"])
+        table["round"].append(int(row["round"]))
+        table["cache"].append(row["cache"])
+        metrics = row.get("metrics") or {}
+        for name in names:
+            value = metrics.get(name)
+            table[name].append(None if value is None else float(value))
+    return table
+
+
+def table_rows(table: dict[str, list]) -> list[dict]:
+    """The table's rows as dicts (column -> value)."""
+    columns = list(table)
+    return [dict(zip(columns, values)) for values in zip(*table.values())]
+
+
+def parse_table(text: str) -> dict[str, list]:
+    """An MLflow table artifact (pandas' "split" JSON: columns, data) back into column -> values."""
+    obj = json.loads(text)
+    columns, data = obj["columns"], obj["data"]
+    return {column: [row[i] for row in data] for i, column in enumerate(columns)}
+
+
+# ---------------------------------------------------------------- what the plots show
+def win_rate_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float, float, float]]]:
+    """Stage name -> [(round, win_rate, ci_low, ci_high)] for every stage execution with a win
+    rate (the `evaluate` stages), by round. A missing interval bound is the rate itself."""
+    series: dict[str, list] = {}
+    for row in rows:
+        m = row.get("metrics") or {}
+        if "win_rate" not in m:
+            continue
+        rate = float(m["win_rate"])
+        series.setdefault(row["stage"], []).append(
+            (int(row["round"]), rate, float(m.get("win_rate_ci_low", rate)), float(m.get("win_rate_ci_high", rate))))
+    return {stage: sorted(points) for stage, points in series.items()}
+
+
+def reward_accuracy_points(rows: Iterable[dict]) -> list[dict]:
+    """One entry per stage execution reporting reward accuracies: its label and
+    {"exrm_id": (acc, ci_low, ci_high), ...} for the rewards and sets it has."""
+    points = []
+    for row in rows:
+        m = row.get("metrics") or {}
+        values = {}
+        for reward in REWARDS:
+            for set_ in SETS:
+                name = f"{reward}_acc_{set_}"
+                if name in m:
+                    acc = float(m[name])
+                    values[f"{reward}_{set_}"] = (acc, float(m.get(f"{name}_ci_low", acc)),
+                                                  float(m.get(f"{name}_ci_high", acc)))
+        if values:
+            label = row["stage"] + (f" (round {row['round']})" if int(row["round"]) else "")
+            points.append({"label": label, "values": values})
+    return points
+
+
+# ---------------------------------------------------------------- drawing (matplotlib, lazily)
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _error(value: float, low: float, high: float) -> tuple[float, float]:
+    return max(0.0, value - low), max(0.0, high - value)
+
+
+def draw_win_rate(series: dict[str, list], out: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    try:
+        for stage, points in series.items():
+            rounds = [p[0] for p in points]
+            rates = [p[1] for p in points]
+            errors = list(zip(*(_error(*p[1:]) for p in points)))
+            ax.errorbar(rounds, rates, yerr=errors, marker="o", capsize=4, label=stage)
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="tie with the baseline")
+        ax.set_xlabel("round")
+        ax.set_ylabel("win rate against the baseline")
+        ax.set_ylim(0, 1)
+        rounds = sorted({p[0] for points in series.values() for p in points})
+        ax.set_xticks(rounds)
+        if len(rounds) == 1:
+            ax.set_xlim(rounds[0] - 1, rounds[0] + 1)
+        ax.set_title("Win rate by round (error bars: interval)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out, format="png")
+    finally:
+        plt.close(fig)
+
+
+def draw_reward_accuracy(points: list[dict], out: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
+    try:
+        n = len(points)
+        spread = 0.24 / max(n - 1, 1) if n > 1 else 0.0  # executions side by side within a reward
+        for r, (reward, colour) in enumerate(zip(REWARDS, ("tab:blue", "tab:orange"))):
+            centre = -0.18 if r == 0 else 0.18
+            xs, ys, lows, highs, labelled = [], [], [], [], False
+            for s, set_ in enumerate(SETS):
+                accs = []
+                for i, point in enumerate(points):
+                    value = point["values"].get(f"{reward}_{set_}")
+                    if value is None:
+                        continue
+                    xs.append(s + centre + (i - (n - 1) / 2) * spread)
+                    ys.append(value[0])
+                    low, high = _error(*value)
+                    lows.append(low)
+                    highs.append(high)
+                    accs.append(value[0])
+                if len(accs) > 1:  # the mean over executions (seeds), as a short bar
+                    mean = sum(accs) / len(accs)
+                    ax.hlines(mean, s + centre - 0.15, s + centre + 0.15, colors=colour, linewidth=2.5,
+                              label=None if labelled else f"{reward.upper()} mean")
+                    labelled = True
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lows, highs], fmt="o", color=colour, capsize=3, markersize=5,
+                            label=REWARD_LABELS[reward])
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set_xticks(range(len(SETS)))
+        ax.set_xticklabels(["in distribution", "prompt shift", "response shift"])
+        ax.set_xlim(-0.6, len(SETS) - 0.4)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("preference accuracy")
+        runs = f"{n} execution{'s' if n != 1 else ''}"
+        ax.set_title(f"Reward accuracy: EXRM vs DPORM ({runs}; error bars: interval)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(loc="lower left", fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out, format="png")
+    finally:
+        plt.close(fig)
+
+
+PLOTS: tuple[tuple[str, Callable[[list[dict]], object], Callable], ...] = (
+    ("win_rate", win_rate_series, draw_win_rate),
+    ("reward_accuracy", reward_accuracy_points, draw_reward_accuracy),
+)
+
+
+def _code_version() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def plot(name: str, data, draw: Callable, cache_dir: Path) -> Path:
+    """The PNG of `data` drawn by `draw`, from `cache_dir` if drawn before (same data, same code)."""
+    digest = hashlib.sha256(json.dumps([name, data, _code_version()], sort_keys=True, default=list)
+                            .encode()).hexdigest()[:24]
+    final = cache_dir / digest / f"{name}.png"
+    if final.is_file() and final.stat().st_size > 0:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{name}-", suffix=".png")
+    os.close(fd)
+    try:
+        draw(data, Path(tmp))
+        os.replace(tmp, final)  # whole or absent, also with two runs drawing at once
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return final
+
+
+def plots(rows: list[dict], cache_dir: Path) -> dict[str, Path]:
+    """Plot name -> PNG file, for each plot whose metrics the rows have."""
+    made = {}
+    for name, extract, draw in PLOTS:
+        data = extract(rows)
+        if data:
+            made[name] = plot(name, data, draw, cache_dir)
+    return made
+
+
+# ---------------------------------------------------------------- logging it
+def log_report(tracker, run_id: str, rows: list[dict], cache_dir: str | Path | None = None) -> None:
+    """Log the summary table and the plots on the parent run. A report that fails to build is a
+    warning, never a failed pipeline: the stages and their runs are already recorded."""
+    from flows import console as term
+
+    try:
+        tracker.log_table(run_id, summary_table(rows), SUMMARY_FILE)
+        with tempfile.TemporaryDirectory(prefix="alignflow-report-") as scratch:
+            for name, png in plots(rows, Path(cache_dir or scratch)).items():
+                tracker.log_file(run_id, png, "plots")
+    except Exception as exc:  # noqa: BLE001 - reported, and the run stays a success
+        term.console.print(f"[yellow]warning:[/] the run's report (summary table, plots) was not logged: {exc!r}")
+
+
+# ---------------------------------------------------------------- reading it back (alignflow compare)
+PARENT_FILTER = "tags.`alignflow.spec_hash` LIKE '%'"  # parent runs carry it; stage runs do not
+
+
+class NotFound(LookupError):
+    """No such experiment or run in the tracking store (the message says which, and what exists)."""
+
+
+def find_parent_run(client, experiment: str | None = None, run_id: str | None = None):
+    """The parent run to report: `run_id` (a stage run's id gives its parent), else the latest
+    parent run of `experiment`, else the latest parent run in the whole store."""
+    from mlflow.exceptions import MlflowException
+
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise NotFound(f"no run '{run_id}' in the tracking store") from None
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        run = client.get_run(parent_id) if parent_id else run
+        if experiment is not None:
+            found = client.get_experiment_by_name(experiment)
+            if found is None or found.experiment_id != run.info.experiment_id:
+                raise NotFound(f"run '{run_id}' is not in experiment '{experiment}'")
+        return run
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            from flows.errors import did_you_mean
+
+            names = [e.name for e in client.search_experiments()]
+            hint = did_you_mean(experiment, names) or (f"; experiments: {', '.join(sorted(names))}" if names else
+                                                       "; the store has no experiments")
+            raise NotFound(f"no experiment named '{experiment}'{hint}")
+        ids = [found.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, filter_string=PARENT_FILTER, order_by=["attribute.start_time DESC"],
+                              max_results=1) if ids else []
+    if not runs:
+        raise NotFound(f"no alignflow run in experiment '{experiment}'" if experiment else
+                       "no alignflow run in the tracking store")
+    return runs[0]
+
+
+def read_summary(client, run) -> dict[str, list]:
+    """The run's summary table: its `summary.json`, or, for a run without one (it failed, or
+    predates it), rebuilt from its stage runs' tags and metrics."""
+    import tempfile as _tempfile
+
+    if SUMMARY_FILE in [a.path for a in client.list_artifacts(run.info.run_id)]:
+        with _tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run.info.run_id, SUMMARY_FILE, tmp)
+            return parse_table(Path(path).read_text())
+    stages = client.search_runs([run.info.experiment_id],
+                                filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+                                order_by=["attribute.start_time ASC"], max_results=5000)
+    rows = [{"stage": r.data.tags.get("alignflow.stage", r.info.run_name),
+             "round": int(r.data.tags.get("alignflow.round", 0)),
+             "cache": r.data.tags.get("alignflow.cache", r.info.status.lower()),
+             "metrics": r.data.metrics} for r in stages]
+    rows.sort(key=lambda row: row["round"])  # stable: creation order within a round
+    return summary_table(rows)
+
+
+def select_columns(table: dict[str, list], patterns: list[str]) -> dict[str, list]:
+    """The base columns and the metric columns matching any glob pattern (all when none given)."""
+    from fnmatch import fnmatchcase
+
+    if not patterns:
+        return table
+    def wanted(column: str) -> bool:
+        base = column.removesuffix("_ci_low").removesuffix("_ci_high")  # an interval goes with its metric
+        return any(fnmatchcase(column, p) or fnmatchcase(base, p) for p in patterns)
+
+    return {c: v for c, v in table.items() if c in BASE_COLUMNS or wanted(c)}
+
+
+def format_value(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN: no such metric
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def display_columns(table: dict[str, list]) -> dict[str, list[str]]:
+    """The table as text for a terminal: a metric's interval folded into its cell
+    (`win_rate`, `win_rate_ci_low`, `win_rate_ci_high` -> win_rate "0.62 [0.55, 0.69]")."""
+    shown: dict[str, list[str]] = {}
+    for column, values in table.items():
+        base = column.removesuffix("_ci_low").removesuffix("_ci_high")
+        if base != column and base in table:
+            continue  # shown with its metric
+        low, high = table.get(f"{column}_ci_low"), table.get(f"{column}_ci_high")
+        if column in BASE_COLUMNS or low is None or high is None:
+            shown[column] = [format_value(v) for v in values]
+        else:
+            shown[column] = [f"{format_value(v)} [{format_value(lo)}, {format_value(hi)}]"
+                             if format_value(lo) and format_value(hi) else format_value(v)
+                             for v, lo, hi in zip(values, low, high)]
+    return shown
