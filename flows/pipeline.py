@@ -27,6 +27,7 @@ from flows.graph import Node, downstream
 from flows.home import store_root, tracking_uri
 from flows.keys import resolve
 from flows.locks import CrashSafeLockManager
+from flows.report import log_report
 from flows.spec import load_spec
 from flows.store import Store
 from flows.tracking import StepLogger, Tracker, get_tracker
@@ -65,6 +66,7 @@ def reference(store: Store, node: Node, manifest: dict, computed: bool, seconds:
     return {"uri": str(store.path(node.kind, node.key)), "key": node.key, "kind": node.kind,
             "fingerprint": manifest["fingerprint"], "metrics": manifest.get("metrics", {}),
             "mlflow_run_id": manifest.get("mlflow_run_id"), "computed": computed,
+            "final_step": manifest.get("final_step", 0),
             "seconds": round(seconds, 3)}
 
 
@@ -95,6 +97,9 @@ def build(job: StageJob, inputs: dict[str, dict]) -> dict:
             "seed": node.recipe["seed"], "code": node.recipe["code"], "metrics": metrics,
             "inputs": {p: {"key": r["key"], "fingerprint": r["fingerprint"]} for p, r in inputs.items()},
             "versions": _versions(), "mlflow_run_id": job.mlflow_run_id,
+            # Final metrics go one step past the last training step, so that MLflow's "latest
+            # value" of a metric is the stage's final summary, not its last minibatch.
+            "final_step": steps.history[-1]["step"] + 1 if steps.history else 0,
         })
     return reference(store, node, manifest, computed=True, seconds=time.time() - started)
 
@@ -167,6 +172,7 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
         raise
     hits = sum(row["cache"] == "hit" for row in summary)
     tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
+    log_report(tracker, parent, summary, cache_dir=Path(root) / "_reports")  # table and plots
     tracker.end(parent)
     return {"parent_run_id": parent, "stages": summary}
 
@@ -189,7 +195,7 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str) -> di
         tags["alignflow.original_run_id"] = ref["mlflow_run_id"]
     params = {"kind": node.kind, "seed": node.recipe["seed"], **node.recipe["config"],
               **{f"input.{p}": refs[i]["key"] for p, i in node.inputs.items()}}
-    tracker.log(run_id, metrics=ref["metrics"], params=params, tags=tags)
+    tracker.log(run_id, metrics=ref["metrics"], params=params, tags=tags, step=ref.get("final_step", 0))
     tracker.end(run_id)
     shown = ", ".join(f"{k}={v:.3g}" for k, v in list(ref["metrics"].items())[:4])
     mark = "[dim]cached[/]" if hit else f"[green]ran[/] {ref['seconds']:6.1f}s"

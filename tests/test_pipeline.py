@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -57,6 +58,9 @@ def test_cold_run_records_every_stage(demo):
     client = MlflowClient(f"sqlite:///{demo['home'] / 'mlflow.db'}")
     history = client.get_metric_history(dpo.info.run_id, "loss")
     assert len(history) >= 2, "training metrics over steps"
+    manifest = json.loads((Path(dpo.data.tags["alignflow.uri"]) / "manifest.json").read_text())
+    for name in ("loss", "rewards/accuracies"):  # MLflow's latest value is the stage's final summary
+        assert dpo.data.metrics[name] == pytest.approx(manifest["metrics"][name])
     parent = client.get_run(dpo.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["alignflow.flow_run_id"] and parent.data.tags["alignflow.spec_hash"]
     assert "spec.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
