@@ -14,7 +14,7 @@ import typer
 
 from flows.console import console
 from flows.errors import Problem, SpecError, StageFailed, did_you_mean
-from flows.home import configure_environment, home, store_root, tracking_uri
+from flows.home import configure_environment, mlflow_artifact_root, quiet_telemetry, store_root, tracking_uri
 from tasks.base import BadInput
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,6 +32,17 @@ def _load(spec: str, overrides: list[str], rounds: int | None, force: list[str] 
         if name not in loaded.nodes:
             raise SpecError(Problem(spec, f"--force {name}", f"no stage named '{name}'{did_you_mean(name, loaded.nodes)}"))
     return loaded, resolve(loaded)
+
+
+def _spec_store(spec: str) -> tuple[str, str]:
+    """A spec's experiment name and tracking URI (exit 2 on a bad spec)."""
+    from flows.spec import load_spec
+
+    try:
+        loaded = load_spec(spec)
+    except SpecError as err:
+        _fail_spec(err)
+    return loaded.name, tracking_uri(loaded.tracking_uri)
 
 
 def _fail_spec(err: SpecError) -> None:
@@ -133,19 +144,12 @@ def compare(
 
     uri = tracking_uri(None)
     if experiment and (experiment.endswith((".yaml", ".yml")) or Path(experiment).is_file()):
-        try:
-            from flows.spec import load_spec
-
-            loaded = load_spec(experiment)
-        except SpecError as err:
-            _fail_spec(err)
-        experiment, uri = loaded.name, tracking_uri(loaded.tracking_uri)
+        experiment, uri = _spec_store(experiment)
     if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).is_file():
         console.print(f"[red]error:[/] no tracking store at {uri}: nothing has run here yet "
                       "(set ALIGNFLOW_HOME or MLFLOW_TRACKING_URI, or name a spec)")
         raise typer.Exit(2)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # reading only: no folders made, no phoning home
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    quiet_telemetry()  # reading only: no folders made, no phoning home
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from rich.console import Console
     from rich.table import Table
@@ -191,19 +195,12 @@ def ui(
     """Open the MLflow UI on the spec's (or the default local) tracking store."""
     import subprocess
 
-    uri = tracking_uri(None)
-    if spec:
-        try:
-            from flows.spec import load_spec
-
-            uri = tracking_uri(load_spec(spec).tracking_uri)
-        except SpecError as err:
-            _fail_spec(err)
+    uri = _spec_store(spec)[1] if spec else tracking_uri(None)
     console.print(f"MLflow UI for {uri} on http://{host}:{port}")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
            "--port", str(port)]
     if uri.startswith("sqlite:"):
-        cmd += ["--default-artifact-root", (home() / "mlflow-artifacts").as_uri()]
+        cmd += ["--default-artifact-root", mlflow_artifact_root()]
     raise typer.Exit(subprocess.call(cmd))
 
 

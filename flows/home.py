@@ -22,6 +22,13 @@ def mlflow_artifact_root() -> str:
     return (home() / "mlflow-artifacts").as_uri()
 
 
+def quiet_telemetry() -> None:
+    """A local tool does not phone home (unless the user set these themselves)."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # also costs time on every call
+
+
 def configure_environment() -> None:
     """Must run before prefect is imported (it reads these once), and only after the spec has
     validated: a bad spec leaves nothing behind, not even an empty folder."""
@@ -29,7 +36,5 @@ def configure_environment() -> None:
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     # Our console says what happened: each stage, and a failing stage's traceback (flows/cli.py).
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # a local tool: no phoning home
-    os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network here; costs per call
+    quiet_telemetry()

@@ -286,10 +286,8 @@ def find_parent_run(client, experiment: str | None = None, run_id: str | None = 
 def read_summary(client, run) -> dict[str, list]:
     """The run's summary table: its `summary.json`, or, for a run without one (it failed, or
     predates it), rebuilt from its stage runs' tags and metrics."""
-    import tempfile as _tempfile
-
     if SUMMARY_FILE in [a.path for a in client.list_artifacts(run.info.run_id)]:
-        with _tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run.info.run_id, SUMMARY_FILE, tmp)
             return parse_table(Path(path).read_text())
     stages = client.search_runs([run.info.experiment_id],
