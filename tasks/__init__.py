@@ -10,6 +10,7 @@ STAGE_MODULES = (
     "tasks.sources",
     "tasks.generate",
     "tasks.score",
+    "tasks.reject",
     "tasks.pairs",
     "tasks.train.sft",
     "tasks.train.reward_model",

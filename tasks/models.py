@@ -110,8 +110,16 @@ def load_tokenizer(path: str | Path, **kwargs):
 
 
 def load_causal_lm(path: str | Path, device: torch.device | str | None = None, **kwargs):
-    """Model and tokenizer from a "model" artifact folder (float32: training autocasts to bf16)."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+    """Model and tokenizer from a "model" artifact folder (float32: training autocasts to bf16).
+
+    An adapter-only artifact (LoRA with merge: false) is loaded onto its base model and merged.
+    """
+    from tasks.train.lora import is_adapter_artifact, load_adapter_merged
+
+    if is_adapter_artifact(path):
+        model = load_adapter_merged(path, AutoModelForCausalLM, dtype=torch.float32, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
     model = model.to(device or default_device())
     set_cpu_threads(model)
     return model, load_tokenizer(path)
@@ -146,21 +154,98 @@ def save_model(model, tokenizer, folder: str | Path) -> None:
 # ---- tokenizing -----------------------------------------------------------------------------
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+def is_chat(value) -> bool:
+    """A conversational value: a list of {role, content} messages (plain text is a str)."""
+    return isinstance(value, (list, tuple))
 
 
-def encode_examples(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[dict]:
+def chat_prompt_text(tokenizer, messages) -> str:
+    """The conversation so far as the chat template renders it, ending with the assistant's header."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "a conversational prompt (a list of messages) needs a tokenizer with a chat template; "
+            "this model's tokenizer has none (give plain-text prompts, or a model with a chat template)"
+        )
+    return tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=False)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)
+    return ids
+
+
+def chat_response_ids(tokenizer, prompt_messages, response) -> list[int]:
+    """Token ids of an assistant reply after a conversational prompt, ending with its end-of-turn.
+
+    `response` is the assistant's message(s) (a str is one assistant message). The ids are the
+    tokens of what the chat template writes after the rendered prompt (with its generation prompt):
+    the reply's content and the template's end-of-turn token, which for ChatML templates is eos
+    (<|im_end|>). They end at the last eos in that rendering, else at its last special token (an
+    end-of-turn such as <end_of_turn> or <|eot_id|>); whatever the template writes after it (a
+    newline) is left out, as a policy stops generating there. With no special token at all, eos is
+    appended, as for plain text.
+    """
+    reply = [{"role": "assistant", "content": response}] if isinstance(response, str) else [dict(m) for m in response]
+    prompt_text = chat_prompt_text(tokenizer, prompt_messages)
+    full = tokenizer.apply_chat_template([dict(m) for m in prompt_messages] + reply, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise ValueError(
+            "the chat template does not render a conversation as its prompt (with the generation prompt) "
+            f"followed by the reply: {prompt_text[-80:]!r} is not a prefix of {full[:len(prompt_text) + 80][-160:]!r}"
+        )
+    ids = tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    ends = [i for i, token in enumerate(ids) if token == tokenizer.eos_token_id]
+    if not ends:
+        specials = _special_ids(tokenizer)
+        ends = [i for i, token in enumerate(ids) if token in specials]
+    return ids[: ends[-1] + 1] if ends else ids + [tokenizer.eos_token_id]
+
+
+def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of each prompt, as a model reads it before its response.
+
+    Plain text: [bos] + tokens(prompt). Conversational (a list of {role, content} messages): the
+    chat template's rendering with the generation prompt, tokenized without adding bos (the
+    template writes its own start tokens).
+    """
+    prompts = list(prompts)
+    encoded: list[list[int]] = [[] for _ in prompts]
+    plain = [i for i, prompt in enumerate(prompts) if not is_chat(prompt)]
+    if plain:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        for i, ids in zip(plain, tokenizer([prompts[i] for i in plain], add_special_tokens=False)["input_ids"]):
+            encoded[i] = bos + ids
+    for i, prompt in enumerate(prompts):
+        if is_chat(prompt):
+            encoded[i] = tokenizer(chat_prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return encoded
+
+
+def encode_examples(tokenizer, prompts: list, responses: list, max_length: int) -> list[dict]:
     """Each (prompt, response) as {"input_ids", "labels"}; labels mask the prompt with -100.
 
-    Sequences longer than max_length are cut at the end (the response loses its tail).
+    Plain text: [bos] + tokens(prompt) + tokens(response) + [eos]. A conversational prompt (a list
+    of messages) with a response (the assistant's message(s), or a str: one assistant message):
+    encode_prompts' ids, then chat_response_ids'; the labels cover the reply's tokens and its
+    end-of-turn. Sequences longer than max_length are cut at the end (the response loses its tail).
     """
+    prompts, responses = list(prompts), list(responses)
     prompt_ids = encode_prompts(tokenizer, prompts)
-    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    response_ids: list[list[int]] = [[] for _ in prompts]
+    plain = [i for i, prompt in enumerate(prompts) if not is_chat(prompt)]
+    for i in plain:
+        if is_chat(responses[i]):
+            raise ValueError(f"example {i + 1}: a conversational response (a list of messages) needs a "
+                             "conversational prompt, got a plain-text prompt")
+    if plain:
+        for i, ids in zip(plain, tokenizer([responses[i] for i in plain], add_special_tokens=False)["input_ids"]):
+            response_ids[i] = ids + [tokenizer.eos_token_id]
+    for i, prompt in enumerate(prompts):
+        if is_chat(prompt):
+            response_ids[i] = chat_response_ids(tokenizer, prompt, responses[i])
     examples = []
     for p, r in zip(prompt_ids, response_ids):
-        r = r + [tokenizer.eos_token_id]
         examples.append({"input_ids": (p + r)[:max_length], "labels": ([IGNORE] * len(p) + r)[:max_length]})
     return examples
 
@@ -184,14 +269,48 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of the labelled (response) tokens of each sequence, and how many there are."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    """Summed log-prob of the labelled (response) tokens of each sequence, and how many there are.
+
+    Only the labelled positions go through the output layer: the (batch, length, vocabulary)
+    logits are never built. With a 49k vocabulary they are most of a step's memory, and the prompt
+    and padding positions would be thrown away anyway.
+    """
     targets = labels[:, 1:]  # token t is predicted from tokens < t
-    token_logps = -F.cross_entropy(
-        logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
-    )
     mask = targets != IGNORE
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    split = _body_and_head(model)
+    if split is None:  # a model whose head does more than a linear map: the plain way
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+    else:
+        body, head = split
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = head(hidden[:, :-1][mask])
+    token_logps = -F.cross_entropy(logits.float(), targets[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    sums = token_logps.new_zeros(len(input_ids)).index_add(0, rows, token_logps)
+    return sums, mask.sum(-1)
+
+
+# Config fields of heads that scale or cap logits after the linear layer (Gemma 2, Cohere, Granite).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _body_and_head(model):
+    """(transformer body, output layer) of a causal LM, or None when its logits are not head(hidden).
+
+    Not for a DDP-wrapped model: calling its inner modules would bypass gradient synchronisation.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    if hasattr(model, "get_base_model"):  # peft: the adapters live inside the base model's layers
+        model = model.get_base_model()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "base_model", None)
+    config = getattr(model, "config", None)
+    if head is None or body is None or body is model or not isinstance(head, torch.nn.Linear):
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return body, head
 
 
 @torch.no_grad()

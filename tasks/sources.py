@@ -117,13 +117,36 @@ def synthetic(ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-class FileParams(StageParams):
-    path: SpecPath
-    columns: list[str] | None = Field(
-        None, description="columns to keep; each must be present (and not null) in every row"
-    )
-    # Without `columns`, a jsonl row missing one of the first row's keys is an error too.
+# How a source's rows are read: "table" as they are; "preferences" (trl's preference formats,
+# explicit or implicit prompt, plain text or conversational, detected) and "hh_rlhf" (Anthropic's
+# HH-RLHF dialogues) normalised to alignflow's pairs format by tasks/preferences.py.
+SourceFormat = Literal["table", "preferences", "hh_rlhf"]
 
+
+class TableSourceParams(StageParams):
+    """What every table source shares: which format its rows are in, and which columns to keep."""
+
+    format: SourceFormat = Field(
+        "table",
+        description="table: rows as they are; preferences: trl's preference formats (explicit/implicit "
+        "prompt, plain/conversational; detected); hh_rlhf: Anthropic HH-RLHF dialogues. The last two "
+        "give a pairs table (prompt, chosen, rejected, other columns kept)",
+    )
+    strict: bool = Field(
+        False,
+        description="preference formats: a row that cannot make a pair is an error (naming the row and "
+        "the field) instead of being dropped and counted",
+    )
+    columns: list[str] | None = Field(
+        None,
+        description="columns to keep (after normalising, for the preference formats); each must be "
+        "present (and not null) in every row",
+    )
+
+
+class FileParams(TableSourceParams):
+    path: SpecPath
+    # Format "table" without `columns`: a jsonl row missing one of the first row's keys is an error too.
 
     def source_files(self) -> list[Path]:
         return [Path(self.path)]
@@ -154,16 +177,35 @@ def _check_columns(table, columns: list[str] | None, path: Path):
     return table.select(columns)
 
 
+def _finish_table(data, params: TableSourceParams, ctx: StageContext, file: str, row_labels=None) -> dict[str, float]:
+    """Normalise `data` (an Arrow table, or rows for the preference formats) to `params.format`,
+    keep `params.columns`, write it and return the source's metrics (rows, and rows dropped why)."""
+    from tasks.tables import write_table
+
+    metrics: dict[str, float] = {}
+    if params.format != "table":
+        from tasks.preferences import normalise_preferences
+
+        rows_read = data.num_rows if hasattr(data, "num_rows") else len(data)
+        data, dropped = normalise_preferences(
+            data, params.format, strict=params.strict, file=file, row_labels=row_labels
+        )
+        metrics["rows_read"] = float(rows_read)
+        metrics.update({name: float(n) for name, n in dropped.items()})
+    table = _check_columns(data, params.columns, Path(file))
+    write_table(table, ctx.out)
+    return {"rows": float(table.num_rows), **metrics}
+
+
 @stage_kind("jsonl", JsonlParams, output="table")
 def jsonl(ctx: StageContext) -> dict[str, float]:
     import json
 
     import pyarrow as pa
 
-    from tasks.tables import write_table
-
-    path = Path(ctx.params.path).expanduser()
-    rows = []
+    p: JsonlParams = ctx.params
+    path = Path(p.path).expanduser()
+    rows, line_numbers = [], []
     # Read line by line (not datasets/pyarrow's reader) so an error names the line.
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -175,34 +217,127 @@ def jsonl(ctx: StageContext) -> dict[str, float]:
                 raise BadInput(str(path), f"line {line_number}", f"a JSON object ({e.msg})") from None
             if not isinstance(row, dict):
                 raise BadInput(str(path), f"line {line_number}", f"a JSON object, got {type(row).__name__}")
-            # Every row needs the requested columns, or else all of the first row's columns.
-            expected = ctx.params.columns or (list(rows[0]) if rows else list(row))
-            for column in expected:
-                if row.get(column) is None:
-                    raise BadInput(str(path), f"line {line_number}", f"a value for {column!r}")
+            if p.format == "table":
+                # Every row needs the requested columns, or else all of the first row's columns.
+                expected = p.columns or (list(rows[0]) if rows else list(row))
+                for column in expected:
+                    if row.get(column) is None:
+                        raise BadInput(str(path), f"line {line_number}", f"a value for {column!r}")
             rows.append(row)
+            line_numbers.append(line_number)
     if not rows:
         raise BadInput(str(path), "rows", "at least one row")
+    if p.format != "table":  # missing or odd values are the normaliser's to drop or report, by line
+        return _finish_table(rows, p, ctx, str(path), [f"line {n}" for n in line_numbers])
     try:
         table = pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise BadInput(str(path), "rows", f"one type per column ({e})") from None
-    table = _check_columns(table, ctx.params.columns, path)
-    write_table(table, ctx.out)
-    return {"rows": float(table.num_rows)}
+    return _finish_table(table, p, ctx, str(path))
 
 
 @stage_kind("parquet", ParquetParams, output="table")
 def parquet(ctx: StageContext) -> dict[str, float]:
     import pyarrow.parquet as pq
 
-    from tasks.tables import write_table
-
     path = Path(ctx.params.path).expanduser()
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise BadInput(str(path), "file", f"a readable parquet file ({e})") from None
-    table = _check_columns(table, ctx.params.columns, path)
-    write_table(table, ctx.out)
-    return {"rows": float(table.num_rows)}
+    return _finish_table(table, ctx.params, ctx, str(path))
+
+
+# `datasets` packaged builders: a name like these reads files given in data_files, which the key
+# cannot see unless they sit in a folder named by `path`.
+_BUILDER_NAMES = frozenset({"json", "parquet", "csv", "text", "arrow", "pandas", "webdataset", "imagefolder", "audiofolder"})
+
+
+class HubParams(TableSourceParams):
+    """A table from a dataset that `datasets.load_dataset` reads: a local folder (hashed into the key,
+    like `pretrained`) or a Hugging Face Hub dataset id, which must name a `revision` (a commit sha,
+    best; a tag or branch can move) since the key cannot see the hub's content."""
+
+    kind: Literal["hub"] = "hub"
+    path: str = Field(description="local folder (its files read by load_dataset) or hub dataset id")
+    name: str | None = Field(None, description="the dataset's configuration (subset) name")
+    split: str = Field("train", description="split to read; slices work too: 'train[:1000]'")
+    revision: str | None = Field(
+        None, validate_default=True, description="hub id: required, the commit sha (or tag/branch) to read"
+    )
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="files (globs) to read, relative to `path`; a dict maps split names to files"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _local_relative_to_spec(cls, value: str, info: ValidationInfo) -> str:
+        if value in _BUILDER_NAMES:
+            raise ValueError(
+                f"{value!r} names a datasets builder, whose files the cache key cannot see: give the folder "
+                "holding the files as `path` (with `data_files` relative to it), or use the jsonl/parquet kinds"
+            )
+        resolved = spec_relative(value, info)
+        return resolved if Path(resolved).exists() else value  # else a hub id, kept as written
+
+    @field_validator("revision")
+    @classmethod
+    def _hub_needs_revision(cls, value: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("path")
+        if value is None and path is not None and not _is_local(path):
+            raise ValueError(
+                f"a revision (commit sha or tag) for hub dataset {path!r}, so that the cache key names "
+                f"exactly the data read (if {path!r} is meant as a local folder: it was not found; "
+                "relative paths are relative to the spec's folder)"
+            )
+        return value
+
+    def source_files(self) -> list[Path]:
+        return [Path(self.path).expanduser()] if _is_local(self.path) else []
+
+
+def _load_dataset_problem(p: HubParams, error: Exception) -> BadInput:
+    """load_dataset's error as the spec field at fault and what it said."""
+    message = str(error).split("\n")[0]
+    message = message if len(message) <= 300 else message[:300] + "..."
+    if "split" in message.lower():
+        field = "split"
+    elif p.name and ("config" in message.lower()):
+        field = "name"
+    elif p.data_files and ("Unable to find" in message or "data_files" in message):
+        field = "data_files"
+    elif p.revision and "revision" in message.lower():
+        field = "revision"
+    else:
+        field = "path"
+    return BadInput(p.path, field, f"a dataset load_dataset can read ({type(error).__name__}: {message})")
+
+
+@stage_kind("hub", HubParams, output="table")
+def hub(ctx: StageContext) -> dict[str, float]:
+    import contextlib
+    import tempfile
+
+    import datasets
+    import pyarrow as pa
+
+    p: HubParams = ctx.params
+    datasets.disable_progress_bars()
+    local = _is_local(p.path)
+    path = str(Path(p.path).expanduser()) if local else p.path
+    options = {"name": p.name, "split": p.split, "revision": p.revision, "data_files": p.data_files}
+    # A local folder is read into a throw-away cache (its artifact is the copy kept); a hub
+    # dataset uses datasets' own cache, so that it downloads once.
+    folder = tempfile.TemporaryDirectory(prefix="alignflow-hub-") if local else contextlib.nullcontext()
+    with folder as cache_dir:
+        try:
+            dataset = datasets.load_dataset(path, cache_dir=cache_dir, **options)
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+            raise _load_dataset_problem(p, e) from None
+        if not isinstance(dataset, datasets.Dataset):
+            raise BadInput(p.path, "split", f"one split, got {type(dataset).__name__}")
+        if len(dataset) == 0:
+            raise BadInput(p.path, "split", f"at least one row in split {p.split!r}")
+        table = pa.table(dataset.with_format("arrow")[:])
+        table = table.replace_schema_metadata(None)  # datasets' feature metadata: not ours to keep
+        return _finish_table(table, p, ctx, p.path)

@@ -1,8 +1,15 @@
-"""dpo: Direct Preference Optimization on a pairs table holding reference log-probs.
+"""dpo: offline preference training on a pairs table: DPO and its relatives, one loss per name.
 
-Rafailov et al. 2023. The loss lives in tasks/train/losses.py (`dpo`, `ipo`, `hinge`); this module
+The losses live side by side in tasks/train/losses.py: `dpo` (Rafailov et al. 2023; cDPO with
+label_smoothing), `ipo`, `hinge` (RSO), `slic` (SLiC-HF) and `rrhf` (pairwise). This module
 batches pairs, runs chosen and rejected through the policy in one forward pass, and logs TRL's
 metric names.
+
+Where the reference log-probs come from, for the losses that use them (dpo, ipo, hinge):
+1. the pairs table's columns (a `pairs` stage with `reference`, or a `ref_logps` stage): computed
+   once, cached, shared by every loss and beta trained on those pairs;
+2. else, with LoRA: the policy with its adapter disabled, on the fly (no second model in memory);
+3. else: computed here before training, from `reference` (default: the policy as it starts).
 """
 from __future__ import annotations
 
@@ -10,51 +17,76 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.base import Ref, StageContext, stage_kind
+from tasks.base import OptionalRef, Ref, StageContext, stage_kind
 from tasks.train import TrainParams
 
 REF_COLUMNS = ["ref_chosen_logp", "ref_rejected_logp", "chosen_tokens", "rejected_tokens"]
+REFERENCE_FREE = ("slic", "rrhf")
 
 
 class DPOParams(TrainParams):
     kind: Literal["dpo"] = "dpo"
     policy: Ref("model")
-    pairs: Ref("table")  # prompt, chosen, rejected + reference log-probs (pairs with `reference`)
-    loss: Literal["dpo", "ipo", "hinge"] = "dpo"
-    beta: float = Field(0.1, gt=0)
+    pairs: Ref("table")  # prompt, chosen, rejected (+ reference log-probs: see the module docstring)
+    reference: OptionalRef("model") = Field(None, description="when the pairs hold no reference log-probs; default: the policy")
+    loss: Literal["dpo", "ipo", "hinge", "slic", "rrhf"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="dpo, ipo, hinge; also scales the logged implicit rewards")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO; loss dpo only")
+    delta: float = Field(1.0, gt=0, description="SLiC-HF's margin; loss slic only")
     sft_weight: float = Field(0.0, ge=0, description="adds the chosen response's mean NLL")
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(16, ge=1, description="pairs per step")
     max_length: int = Field(512, ge=2, description="must match the pairs stage's max_length")
 
     @model_validator(mode="after")
-    def _smoothing_is_dpo_only(self):
+    def _loss_specific_params(self):
         if self.label_smoothing and self.loss != "dpo":
             raise ValueError(f"label_smoothing applies to loss 'dpo' only, not {self.loss!r}")
+        if "delta" in self.model_fields_set and self.loss != "slic":
+            raise ValueError(f"delta applies to loss 'slic' only, not {self.loss!r}")
         return self
 
+    def loss_params(self) -> dict[str, float]:
+        params = {"sft_weight": self.sft_weight}
+        if self.loss in ("dpo", "ipo", "hinge"):
+            params["beta"] = self.beta
+        if self.loss == "dpo":
+            params["label_smoothing"] = self.label_smoothing
+        if self.loss == "slic":
+            params["delta"] = self.delta
+        return params
 
-def pair_examples(tokenizer, table, max_length: int) -> list[dict]:
-    """Tokenized pairs carrying their reference log-probs; token counts must match the table's."""
+
+def pair_examples(tokenizer, table, max_length: int | None) -> list[dict]:
+    """Tokenized pairs, {"chosen": example, "rejected": example} (max_length None: untruncated)."""
+    import sys
+
     from tasks.models import encode_examples
 
+    limit = max_length or sys.maxsize
     prompts = table.column("prompt").to_pylist()
-    chosen = encode_examples(tokenizer, prompts, table.column("chosen").to_pylist(), max_length)
-    rejected = encode_examples(tokenizer, prompts, table.column("rejected").to_pylist(), max_length)
+    chosen = encode_examples(tokenizer, prompts, table.column("chosen").to_pylist(), limit)
+    rejected = encode_examples(tokenizer, prompts, table.column("rejected").to_pylist(), limit)
+    return [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected)]
+
+
+def response_tokens(example: dict) -> int:
+    return sum(label != -100 for label in example["labels"])
+
+
+def attach_reference(examples: list[dict], table, max_length: int) -> None:
+    """Copy the table's reference log-probs into each example, checking they cover the same tokens."""
     ref = {c: table.column(c).to_pylist() for c in REF_COLUMNS}
-    examples = []
-    for i, (c, r) in enumerate(zip(chosen, rejected)):
-        for side, example in (("chosen", c), ("rejected", r)):
-            n_tokens = sum(label != -100 for label in example["labels"])
+    for i, e in enumerate(examples):
+        for side in ("chosen", "rejected"):
+            n_tokens = response_tokens(e[side])
             if n_tokens != ref[f"{side}_tokens"][i]:
                 raise ValueError(
                     f"pairs row {i}: {side} has {n_tokens} response tokens under this policy's tokenizer and "
                     f"max_length={max_length}, but the reference log-prob covers {ref[f'{side}_tokens'][i]}; "
                     "use the same tokenizer and max_length in pairs and dpo"
                 )
-        examples.append({"chosen": c, "rejected": r, "ref_chosen": ref["ref_chosen_logp"][i], "ref_rejected": ref["ref_rejected_logp"][i]})
-    return examples
+        e["ref_chosen"], e["ref_rejected"] = ref["ref_chosen_logp"][i], ref["ref_rejected_logp"][i]
 
 
 def collate_pairs(examples: list[dict], pad_id: int) -> dict:
@@ -64,25 +96,58 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     from tasks.models import collate
 
     batch = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
-    batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples], dtype=torch.float32)
-    batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples], dtype=torch.float32)
+    if "ref_chosen" in examples[0]:
+        batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples], dtype=torch.float32)
+        batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples], dtype=torch.float32)
     return batch
 
 
-def dpo_step(model, batch, loss: str, loss_params: dict, beta: float):
-    """One forward pass over chosen+rejected, the preference loss, and TRL-named metrics."""
+def precompute_reference(model, examples: list[dict], pad_id: int, batch_size: int, progress) -> None:
+    """Reference log-probs of every pair from `model` (before training), stored in the examples."""
+    import math
+
+    import torch
+
     from tasks.models import sequence_logps
+
+    model.eval()
+    device = next(model.parameters()).device
+    with progress("reference log-probs", total=math.ceil(len(examples) / batch_size)) as bar:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate_pairs([{"chosen": e["chosen"], "rejected": e["rejected"]} for e in chunk], pad_id)
+            with torch.no_grad():
+                logps, _ = sequence_logps(model, **{k: v.to(device) for k, v in batch.items()})
+            for e, c, r in zip(chunk, *logps.float().cpu().chunk(2)):
+                e["ref_chosen"], e["ref_rejected"] = c.item(), r.item()
+            bar.advance()
+
+
+def dpo_step(model, batch, loss: str, loss_params: dict, beta: float, needs_reference: bool):
+    """One forward pass over chosen+rejected, the preference loss, and TRL-named metrics."""
+    import torch
+
+    from tasks.models import sequence_logps
+    from tasks.train.lora import reference_context
     from tasks.train.losses import PairLogps, preference_loss
 
-    logps, n_tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    logps, n_tokens = sequence_logps(model, **inputs)
     policy_chosen, policy_rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = n_tokens.chunk(2)
-    pair = PairLogps(policy_chosen, policy_rejected, batch["ref_chosen"], batch["ref_rejected"], chosen_tokens, rejected_tokens)
+    if "ref_chosen" in batch:
+        ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
+    elif needs_reference:  # LoRA: the base model is the reference
+        with torch.no_grad(), reference_context(model):
+            ref_chosen, ref_rejected = sequence_logps(model, **inputs)[0].chunk(2)
+    else:
+        ref_chosen = ref_rejected = None
+    pair = PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
     losses = preference_loss(loss, pair, **loss_params)
 
-    # Implicit rewards beta * log(pi / pi_ref), as TRL logs them.
-    chosen_rewards = beta * (policy_chosen - batch["ref_chosen"]).detach()
-    rejected_rewards = beta * (policy_rejected - batch["ref_rejected"]).detach()
+    # Implicit rewards beta * log(pi / pi_ref), as TRL logs them; reference-free: beta * log pi.
+    chosen_rewards = beta * (policy_chosen - (ref_chosen if ref_chosen is not None else 0)).detach()
+    rejected_rewards = beta * (policy_rejected - (ref_rejected if ref_rejected is not None else 0)).detach()
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
@@ -98,27 +163,44 @@ def dpo_step(model, batch, loss: str, loss_params: dict, beta: float):
 def dpo(ctx: StageContext) -> dict[str, float]:
     from functools import partial
 
-    from tasks.models import load_causal_lm, save_model
+    from tasks.models import load_causal_lm
     from tasks.tables import read_table
-    from tasks.train.loop import train
+    from tasks.train.lora import add_lora, save_trained
+    from tasks.train.loop import fit_to_length, train, truncate
 
     p: DPOParams = ctx.params
     table = read_table(ctx.inputs["pairs"], ["prompt", "chosen", "rejected"], what="pairs table")
-    missing = [c for c in REF_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"dpo needs reference log-probs in the pairs table (missing {missing}): give the pairs stage a `reference` model")
+    if not table.num_rows:
+        raise ValueError("the pairs table is empty")
+    has_reference = all(c in table.column_names for c in REF_COLUMNS)
+    needs_reference = p.loss not in REFERENCE_FREE
     model, tokenizer = load_causal_lm(ctx.inputs["policy"])
-    examples = pair_examples(tokenizer, table, p.max_length)
 
-    loss_params = {"beta": p.beta, "sft_weight": p.sft_weight}
-    if p.loss == "dpo":
-        loss_params["label_smoothing"] = p.label_smoothing
+    full = pair_examples(tokenizer, table, None)
+    lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in full]
+    keep, data_metrics = fit_to_length(lengths, p.max_length, p.too_long, str(ctx.inputs["pairs"]))
+    examples = [{side: truncate(full[i][side], p.max_length) for side in ("chosen", "rejected")} for i in range(len(full))]
+    if needs_reference and has_reference:
+        attach_reference(examples, table, p.max_length)
+    elif needs_reference and (p.lora is None or p.reference is not None):
+        reference = model if p.reference is None else load_causal_lm(ctx.inputs["reference"])[0]
+        precompute_reference(reference, examples, tokenizer.pad_token_id, p.batch_size, ctx.progress)
+        del reference
+    examples = [examples[i] for i in keep]
+    if not examples:
+        raise ValueError(f"no pairs left: all {len(full)} are longer than max_length={p.max_length}")
+
+    if p.lora is not None:
+        model = add_lora(model, p.lora, ctx.seed)
     model, metrics = train(
         model, examples, partial(collate_pairs, pad_id=tokenizer.pad_token_id),
-        partial(dpo_step, loss=p.loss, loss_params=loss_params, beta=p.beta),
+        partial(dpo_step, loss=p.loss, loss_params=p.loss_params(), beta=p.beta, needs_reference=needs_reference),
         epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=ctx.seed,
         warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+        lengths=[lengths[i] for i in keep] if p.group_by_length else None,
+        gradient_checkpointing=p.gradient_checkpointing,
         log_metrics=ctx.log_metrics, progress=ctx.progress,
     )
-    save_model(model, tokenizer, ctx.out)
+    metrics.update(data_metrics, pairs=float(len(examples)))
+    metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
     return metrics
