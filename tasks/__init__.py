@@ -15,6 +15,7 @@ STAGE_MODULES = (
     "tasks.train.sft",
     "tasks.train.reward_model",
     "tasks.train.dpo",
+    "tasks.train.rrhf",
     "tasks.evaluate",
     "tasks.ref_logps",
     "tasks.reward_accuracy",

@@ -135,9 +135,13 @@ def load_reward_model(path: str | Path, device: torch.device | str | None = None
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id
-        )
+        from tasks.train.lora import is_adapter_artifact, load_adapter_merged
+
+        options = dict(num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id)
+        if is_adapter_artifact(path):  # LoRA with merge: false
+            model = load_adapter_merged(path, AutoModelForSequenceClassification, **options)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), **options)
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last non-pad token

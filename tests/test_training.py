@@ -184,3 +184,19 @@ def test_loss_specific_options_are_checked():
     with pytest.raises(ValueError, match="label_smoothing applies to loss 'dpo' only"):
         DPOParams.model_validate(dpo_params(loss="ipo", label_smoothing=0.1))
     assert DPOParams.model_validate(dpo_params(loss="slic", delta=2.0)).loss_params() == {"sft_weight": 0.0, "delta": 2.0}
+
+
+def test_reward_model_with_lora_trains_head_and_adapters(tiny_demo_model, demo_table, run_stage):
+    from tasks.models import batched_scores, load_reward_model
+
+    params = {"kind": "reward_model", "model": "m", "data": "d", "eval_data": "e", "epochs": 2, "lr": 1e-2,
+              "batch_size": 32, "lora": {"r": 8, "alpha": 16, "merge": False}}
+    inputs = {"model": tiny_demo_model, "data": demo_table("preferences", 400), "eval_data": demo_table("preferences_heldout", 200)}
+    out, metrics = run_stage(params, inputs)
+    assert metrics["eval_accuracy"] > 0.6  # chance: 0.5
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    model, tokenizer = load_reward_model(out, device="cpu")  # adapter + trained score head on the base
+    table = pq.read_table(inputs["eval_data"] / "data.parquet").to_pydict()
+    chosen = batched_scores(model, tokenizer, table["prompt"], table["chosen"], 64, 128)
+    rejected = batched_scores(model, tokenizer, table["prompt"], table["rejected"], 64, 128)
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(chosen) == pytest.approx(metrics["eval_accuracy"])

@@ -1,17 +1,26 @@
-"""Preference losses, side by side. Each maps a batch of pair log-probs to per-pair losses (B,).
+"""Preference losses, side by side. Each maps a batch of log-probs to per-example losses (B,).
 
 Notation (all summed response-token log-probs): pc, pr = policy on chosen / rejected;
-rc, rr = reference on chosen / rejected; h = (pc - pr) - (rc - rr), the implicit reward margin.
+rc, rr = reference on chosen / rejected; |c|, |r| = response token counts;
+h = (pc - pr) - (rc - rr), the implicit reward margin.
 
-    dpo    -(1-ls) log sigmoid(beta h) - ls log sigmoid(-beta h)   DPO, Rafailov et al. 2023
+    dpo    -(1-ls) log sigmoid(beta h) - ls log sigmoid(-beta h)   DPO, Rafailov et al. 2023, eq. 7
                                                                   (ls > 0: cDPO, Mitchell 2023)
     ipo    (h - 1/(2 beta))^2                                     IPO, Azar et al. 2023, eq. 17
     hinge  relu(1 - beta h)                                       RSO hinge-norm, Liu et al. 2023
-    slic   relu(delta - pc + pr)                                  SLiC-HF, Zhao et al. 2023
-    rrhf   relu(pr/|r| - pc/|c|)                                  RRHF, Yuan et al. 2023 (pairwise)
+    slic   relu(delta - pc + pr)                                  SLiC-HF, Zhao et al. 2023 (L_cal)
+    rrhf   relu(pr/|r| - pc/|c|)                                  RRHF, Yuan et al. 2023 (K = 2)
 
-Every loss also takes sft_weight (default 0), which adds sft_weight * (-pc / |c|): the chosen
-response's mean token NLL.
+Every loss above also takes sft_weight (default 0) through `preference_loss`, which adds
+sft_weight * (-pc / |c|): the chosen response's mean token NLL.
+
+Beside them, with their own inputs:
+
+    rrhf_listwise      sum_{r_i < r_k} relu(p_i - p_k)            RRHF, Yuan et al. 2023, L_rank
+                       + sft_weight * (-logp_best / |best|)      (p = logp / tokens; K per prompt)
+    bradley_terry_loss -log sigmoid(c - r - m) + cc (c + r)^2     Bradley-Terry 1952; margin m:
+                                                                  Llama 2 (Touvron 2023); centering
+                                                                  cc: Eisenstein et al. 2023, eq. 2
 """
 from __future__ import annotations
 
@@ -40,27 +49,31 @@ class PairLogps:
 
 
 def dpo(logps: PairLogps, beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+    # DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta h).
+    # cDPO (Mitchell 2023): the label is flipped with probability label_smoothing; ls = 0 is plain DPO.
     logits = beta * logps.margin()
-    # cDPO: the label is flipped with probability label_smoothing; ls = 0 is plain DPO.
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
 def ipo(logps: PairLogps, beta: float = 0.1) -> Tensor:
-    # Regresses the margin to 1/(2 beta) instead of pushing it to infinity.
+    # IPO (Azar et al. 2023, eq. 17, tau = beta): regresses the margin to 1/(2 beta) instead of pushing
+    # it to infinity. On summed log-probs, as the contract says (trl divides by token counts first).
     return (logps.margin() - 1 / (2 * beta)) ** 2
 
 
 def hinge(logps: PairLogps, beta: float = 0.1) -> Tensor:
+    # RSO's hinge-norm (Liu et al. 2023, "Statistical Rejection Sampling", gamma = beta).
     return torch.relu(1 - beta * logps.margin())
 
 
 def slic(logps: PairLogps, delta: float = 1.0) -> Tensor:
-    # Calibration hinge on raw sequence log-probs; no reference model.
+    # SLiC-HF's calibration loss (Zhao et al. 2023) on raw sequence log-probs; no reference model.
+    # Its regulariser is the SFT term (sft_weight).
     return torch.relu(delta - logps.policy_chosen + logps.policy_rejected)
 
 
 def rrhf(logps: PairLogps) -> Tensor:
-    # Ranking on length-normalised log-probs; the pairwise case of RRHF's sum over ranked pairs.
+    # RRHF (Yuan et al. 2023) on length-normalised log-probs; `rrhf_listwise` with K = 2.
     chosen = logps.policy_chosen / logps.chosen_tokens.clamp(min=1)
     rejected = logps.policy_rejected / logps.rejected_tokens.clamp(min=1)
     return torch.relu(rejected - chosen)
@@ -93,9 +106,48 @@ def preference_loss(name: str, logps: PairLogps, sft_weight: float = 0.0, **para
     return loss
 
 
-def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | float | None = None) -> Tensor:
-    """-log sigmoid(chosen - rejected - margin), per pair (Bradley-Terry 1952; Llama 2's margin)."""
+def rrhf_listwise(
+    logps: Tensor, tokens: Tensor, rewards: Tensor, mask: Tensor | None = None, sft_weight: float = 0.0
+) -> Tensor:
+    """RRHF over K candidates per prompt (Yuan et al. 2023): L_rank + sft_weight * L_ft, per prompt (B,).
+
+    logps, tokens, rewards: (B, K) summed response log-probs, response token counts, rewards.
+    mask: (B, K) bool, True for real candidates (ragged groups); None means all are real.
+    L_rank = sum over pairs (i, k) with r_i < r_k of relu(p_i - p_k), p = logps / tokens; equal
+    rewards rank nothing. L_ft = -logps[best] / tokens[best], the mean token NLL of the highest-reward
+    candidate (the first one on a tie). A prompt with no real candidate has loss 0.
+    """
+    valid = torch.ones_like(logps, dtype=torch.bool) if mask is None else mask.bool()
+    rewards = rewards if rewards.is_floating_point() else rewards.double()  # ranks only; -inf below
+    # Masked-out entries may hold padding (even inf/nan): replace them so nothing leaks into values or grads.
+    p = torch.where(valid, logps / tokens.clamp(min=1), torch.zeros_like(logps))
+    # worse[b, i, k]: candidate i has a strictly lower reward than k, both real.
+    worse = (rewards.unsqueeze(2) < rewards.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
+    ranking = torch.where(worse, torch.relu(p.unsqueeze(2) - p.unsqueeze(1)), torch.zeros_like(p).unsqueeze(2))
+    loss = ranking.sum(dim=(1, 2))
+    if sft_weight:
+        best = torch.where(valid, rewards, torch.full_like(rewards, -torch.inf)).argmax(dim=1, keepdim=True)
+        nll = -p.gather(1, best).squeeze(1)
+        loss = loss + sft_weight * torch.where(valid.any(dim=1), nll, torch.zeros_like(nll))
+    return loss
+
+
+def bradley_terry_loss(
+    chosen_scores: Tensor,
+    rejected_scores: Tensor,
+    margin: Tensor | float | None = None,
+    center_coefficient: float = 0.0,
+) -> Tensor:
+    """-log sigmoid(chosen - rejected - margin) + center_coefficient * (chosen + rejected)^2, per pair.
+
+    Bradley-Terry 1952; margin as in Llama 2 (Touvron et al. 2023); the centering term pulls the
+    scores towards mean zero (Eisenstein et al. 2023, eq. 2). The batch mean of these per-pair losses
+    is trl's RewardTrainer loss with `center_rewards_coefficient`.
+    """
     diff = chosen_scores - rejected_scores
     if margin is not None:
         diff = diff - margin
-    return -F.logsigmoid(diff)
+    loss = -F.logsigmoid(diff)
+    if center_coefficient:
+        loss = loss + center_coefficient * (chosen_scores + rejected_scores) ** 2
+    return loss
