@@ -49,22 +49,99 @@ def _is_local(path: str) -> bool:
     return Path(path).expanduser().exists() or path.startswith(("/", ".", "~")) or path.count("/") > 1
 
 
+def package_folder(name: str) -> Path:
+    """The folder of an installed Python package, found with importlib without importing it
+    (a package's __init__ may need dependencies its data files do not). ValueError when the
+    package is not installed, or is a single module rather than a folder."""
+    import importlib.util
+    import sys
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except Exception:  # a dotted name imports its parents, which may be missing or fail
+        spec = None
+    if spec is None:
+        raise ValueError(f"an installed Python package; {name!r} is not installed in this environment ({sys.executable})")
+    locations = list(spec.submodule_search_locations or [])
+    if not locations:
+        raise ValueError(f"a package (a folder of files); {name!r} is a single module ({spec.origin})")
+    return Path(locations[0])
+
+
 class PretrainedParams(StageParams):
-    """A model loaded with transformers from a local folder (hashed into the key) or a hub id."""
+    """A model loaded with transformers from a local folder (hashed into the key) or a hub id.
+
+    With `gguf_file`, the model is converted once (dequantised) into a plain transformers folder,
+    the artifact; the key hashes that one file, not the folder around it. With `package`, `path`
+    is a folder inside an installed Python package (default: the package's own folder), so a spec
+    names a model a package ships without writing out a site-packages path.
+    """
 
     kind: Literal["pretrained"] = "pretrained"
-    path: str = Field(description="local folder or hub id")
+    package: str | None = Field(
+        None, description="an installed Python package: `path` is relative to its folder (found with importlib, not imported)"
+    )
+    path: str | None = Field(
+        None, validate_default=True,
+        description="local folder or hub id (relative to the spec's folder, or to `package`'s folder when given)",
+    )
     gguf_file: str | None = Field(None, description="a GGUF file inside `path` to load from")
     revision: str | None = Field(None, description="hub revision (pin it: the key cannot hash a hub model)")
 
+    @field_validator("package")
+    @classmethod
+    def _package_installed(cls, value: str | None) -> str | None:
+        if value is not None:
+            package_folder(value)  # raises, naming the package, when it is not installed
+        return value
+
     @field_validator("path")
     @classmethod
-    def _local_relative_to_spec(cls, value: str, info: ValidationInfo) -> str:
+    def _local_relative_to_spec(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if "package" not in info.data:  # `package` failed its own check: reported there
+            return value
+        package = info.data["package"]
+        if package is not None:
+            folder = package_folder(package)
+            resolved = (folder / (value or ".")).resolve()
+            if not resolved.exists():
+                raise ValueError(f"a folder or file inside package {package!r}; {value!r} is not in {folder}")
+            return str(resolved)
+        if value is None:
+            raise ValueError("a local folder or hub id (or `package`, for a folder inside an installed package)")
         resolved = spec_relative(value, info)
         return resolved if Path(resolved).exists() else value  # else a hub id, kept as written
 
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("path")
+        if value is not None and path is not None and Path(path).is_dir() and not (Path(path) / value).is_file():
+            raise ValueError(f"a GGUF file inside {path}; {value!r} is not there")
+        return value
+
     def source_files(self) -> list[Path]:
-        return [Path(self.path)] if _is_local(self.path) else []
+        if not _is_local(self.path):
+            return []
+        # A GGUF file is the whole model: hash it, not the folder around it (a package folder also
+        # holds its code and __pycache__).
+        return [Path(self.path) / self.gguf_file] if self.gguf_file else [Path(self.path)]
+
+
+def _dequantised_gguf_options(gguf_file: str) -> dict:
+    """from_pretrained options that unpack a GGUF file into plain weights, which save_pretrained
+    can write. Recent transformers keep GGUF weights packed when a matmul kernel is available,
+    and refuse to save such a model; GgufConfig(dequantize=True) asks for dense weights. Older
+    versions always dequantise and have no such option."""
+    import inspect
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig.__init__).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
 
 
 @stage_kind("pretrained", PretrainedParams, output="model")
@@ -74,9 +151,15 @@ def pretrained(ctx: StageContext) -> dict[str, float]:
     from tasks.models import load_tokenizer, save_model
 
     p: PretrainedParams = ctx.params
-    path = str(Path(p.path).expanduser()) if _is_local(p.path) else p.path
+    local = _is_local(p.path)
+    path = str(Path(p.path).expanduser()) if local else p.path
     options = {k: v for k, v in (("gguf_file", p.gguf_file), ("revision", p.revision)) if v}
-    model = AutoModelForCausalLM.from_pretrained(path, **options)
+    if local:
+        options["local_files_only"] = True  # a local folder never reaches for the hub
+    model_options = dict(options)
+    if p.gguf_file:
+        model_options.update(_dequantised_gguf_options(p.gguf_file))
+    model = AutoModelForCausalLM.from_pretrained(path, **model_options)
     tokenizer = load_tokenizer(path, **options)
     model.config.pad_token_id = tokenizer.pad_token_id
     save_model(model, tokenizer, ctx.out)
