@@ -200,3 +200,56 @@ def test_reward_model_with_lora_trains_head_and_adapters(tiny_demo_model, demo_t
     chosen = batched_scores(model, tokenizer, table["prompt"], table["chosen"], 64, 128)
     rejected = batched_scores(model, tokenizer, table["prompt"], table["rejected"], 64, 128)
     assert sum(c > r for c, r in zip(chosen, rejected)) / len(chosen) == pytest.approx(metrics["eval_accuracy"])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "sdpa+lora"])
+def test_shared_prompt_rows_give_the_same_logps_and_gradients(tiny_demo_model, attention):
+    """collate_shared_prompt (each pair one row: the prompt once, then both responses under a 4D
+    mask) against collate_pairs (chosen and rejected as separate padded sequences)."""
+    from tasks.train.dpo import collate_pairs, collate_shared_prompt, pair_examples, pair_logps, supports_shared_prompt
+    import pyarrow as pa
+
+    model, tokenizer = load_causal_lm(tiny_demo_model, device="cpu", attn_implementation=attention.split("+")[0])
+    if attention.endswith("lora"):
+        model = add_lora(model, LoraParams(r=4, dropout=0.0), seed=0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+    assert supports_shared_prompt(model)
+    table = pa.table({"prompt": ["animals cat dog :", "tools saw :", "food rice soup bread :"],
+                      "chosen": ["good cat great dog", "fine saw", "tasty rice"],
+                      "rejected": ["bad", "awful hammer old saw broken drill", "x"]})
+    examples = pair_examples(tokenizer, table, 64)
+    results = []
+    for collate_fn in (collate_pairs, collate_shared_prompt):
+        model.zero_grad()
+        logps, counts = pair_logps(model, collate_fn(examples, tokenizer.pad_token_id))
+        logps.sum().backward()
+        results.append((logps.detach(), counts, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (separate, n_separate, grads_separate), (shared, n_shared, grads_shared) = results
+    assert n_separate.tolist() == n_shared.tolist() == [5, 3, 3, 2, 7, 2]
+    torch.testing.assert_close(shared, separate, atol=1e-4, rtol=1e-5)
+    for a, b in zip(grads_separate, grads_shared):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_output_layer_matches_the_plain_one(monkeypatch, bias):
+    """head_logps with logits too big to keep (chunked, recomputed in backward) against
+    log_softmax(head(hidden)): values and gradients for the hidden states, weight and bias."""
+    import tasks.models as models
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).double()
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    weights = torch.randn(37, dtype=torch.float64)  # a non-uniform upstream gradient
+
+    expected = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None])[:, 0]
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [hidden, *head.parameters()])
+    monkeypatch.setattr(models, "HEAD_CHUNK_BYTES", 4 * 50 * 8)  # 8 rows per chunk: 5 chunks, the last partial
+    ours = models.head_logps(head, hidden, targets)
+    grads = torch.autograd.grad((ours * weights).sum(), [hidden, *head.parameters()])
+    torch.testing.assert_close(ours.double(), expected, atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

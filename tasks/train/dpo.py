@@ -2,8 +2,9 @@
 
 The losses live side by side in tasks/train/losses.py: `dpo` (Rafailov et al. 2023; cDPO with
 label_smoothing), `ipo`, `hinge` (RSO), `slic` (SLiC-HF) and `rrhf` (pairwise). This module
-batches pairs, runs chosen and rejected through the policy in one forward pass, and logs TRL's
-metric names.
+batches pairs, runs chosen and rejected through the policy in one forward pass (each pair as one
+row with its prompt computed once, where the model allows it: collate_shared_prompt), and logs
+TRL's metric names.
 
 Where the reference log-probs come from, for the losses that use them (dpo, ipo, hinge):
 1. the pairs table's columns (a `pairs` stage with `reference`, or a `ref_logps` stage): computed
@@ -102,44 +103,170 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     return batch
 
 
+def shared_prompt_length(chosen: dict, rejected: dict) -> int:
+    """How many leading tokens a pair's two sequences share as prompt (the same ids, no labels)."""
+    from tasks.models import IGNORE
+
+    n = 0
+    for a, b, label_a, label_b in zip(chosen["input_ids"], rejected["input_ids"], chosen["labels"], rejected["labels"]):
+        if a != b or label_a != IGNORE or label_b != IGNORE:
+            break
+        n += 1
+    return n
+
+
+def packed_length(example: dict) -> int:
+    """Tokens in a pair's collate_shared_prompt row: the prompt once, then both responses."""
+    chosen, rejected = example["chosen"], example["rejected"]
+    return len(chosen["input_ids"]) + len(rejected["input_ids"]) - shared_prompt_length(chosen, rejected)
+
+
+def collate_shared_prompt(examples: list[dict], pad_id: int) -> dict:
+    """Each pair as one row: its prompt once, then the chosen response, then the rejected one.
+
+    The prompt is computed once instead of twice, and the batch is B rows padded to the longest
+    pair instead of 2B rows padded to the longest sequence. A (B, 1, W, W) boolean attention mask
+    lets each response token see the prompt and its own response's earlier tokens, never the other
+    response, and the rejected response's position ids restart where the prompt ends: every token
+    sees what it sees in its own sequence (collate_pairs' layout), so the log-probs are the same.
+    The labelled tokens are listed flat: `logp_index` (row * W + the position whose hidden state
+    predicts the token: for the rejected response's first token, the prompt's last), `logp_target`
+    (the token) and `logp_sequence` (0..B-1: the chosen sequences, B..2B-1: the rejected ones).
+    `sequence_lengths` holds the 2B sequences' token counts, chosen then rejected.
+    """
+    import torch
+
+    from tasks.models import IGNORE, pad
+
+    n_pairs = len(examples)
+    rows, positions, segments, targets, lengths = [], [], [], [], [0] * (2 * n_pairs)
+    for b, e in enumerate(examples):
+        chosen, rejected = e["chosen"], e["rejected"]
+        p = shared_prompt_length(chosen, rejected)
+        n_chosen, n_rejected = len(chosen["input_ids"]), len(rejected["input_ids"])
+        rows.append(chosen["input_ids"] + rejected["input_ids"][p:])
+        positions.append(list(range(n_chosen)) + list(range(p, n_rejected)))
+        segments.append([0] * p + [1] * (n_chosen - p) + [2] * (n_rejected - p))  # prompt, chosen, rejected
+        lengths[b], lengths[n_pairs + b] = n_chosen, n_rejected
+        for k in range(1, n_chosen):  # token k is predicted at position k - 1
+            if chosen["labels"][k] != IGNORE:
+                targets.append((b, k - 1, chosen["labels"][k], b))
+        for k in range(1, n_rejected):  # the rejected response sits after the chosen one in the row
+            if rejected["labels"][k] != IGNORE:
+                targets.append((b, k - 1 if k - 1 < p else n_chosen + k - 1 - p, rejected["labels"][k], n_pairs + b))
+    input_ids = pad(rows, pad_id)
+    width = input_ids.shape[1]
+    segment = pad(segments, -1)
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    # Padding attends to itself only (a row with nothing to attend to would give NaN).
+    mask = (causal & ((key == 0) | (key == query)) & (key != -1)) | torch.eye(width, dtype=torch.bool)
+    flat = torch.tensor(targets, dtype=torch.long).reshape(-1, 4)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": mask[:, None],
+        "position_ids": pad(positions, 0),
+        "logp_index": flat[:, 0] * width + flat[:, 1],
+        "logp_target": flat[:, 2],
+        "logp_sequence": flat[:, 3],
+        "sequence_lengths": torch.tensor(lengths),
+    }
+    if "ref_chosen" in examples[0]:
+        batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples], dtype=torch.float32)
+        batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def supports_shared_prompt(model) -> bool:
+    """Whether `model` can take collate_shared_prompt's rows: a decoder that takes position ids and a
+    4D mask (sdpa or eager attention) and attends in full in every layer (a sliding window, or any
+    other per-layer mask, would be lost under the custom mask)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return "position_ids" in inspect.signature(base.forward).parameters
+
+
+def pair_logps(model, batch: dict):
+    """Summed response log-probs and response token counts of a batch's 2B sequences, chosen then
+    rejected, from either layout (collate_pairs or collate_shared_prompt)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tasks.models import _body_and_head, head_logps, sequence_logps
+
+    if "position_ids" not in batch:
+        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    mask = batch["attention_mask"]
+    config = getattr(getattr(model, "module", model), "config", None)  # module: DDP's wrapped model
+    if getattr(config, "_attn_implementation", None) == "eager":  # eager attention adds the mask to its scores
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    split = _body_and_head(model)
+    if split is None:  # all logits, then the labelled positions' (see tasks.models.sequence_logps)
+        logits = model(**inputs).logits
+        logits = logits.reshape(-1, logits.shape[-1])[batch["logp_index"]]
+        token_logps = -F.cross_entropy(logits.float(), batch["logp_target"], reduction="none")
+    else:  # only the labelled positions go through the output layer
+        body, head = split
+        hidden = body(**inputs).last_hidden_state
+        token_logps = head_logps(head, hidden.reshape(-1, hidden.shape[-1])[batch["logp_index"]], batch["logp_target"])
+    n_sequences, sequence = 2 * len(batch["input_ids"]), batch["logp_sequence"]
+    sums = token_logps.new_zeros(n_sequences).index_add(0, sequence, token_logps)
+    return sums, torch.bincount(sequence, minlength=n_sequences)
+
+
 def precompute_reference(model, examples: list[dict], pad_id: int, batch_size: int, progress) -> None:
     """Reference log-probs of every pair from `model` (before training), stored in the examples."""
     import math
 
     import torch
 
-    from tasks.models import sequence_logps
-
     model.eval()
     device = next(model.parameters()).device
+    shared = supports_shared_prompt(model)
+    collate_fn = collate_shared_prompt if shared else collate_pairs
+
+    def length(e: dict) -> int:
+        return packed_length(e) if shared else max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"]))
+
+    # Longest first, in length order: batches of similar lengths, little padding (and any OOM comes first).
+    ordered = sorted(examples, key=length, reverse=True)
     with progress("reference log-probs", total=math.ceil(len(examples) / batch_size)) as bar:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = collate_pairs([{"chosen": e["chosen"], "rejected": e["rejected"]} for e in chunk], pad_id)
+        for start in range(0, len(ordered), batch_size):
+            chunk = ordered[start : start + batch_size]
+            batch = collate_fn([{"chosen": e["chosen"], "rejected": e["rejected"]} for e in chunk], pad_id)
             with torch.no_grad():
-                logps, _ = sequence_logps(model, **{k: v.to(device) for k, v in batch.items()})
+                logps, _ = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
             for e, c, r in zip(chunk, *logps.float().cpu().chunk(2)):
                 e["ref_chosen"], e["ref_rejected"] = c.item(), r.item()
             bar.advance()
 
 
 def dpo_step(model, batch, loss: str, loss_params: dict, beta: float, needs_reference: bool):
-    """One forward pass over chosen+rejected, the preference loss, and TRL-named metrics."""
+    """One forward pass over chosen+rejected (either collate layout), the preference loss, and TRL-named metrics."""
     import torch
 
-    from tasks.models import sequence_logps
     from tasks.train.lora import reference_context
     from tasks.train.losses import PairLogps, preference_loss
 
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    logps, n_tokens = sequence_logps(model, **inputs)
+    logps, n_tokens = pair_logps(model, batch)
     policy_chosen, policy_rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = n_tokens.chunk(2)
     if "ref_chosen" in batch:
         ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
     elif needs_reference:  # LoRA: the base model is the reference
         with torch.no_grad(), reference_context(model):
-            ref_chosen, ref_rejected = sequence_logps(model, **inputs)[0].chunk(2)
+            ref_chosen, ref_rejected = pair_logps(model, batch)[0].chunk(2)
     else:
         ref_chosen = ref_rejected = None
     pair = PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
@@ -192,12 +319,17 @@ def dpo(ctx: StageContext) -> dict[str, float]:
 
     if p.lora is not None:
         model = add_lora(model, p.lora, ctx.seed)
+    shared = supports_shared_prompt(model)  # each pair's prompt computed once: see collate_shared_prompt
+    if shared:
+        lengths = [packed_length(e) for e in examples]
+    else:
+        lengths = [lengths[i] for i in keep]
     model, metrics = train(
-        model, examples, partial(collate_pairs, pad_id=tokenizer.pad_token_id),
+        model, examples, partial(collate_shared_prompt if shared else collate_pairs, pad_id=tokenizer.pad_token_id),
         partial(dpo_step, loss=p.loss, loss_params=p.loss_params(), beta=p.beta, needs_reference=needs_reference),
         epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=ctx.seed,
         warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
-        lengths=[lengths[i] for i in keep] if p.group_by_length else None,
+        lengths=lengths if p.group_by_length else None,
         gradient_checkpointing=p.gradient_checkpointing,
         log_metrics=ctx.log_metrics, progress=ctx.progress,
     )
