@@ -309,21 +309,18 @@ def dpo(ctx: StageContext) -> dict[str, float]:
     examples = [{side: truncate(full[i][side], p.max_length) for side in ("chosen", "rejected")} for i in range(len(full))]
     if needs_reference and has_reference:
         attach_reference(examples, table, p.max_length)
-    elif needs_reference and (p.lora is None or p.reference is not None):
-        reference = model if p.reference is None else load_causal_lm(ctx.inputs["reference"])[0]
-        precompute_reference(reference, examples, tokenizer.pad_token_id, p.batch_size, ctx.progress)
-        del reference
     examples = [examples[i] for i in keep]
     if not examples:
         raise ValueError(f"no pairs left: all {len(full)} are longer than max_length={p.max_length}")
+    if needs_reference and not has_reference and (p.lora is None or p.reference is not None):
+        reference = model if p.reference is None else load_causal_lm(ctx.inputs["reference"])[0]
+        precompute_reference(reference, examples, tokenizer.pad_token_id, p.batch_size, ctx.progress)
+        del reference
 
     if p.lora is not None:
         model = add_lora(model, p.lora, ctx.seed)
     shared = supports_shared_prompt(model)  # each pair's prompt computed once: see collate_shared_prompt
-    if shared:
-        lengths = [packed_length(e) for e in examples]
-    else:
-        lengths = [lengths[i] for i in keep]
+    lengths = [packed_length(e) for e in examples] if shared else [lengths[i] for i in keep]
     model, metrics = train(
         model, examples, partial(collate_shared_prompt if shared else collate_pairs, pad_id=tokenizer.pad_token_id),
         partial(dpo_step, loss=p.loss, loss_params=p.loss_params(), beta=p.beta, needs_reference=needs_reference),
