@@ -44,6 +44,12 @@ def tiny(ctx: StageContext) -> dict[str, float]:
     return {"parameters": float(sum(x.numel() for x in model.parameters())), "vocab_size": float(len(tokenizer))}
 
 
+def local_or_hub(value: str, info: ValidationInfo) -> str:
+    """A path that exists relative to the spec's folder, resolved; anything else is a hub id, kept as written."""
+    resolved = spec_relative(value, info)
+    return resolved if Path(resolved).exists() else value
+
+
 def _is_local(path: str) -> bool:
     # "org/name" may be a hub id; anything that exists or looks like a filesystem path is local.
     return Path(path).expanduser().exists() or path.startswith(("/", ".", "~")) or path.count("/") > 1
@@ -109,8 +115,7 @@ class PretrainedParams(StageParams):
             return str(resolved)
         if value is None:
             raise ValueError("a local folder or hub id (or `package`, for a folder inside an installed package)")
-        resolved = spec_relative(value, info)
-        return resolved if Path(resolved).exists() else value  # else a hub id, kept as written
+        return local_or_hub(value, info)
 
     @field_validator("gguf_file")
     @classmethod
@@ -360,8 +365,7 @@ class HubParams(TableSourceParams):
                 f"{value!r} names a datasets builder, whose files the cache key cannot see: give the folder "
                 "holding the files as `path` (with `data_files` relative to it), or use the jsonl/parquet kinds"
             )
-        resolved = spec_relative(value, info)
-        return resolved if Path(resolved).exists() else value  # else a hub id, kept as written
+        return local_or_hub(value, info)
 
     @field_validator("revision")
     @classmethod
