@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -85,9 +86,10 @@ def build(job: StageJob, inputs: dict[str, dict]) -> dict:
     steps = StepLogger(job.tracker, job.mlflow_run_id)
     with COMPUTING, store.build(node.kind, node.key) as tmp:
         started = time.time()
+        checkpoints = store.checkpoints(node.kind, node.key)
         ctx = StageContext(out=tmp, inputs={p: Path(ref["uri"]) for p, ref in inputs.items()},
                            params=node.params, seed=node.recipe["seed"],
-                           log_metrics=steps, progress=term.progress)
+                           log_metrics=steps, progress=term.progress, checkpoints=checkpoints)
         metrics = {k: float(v) for k, v in (kind.run(ctx) or {}).items()}
         steps.flush()
         if steps.history:
@@ -101,6 +103,7 @@ def build(job: StageJob, inputs: dict[str, dict]) -> dict:
             # value" of a metric is the stage's final summary, not its last minibatch.
             "final_step": steps.history[-1]["step"] + 1 if steps.history else 0,
         })
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact is in place: nothing to resume
     return reference(store, node, manifest, computed=True, seconds=time.time() - started)
 
 

@@ -54,6 +54,10 @@ class Store:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
 
+    def checkpoints(self, kind: str, key: str) -> Path:
+        """Where a stage computing `key` keeps checkpoints to resume from (kept across failed attempts)."""
+        return self.root / "_checkpoints" / kind / key
+
     def manifest(self, kind: str, key: str) -> dict | None:
         try:
             return json.loads((self.path(kind, key) / MANIFEST).read_text())

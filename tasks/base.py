@@ -97,6 +97,9 @@ class StageContext:
     progress: Callable[..., contextlib.AbstractContextManager[Progress]] = field(
         default=_no_progress
     )
+    # A folder that outlives a failed attempt, for a long stage's checkpoints: the next attempt at
+    # the same key resumes from them. Removed once the artifact is in place. None: no checkpoints.
+    checkpoints: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""Training stage kinds (sft, reward_model, dpo) and the plain functions they share (loop, losses, lora)."""
+"""Training stage kinds (sft, reward_model, dpo, rrhf; online: rloo, grpo, ppo) and the plain
+functions they share (loop, online, losses, lora)."""
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.base import StageParams
+from tasks.base import OptionalRef, Ref, StageParams
 
 
 class LoraParams(BaseModel):
@@ -22,8 +23,8 @@ class LoraParams(BaseModel):
     )
 
 
-class TrainParams(StageParams):
-    """The optimisation settings every training stage takes (tasks/train/loop.py uses them)."""
+class OptimParams(StageParams):
+    """The optimisation settings every training stage takes, offline and online."""
 
     epochs: float = Field(1.0, gt=0)
     lr: float = Field(1e-4, gt=0)
@@ -34,6 +35,55 @@ class TrainParams(StageParams):
     too_long: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="examples over max_length: cut the response's tail, drop them (counted), or stop with an error"
     )
-    group_by_length: bool = Field(True, description="batch examples of similar length together: less padding")
     lora: LoraParams | None = Field(None, description="train low-rank adapters instead of every weight")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
+
+
+class TrainParams(OptimParams):
+    """The settings of the offline training stages (tasks/train/loop.py uses them)."""
+
+    group_by_length: bool = Field(True, description="batch examples of similar length together: less padding")
+
+
+class OnlineParams(OptimParams):
+    """The settings the online RL stages share (rloo, grpo, ppo; tasks/train/online.py runs them)."""
+
+    policy: Ref("model")
+    prompts: Ref("table")  # a prompt column (text, or a list of chat messages)
+    reward_model: OptionalRef("reward_model") = Field(None, description="scores the samples; or reward_fn")
+    reward_fn: str | None = Field(None, description="a named programmatic reward (tasks/rewards.py); or reward_model")
+    monitor_reward_fn: str | None = Field(
+        None, description="a named reward logged beside the trained one, never trained on (e.g. a gold reward)"
+    )
+    reference: OptionalRef("model") = Field(None, description="the KL term's reference; default: the policy as it starts")
+    kl_coef: float = Field(0.05, ge=0, description="weight of the KL to the reference; 0: no reference")
+    samples_per_prompt: int = Field(4, ge=2, description="responses sampled per prompt each step")
+    batch_size: int = Field(16, ge=1, description="prompts per step")
+    epochs: float = Field(1.0, gt=0, description="passes over the prompts")
+    lr: float = Field(1e-5, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    updates_per_rollout: int = Field(1, ge=1, description="passes over each rollout (PPO epochs)")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per pass over a rollout")
+    clip_eps: float = Field(0.2, gt=0, description="the policy ratio's clip range")
+    checkpoint_every: int = Field(25, ge=1, description="steps between checkpoints")
+
+    not_in_key = frozenset({"checkpoint_every"})
+
+    @model_validator(mode="after")
+    def _check(self):
+        from tasks.rewards import REWARD_FNS
+
+        if (self.reward_model is None) == (self.reward_fn is None):
+            raise ValueError("give exactly one of reward_model (a reward_model artifact) and reward_fn (a named reward)")
+        for name in ("reward_fn", "monitor_reward_fn"):
+            value = getattr(self, name)
+            if value is not None and value not in REWARD_FNS:
+                raise ValueError(f"{name}: unknown reward function {value!r}; known: {', '.join(sorted(REWARD_FNS))}")
+        if self.max_new_tokens >= self.max_length:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be below max_length ({self.max_length})")
+        if (self.batch_size * self.samples_per_prompt) % self.minibatches:
+            raise ValueError(f"minibatches ({self.minibatches}) must divide the rollout's "
+                             f"batch_size * samples_per_prompt = {self.batch_size * self.samples_per_prompt} sequences")
+        return self

@@ -151,3 +151,102 @@ def bradley_terry_loss(
     if center_coefficient:
         loss = loss + center_coefficient * (chosen_scores + rejected_scores) ** 2
     return loss
+
+
+# ---- online RL: advantages and policy-gradient losses ----------------------------------------
+#
+# Shapes: (B, K) for one value per sampled response, K responses per prompt; (N, T) for one value
+# per response token, with `mask` (N, T) marking real tokens (a prefix of each row).
+#
+#   rloo_advantages     A_i = r_i - mean_{j != i} r_j                      RLOO, Kool et al. 2019;
+#                                                                         Ahmadian et al. 2024, eq. 7
+#   group_advantages    A_i = (r_i - mean_j r_j) / (std_j r_j + eps)      GRPO, Shao et al. 2024, 4.1.2
+#   kl_estimate         k1 = log pi - log pi_ref;                         Schulman 2020, "Approximating
+#                       k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1     KL divergence"
+#   clipped_policy_loss max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),      PPO, Schulman et al. 2017,
+#                       rho = exp(log pi - log pi_old)                    eq. 7 (negated: a loss)
+#   gae                 delta_t = r_t + gamma V_{t+1} - V_t,              GAE, Schulman et al. 2016,
+#                       A_t = delta_t + gamma lambda A_{t+1}; returns A + V          eq. 16
+#   clipped_value_loss  0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)
+#                                                                         PPO2 (baselines), as in
+#                                                                         Huang et al. 2024 ("N+")
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `values` where `mask` is true (over `dim`, or all); 0 where nothing is masked in."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(values - mean) / std over the masked-in entries (PPO's advantage normalisation); 0 elsewhere."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return torch.where(mask.bool(), (values - mean) * torch.rsqrt(var + eps), torch.zeros_like(values))
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE leave-one-out: each response's baseline is the mean reward of the other K - 1
+    responses to its prompt. rewards: (B, K), K >= 2."""
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError(f"RLOO needs at least 2 samples per prompt, got {k}")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+
+
+def group_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantage: the reward minus its group's mean, divided by the group's
+    (unbiased) standard deviation when `scale`. rewards: (B, G). A group of equal rewards gives 0."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards.std(-1, keepdim=True) + eps)
+
+
+def kl_estimate(logps: Tensor, ref_logps: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi.
+
+    k1 (log-ratio) is unbiased but can be negative; k3 is unbiased and never negative (GRPO's)."""
+    log_ratio = logps - ref_logps
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; known: k1, k3")
+
+
+def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, clip_eps: float) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate, negated, elementwise; and where the clipped term was taken.
+
+    Elementwise over any shape: per token (GRPO, PPO) or per sequence (RLOO: summed log-probs). At
+    logps == old_logps its gradient is -A * grad(logps), the plain policy gradient."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimates and returns (advantages + values), both (N, T).
+
+    rewards, values: (N, T) per response token; mask: (N, T), True on each row's real tokens (a
+    prefix). The state after a row's last real token is terminal (its value is 0)."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip_eps: float) -> Tensor:
+    """The value head's loss, elementwise: the worse of the plain and the clipped squared error."""
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)

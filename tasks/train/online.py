@@ -1,0 +1,393 @@
+"""Online RL: the loop the rloo, grpo and ppo stages share, with generation inside it.
+
+Each step, on the next `batch_size` prompts:
+1. rollout: sample `samples_per_prompt` responses to each from the current policy (transformers
+   generate) and keep their token ids; score them with the reward model or reward function; take
+   the sampled tokens' log-probs under the policy (the "old" ones) and under the reference, and
+   the policy's entropy; all without gradients.
+2. advantages: the algorithm's `prepare` (rloo.py, grpo.py, ppo.py) turns scores into advantages.
+3. update: `updates_per_rollout` passes over the rollout, in `minibatches`, each an optimizer step
+   on the algorithm's `loss`.
+A checkpoint every `checkpoint_every` steps (trained weights, optimizer, schedule, every RNG's
+state, the metric history) lets an interrupted run resume where it stopped and draw the same
+samples it would have drawn.
+
+Memory: the reward model and the reference are frozen, evaluated under no_grad. With LoRA the
+reference is the policy with its adapter disabled (no second copy); with kl_coef 0 none is
+loaded. PPO's value model starts from the reward model (or the policy when the reward is a
+function); with LoRA, when it starts from the reward model, the reward is that same model with
+the value adapter disabled, so reward and value share one set of weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tasks.base import StageContext
+from tasks.train import OnlineParams
+
+
+@dataclass
+class OnlineModels:
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None  # None: the policy itself under reference_context (LoRA), or no KL
+    value: torch.nn.Module | None = None  # PPO
+    trainable: list = field(default_factory=list)
+
+
+# ---- the rollout: sampled tokens and what the algorithms need from them ---------------------
+#
+# A rollout is a dict of tensors, one row per sampled response, prompt-major (row b * K + k is
+# prompt b's k-th sample), so a minibatch is `{name: tensor[rows]}`:
+#   sequences (N, P + T): the prompt, left-padded to width P, then the response
+#   attention_mask (N, P + T), mask (N, T): real response tokens, up to and including eos
+#   logps, ref_logps (N, T): the sampled tokens' log-probs under the policy and the reference
+#   scores (N,): the reward; advantages, and for PPO values and returns, from `prepare`
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: float, top_p: float,
+           max_new_tokens: int) -> dict:
+    """k sampled responses to each prompt (token ids in, token ids out), in the rollout layout."""
+    from tasks.models import pad
+
+    device = next(model.parameters()).device
+    input_ids = pad(prompt_ids, tokenizer.pad_token_id, left=True).to(device)
+    prompt_mask = pad([[1] * len(p) for p in prompt_ids], 0, left=True).to(device)
+    model.eval()
+    out = model.generate(
+        input_ids=input_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_p=top_p,
+        top_k=0, num_return_sequences=k, max_new_tokens=max_new_tokens, use_cache=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    response = out[:, input_ids.shape[1]:]
+    is_eos = response == tokenizer.eos_token_id
+    mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first eos
+    return {
+        "sequences": out,
+        "attention_mask": torch.cat([prompt_mask.repeat_interleave(k, 0), mask.long()], 1),
+        "mask": mask,
+        "prompt_width": input_ids.shape[1],
+    }
+
+
+def _forward_hidden(model, batch: dict, prompt_width: int):
+    """(hidden states at the positions that predict each response token, the output layer), or
+    (logits at those positions, None) for a model whose head is more than a linear map."""
+    from tasks.models import _body_and_head
+
+    mask = batch["attention_mask"]
+    inputs = {"input_ids": batch["sequences"], "attention_mask": mask,
+              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}  # as generate numbers left-padded rows
+    split = _body_and_head(model)
+    if split is None:
+        return model(**inputs).logits[:, prompt_width - 1 : -1], None
+    body, head = split
+    return body(**inputs).last_hidden_state[:, prompt_width - 1 : -1], head
+
+
+def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1.0, entropy: bool = False):
+    """Log-probs (N, T) of the response tokens under `model` at the sampling temperature (0 where
+    mask is false); with `entropy`, also the mean entropy of its next-token distributions there."""
+    from tasks.models import head_logps
+
+    mask, targets = batch["mask"], batch["sequences"][:, prompt_width:]
+    states, head = _forward_hidden(model, batch, prompt_width)
+    states = states[mask]
+    if head is not None and head.bias is None:  # head(h) / t == head(h / t): the logits are never built
+        token_logps = head_logps(head, states / temperature, targets[mask])
+        logits_of = lambda rows: head(rows / temperature)  # noqa: E731
+    else:
+        logits = states if head is None else head(states)
+        token_logps = -F.cross_entropy(logits.float() / temperature, targets[mask], reduction="none")
+        logits_of = lambda rows: rows if head is None else head(rows) / temperature  # noqa: E731
+    logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=mask.device).masked_scatter(mask, token_logps)
+    if not entropy:
+        return logps
+    with torch.no_grad():  # in chunks of rows: a 49k vocabulary's logits for every token are large
+        total = states.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(states), 256):
+            dist = torch.distributions.Categorical(logits=logits_of(states[start : start + 256]).float())
+            total += dist.entropy().sum()
+    return logps, total / max(1, len(states))
+
+
+def token_values(value_model, batch: dict, prompt_width: int):
+    """The value model's estimate (N, T) of the state before each response token (0 past mask).
+
+    A sequence-classification model scores only its last token; here its score head reads every
+    position's hidden state."""
+    base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    head = getattr(base, "score", None) or getattr(base, "classifier")
+    mask = batch["attention_mask"]
+    hidden = base.base_model(input_ids=batch["sequences"], attention_mask=mask,
+                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+    values = head(hidden[:, prompt_width - 1 : -1]).squeeze(-1).float()
+    return values * batch["mask"]
+
+
+def chunks(n: int, size: int):
+    return [slice(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def select(rollout: dict, rows) -> dict:
+    return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in rollout.items()}
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(models: OnlineModels) -> dict:
+    return {role: {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
+            for role, module in (("policy", models.policy), ("value", models.value)) if module is not None}
+
+
+def save_checkpoint(folder: Path, step: int, models: OnlineModels, optimizer, scheduler, history: list) -> None:
+    """One file, written beside and renamed into place: a reader sees the old checkpoint or the new."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
+    torch.save({"step": step, "weights": trainable_state(models), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history}, tmp)
+    os.replace(tmp, folder / CHECKPOINT)
+
+
+def load_checkpoint(folder: Path | None, models: OnlineModels, optimizer, scheduler) -> tuple[int, list]:
+    """Restore the last checkpoint, if any: (the step it was taken after, the metric history)."""
+    path = folder / CHECKPOINT if folder is not None else None
+    if path is None or not path.exists():
+        return 0, []
+    state = torch.load(path, weights_only=False)  # our own file: RNG states are numpy objects
+    for role, weights in state["weights"].items():
+        parameters = dict(getattr(models, role).named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                parameters[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"], state["history"]
+
+
+# ---- the loop -----------------------------------------------------------------------------
+
+Prepare = Callable[[dict, OnlineModels, OnlineParams], dict]  # fills advantages; returns metrics
+Loss = Callable[[OnlineModels, dict, OnlineParams], tuple[torch.Tensor, dict]]
+
+
+def step_prompts(step: int, n_prompts: int, batch_size: int, seed: int) -> list[int]:
+    """The prompts of step `step`: consecutive slices of a seeded shuffle of the prompts, reshuffled
+    each pass. A function of the step alone, so a resumed run takes the same prompts."""
+    rows = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, position = divmod(i, n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))
+        rows.append(int(order[position]))
+    return rows
+
+
+def load_models(ctx: StageContext, with_value: bool) -> tuple[OnlineModels, object, Callable]:
+    """The policy (with fresh adapters under LoRA), the reference, the value model, and the scorer
+    `score(prompts, texts) -> (N,) rewards`."""
+    from tasks.models import batched_scores, load_causal_lm, load_reward_model
+    from tasks.rewards import get_reward_fn
+    from tasks.train.lora import add_lora, reference_context
+
+    p: OnlineParams = ctx.params
+    policy, tokenizer = load_causal_lm(ctx.inputs["policy"])
+    reference = None
+    if p.kl_coef > 0 and (p.lora is None or p.reference is not None):
+        reference = load_causal_lm(ctx.inputs.get("reference", ctx.inputs["policy"]))[0].requires_grad_(False).eval()
+    if p.lora is not None:
+        policy = add_lora(policy, p.lora, ctx.seed)
+    if p.gradient_checkpointing:  # it acts in train mode only, hence train mode without dropout
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    reward_model = value = None
+    if p.reward_model is not None:
+        reward_model, reward_tokenizer = load_reward_model(ctx.inputs["reward_model"])
+        reward_model.requires_grad_(False).eval()
+    if with_value:
+        if reward_model is not None and p.lora is not None:  # one set of weights: see the module docstring
+            reward_model.requires_grad_(True)
+            value = reward_model = add_lora(reward_model, p.lora, ctx.seed, task_type="SEQ_CLS")
+        else:
+            value = load_reward_model(ctx.inputs.get("reward_model", ctx.inputs["policy"]))[0]
+            if p.lora is not None:
+                value = add_lora(value, p.lora, ctx.seed, task_type="SEQ_CLS")
+
+    if reward_model is not None:
+        def score(prompts, texts):
+            with reference_context(reward_model):
+                return torch.tensor(batched_scores(reward_model, reward_tokenizer, prompts, texts, p.max_length, 64))
+    else:
+        reward_fn = get_reward_fn(p.reward_fn)
+
+        def score(prompts, texts):
+            return torch.tensor([reward_fn(prompt, text) for prompt, text in zip(prompts, texts)], dtype=torch.float32)
+
+    for module in (policy, value):
+        if module is not None:
+            disable_dropout(module)
+    trainable = [q for m in (policy, value) if m is not None for q in m.parameters() if q.requires_grad]
+    return OnlineModels(policy, reference, value, trainable), tokenizer, score
+
+
+def disable_dropout(model) -> None:
+    """Online RL trains without dropout (as trl does): the log-probs taken at sampling time and those
+    of the first update must be the same, or the clipped ratio clips noise (LoRA's dropout too)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+@torch.no_grad()
+def make_rollout(models: OnlineModels, tokenizer, prompt_ids: list, prompts: list, p: OnlineParams, score,
+                 monitor=None) -> tuple[dict, dict]:
+    """Sample, score and take log-probs (see the rollout layout above); and the rollout's metrics."""
+    from tasks.train.lora import reference_context
+
+    k = p.samples_per_prompt
+    rollout = sample(models.policy, tokenizer, prompt_ids, k, p.temperature, p.top_p, p.max_new_tokens)
+    width = rollout.pop("prompt_width")
+    n = len(rollout["sequences"])
+    texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(rollout["sequences"][:, width:], rollout["mask"])],
+                                   skip_special_tokens=True)
+    texts = [t.strip() for t in texts]
+    repeated = [prompt for prompt in prompts for _ in range(k)]
+    rollout["scores"] = score(repeated, texts).to(rollout["mask"].device, torch.float32)
+
+    size = n // p.minibatches
+    logps, ref_logps, entropy = [], [], 0.0
+    models.policy.eval()
+    for rows in chunks(n, size):
+        part = select(rollout, rows)
+        lp, ent = response_logps(models.policy, part, width, p.temperature, entropy=True)
+        logps.append(lp.float())
+        entropy += float(ent) * (rows.stop - rows.start) / n
+        if p.kl_coef > 0:
+            if models.reference is not None:
+                ref_logps.append(response_logps(models.reference, part, width, p.temperature).float())
+            else:
+                with reference_context(models.policy):
+                    ref_logps.append(response_logps(models.policy, part, width, p.temperature).float())
+    rollout["logps"] = torch.cat(logps)
+    rollout["ref_logps"] = torch.cat(ref_logps) if ref_logps else rollout["logps"].clone()
+    rollout["prompt_width"] = width
+
+    scores, lengths = rollout["scores"], rollout["mask"].sum(1).float()
+    metrics = {
+        "reward": scores.mean().item(),
+        "reward_std": scores.view(-1, k).std(1).mean().item(),  # within a prompt's samples
+        "kl": ((rollout["logps"] - rollout["ref_logps"]) * rollout["mask"]).sum(1).mean().item(),
+        "entropy": entropy,
+        "response_length": lengths.mean().item(),
+        # Responses that ended (with eos) within max_new_tokens.
+        "eos_fraction": ((rollout["sequences"][:, width:] == tokenizer.eos_token_id) & rollout["mask"]).any(1).float().mean().item(),
+    }
+    if monitor is not None:
+        metrics["monitor_reward"] = float(np.mean([monitor(prompt, text) for prompt, text in zip(repeated, texts)]))
+    return rollout, metrics
+
+
+def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: bool = False) -> dict[str, float]:
+    """Train ctx.params.policy online with one algorithm's `prepare` and `loss`; save it to ctx.out."""
+    from accelerate.utils import set_seed
+
+    from tasks.base import BadInput
+    from tasks.models import encode_prompts
+    from tasks.rewards import get_reward_fn
+    from tasks.tables import read_table
+    from tasks.train.lora import save_trained
+    from tasks.train.loop import fit_to_length, make_accelerator
+
+    p: OnlineParams = ctx.params
+    set_seed(ctx.seed)
+    table = read_table(ctx.inputs["prompts"], ["prompt"], what="prompts table")
+    if not table.num_rows:
+        raise BadInput(str(ctx.inputs["prompts"]), "rows", "at least one prompt")
+    models, tokenizer, score = load_models(ctx, with_value)
+    monitor = get_reward_fn(p.monitor_reward_fn) if p.monitor_reward_fn else None
+
+    prompts = table.column("prompt").to_pylist()
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    room = p.max_length - p.max_new_tokens  # a prompt over it loses its beginning (or is dropped)
+    keep, data_metrics = fit_to_length([len(ids) for ids in prompt_ids], room, p.too_long, str(ctx.inputs["prompts"]))
+    prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i][-room:] for i in keep]
+    if not prompts:
+        raise BadInput(str(ctx.inputs["prompts"]), "prompt", f"a prompt of at most {room} tokens (max_length - max_new_tokens)")
+
+    total_steps = max(1, math.ceil(p.epochs * len(prompts) / p.batch_size))
+    updates = total_steps * p.updates_per_rollout * p.minibatches
+    warmup = int(p.warmup_ratio * updates)
+    optimizer = torch.optim.AdamW(models.trainable, lr=p.lr, weight_decay=p.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to 0
+        optimizer, lambda u: (u + 1) / (warmup + 1) if u < warmup else max(0.0, (updates - u) / max(1, updates - warmup)))
+    accelerator = make_accelerator()
+    start, history = load_checkpoint(ctx.checkpoints, models, optimizer, scheduler)
+    for row in history:  # a resumed run's MLflow run shows the whole curve
+        ctx.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+
+    with ctx.progress("online training", total=total_steps) as bar:
+        bar.advance(start)
+        for step in range(start, total_steps):
+            rows = step_prompts(step, len(prompts), p.batch_size, ctx.seed)
+            rollout, metrics = make_rollout(models, tokenizer, [prompt_ids[i] for i in rows], [prompts[i] for i in rows],
+                                            p, score, monitor)
+            metrics.update(prepare(rollout, models, p))
+            n = len(rollout["sequences"])
+            sums: dict[str, float] = {}
+            for module in (models.policy, models.value):  # dropout is off: see disable_dropout
+                if module is not None:
+                    module.train()
+            for _ in range(p.updates_per_rollout):
+                order = torch.randperm(n)
+                for rows in chunks(n, n // p.minibatches):
+                    with accelerator.autocast():
+                        loss, parts = loss_fn(models, select(rollout, order[rows]), p)
+                    accelerator.backward(loss)
+                    torch.nn.utils.clip_grad_norm_(models.trainable, 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    for key, value in {"loss": loss, **parts}.items():
+                        sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).detach()) / (p.updates_per_rollout * p.minibatches)
+            metrics.update(sums, learning_rate=scheduler.get_last_lr()[0])
+            ctx.log_metrics(metrics, step + 1)
+            history.append({"step": step + 1, **metrics})
+            bar.advance()
+            if ctx.checkpoints is not None and (step + 1) % p.checkpoint_every == 0 and step + 1 < total_steps:
+                save_checkpoint(ctx.checkpoints, step + 1, models, optimizer, scheduler, history)
+
+    if p.gradient_checkpointing:
+        models.policy.gradient_checkpointing_disable()
+    models.policy.eval()
+    # The final metrics: the mean of the last tenth of the steps (one step is noisy).
+    tail = history[-max(1, len(history) // 10):]
+    final = {k: float(np.mean([row[k] for row in tail])) for k in tail[0] if k != "step"}
+    final.update(data_metrics, steps=float(total_steps), prompts=float(len(prompts)))
+    final.update(save_trained(models.policy, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
+    return final

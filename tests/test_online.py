@@ -1,0 +1,182 @@
+"""The online RL stages (rloo, grpo, ppo): the policy's reward really rises, the rollout's
+log-probs are the model's, an interrupted run resumes to the same result, and LoRA keeps one copy
+of each model. The formulas themselves: tests/test_online_losses.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_stage_in
+from tasks.models import collate, load_causal_lm, load_reward_model, sequence_logps
+from tasks.train import LoraParams
+
+ALGORITHMS = ["rloo", "grpo", "ppo"]
+
+
+def online_params(kind: str, **extra) -> dict:
+    return {"kind": kind, "policy": "sft", "prompts": "p", "reward_fn": "demo_gold", "epochs": 4, "batch_size": 16,
+            "max_new_tokens": 12, "lr": 1e-3, **extra}
+
+
+@pytest.fixture(scope="module")
+def prompts(demo_table):
+    return demo_table("prompts", 64)
+
+
+def mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize("kind", ALGORITHMS)
+def test_online_training_raises_the_reward(kind, tiny_sft_model, prompts, run_stage):
+    log = []
+    out, metrics = run_stage(online_params(kind), {"policy": tiny_sft_model, "prompts": prompts}, log=log)
+    rows = [m for _, m in log]
+    assert [s for s, _ in log] == list(range(1, 17))
+    first, last = mean(rows[:4], "reward"), mean(rows[-4:], "reward")
+    print(f"{kind}: reward {first:.3f} -> {last:.3f}, kl {rows[-1]['kl']:.3f}")
+    assert last > first + 0.05
+    for name in ("reward", "kl", "entropy", "clip_fraction", "response_length", "loss", "learning_rate"):
+        assert name in rows[0] and name in metrics
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-4)  # the first rollout's policy is the reference
+    if kind == "ppo":
+        assert "value_loss" in rows[0]
+    # The saved policy is the trained one: its samples score better than the SFT policy's.
+    assert (out / "config.json").exists()
+
+
+def test_rollout_logps_are_the_models_log_probs(tiny_sft_model, prompts):
+    """The rollout layout (left-padded prompts, responses cut after eos, position ids) gives each
+    response the log-prob the plain right-padded computation gives it."""
+    from tasks.models import encode_prompts
+    from tasks.tables import read_table
+    from tasks.train.online import response_logps, sample
+
+    model, tokenizer = load_causal_lm(tiny_sft_model)
+    texts = read_table(prompts, ["prompt"]).column("prompt").to_pylist()[:6]
+    texts = [" ".join(t.split()[:2 + i % 3]) + " :" for i, t in enumerate(texts)]  # lengths differ
+    prompt_ids = encode_prompts(tokenizer, texts)
+    torch.manual_seed(0)
+    rollout = sample(model, tokenizer, prompt_ids, 3, 1.0, 1.0, 12)
+    width = rollout.pop("prompt_width")
+    assert len({len(p) for p in prompt_ids}) > 1, "the prompts must differ in length to test the padding"
+    with torch.no_grad():
+        logps = response_logps(model, rollout, width).sum(1)
+    examples = []
+    for row, (sequence, mask) in enumerate(zip(rollout["sequences"], rollout["mask"])):
+        prompt, response = prompt_ids[row // 3], sequence[width:][mask].tolist()
+        assert response[-1] == tokenizer.eos_token_id or len(response) == 12
+        examples.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected, _ = sequence_logps(model, **batch)
+    torch.testing.assert_close(logps, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_an_interrupted_run_resumes_to_the_same_policy(kind, tiny_sft_model, prompts, tmp_path):
+    """Killed after step 5 with a checkpoint at step 4, the rerun resumes there and ends with the
+    weights, and the per-step metrics, of a run that was never interrupted."""
+    from tasks import load_stage_kinds
+    from tasks.base import StageContext
+
+    params = online_params(kind, epochs=2, checkpoint_every=4, minibatches=2)
+    inputs = {"policy": tiny_sft_model, "prompts": prompts}
+    whole: list = []
+    run_stage_in(tmp_path / "whole", params, inputs, log=whole)
+
+    kind_ = load_stage_kinds()[kind]
+
+    def context(out, log):
+        return StageContext(out=out, inputs=inputs, params=kind_.params.model_validate(params), seed=0,
+                            log_metrics=log, checkpoints=tmp_path / "checkpoints")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_5(metrics, step):
+        if step == 5:
+            raise Interrupted
+
+    (tmp_path / "first").mkdir()
+    with pytest.raises(Interrupted):
+        kind_.run(context(tmp_path / "first", stop_after_5))
+    assert (tmp_path / "checkpoints" / "checkpoint.pt").exists()
+
+    resumed: list = []
+    (tmp_path / "resumed").mkdir()
+    kind_.run(context(tmp_path / "resumed", lambda metrics, step: resumed.append((step, metrics))))
+
+    assert [s for s, _ in resumed] == [s for s, _ in whole] == list(range(1, 9))
+    for (_, a), (_, b) in zip(whole, resumed):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)  # steps 1-4 replayed, 5-8 recomputed alike
+    trained = load_causal_lm(tmp_path / "whole")[0].state_dict()
+    for name, value in load_causal_lm(tmp_path / "resumed")[0].state_dict().items():
+        torch.testing.assert_close(value, trained[name], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_uses_the_policy_as_its_own_reference(tiny_sft_model, prompts, run_stage, monkeypatch):
+    """With LoRA only the policy is loaded (its base is the reference), and it still learns."""
+    import tasks.models
+
+    loads = []
+    original = tasks.models.load_causal_lm
+    monkeypatch.setattr(tasks.models, "load_causal_lm", lambda *a, **k: loads.append(a) or original(*a, **k))
+    log = []
+    lora = {"r": 8, "alpha": 16, "dropout": 0.1}
+    # This 16-wide model's adapters gain reward only far from the base: a weak KL term.
+    params = online_params("rloo", lora=lora, lr=2e-2, epochs=6, kl_coef=0.002)
+    run_stage(params, {"policy": tiny_sft_model, "prompts": prompts}, log=log)
+    assert len(loads) == 1
+    rows = [m for _, m in log]
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-5)  # adapters start at zero: policy == base
+    assert rows[-1]["kl"] > 1e-3  # and then move away from it
+    assert mean(rows[-4:], "reward") > mean(rows[:4], "reward") + 0.05
+
+
+def test_ppo_with_lora_shares_the_reward_models_weights_with_the_value_model(tiny_demo_model, demo_table, tmp_path):
+    """The value model is the reward model plus an adapter (and its own head); with the adapter
+    disabled it is the reward model again, whatever the value training did."""
+    from tasks.models import batched_scores
+    from tasks.train.lora import add_lora, reference_context
+
+    rm_dir = tmp_path / "rm"
+    run_stage_in(rm_dir, {"kind": "reward_model", "model": "m", "data": "d", "epochs": 1, "lr": 1e-3},
+                 {"model": tiny_demo_model, "data": demo_table("preferences", 200)})
+    reward_model, tokenizer = load_reward_model(rm_dir)
+    prompts, responses = ["animals cat dog :"] * 3, ["good cat", "bad hammer", "lovely dog great cat"]
+    before = batched_scores(reward_model, tokenizer, prompts, responses, 64, 8)
+    value = add_lora(reward_model, LoraParams(r=4), seed=0, task_type="SEQ_CLS")
+    with torch.no_grad():
+        for name, parameter in value.named_parameters():
+            if parameter.requires_grad:  # the adapters and the value head's own copy of the score head
+                parameter.add_(torch.randn_like(parameter))
+    assert batched_scores(value, tokenizer, prompts, responses, 64, 8) != pytest.approx(before, abs=1e-3)
+    with reference_context(value):
+        assert batched_scores(value, tokenizer, prompts, responses, 64, 8) == pytest.approx(before, abs=1e-5)
+
+
+def test_ppo_with_lora_and_a_reward_model_trains(tiny_sft_model, tiny_demo_model, demo_table, prompts, run_stage):
+    rm_out, _ = run_stage({"kind": "reward_model", "model": "m", "data": "d", "epochs": 2, "lr": 1e-3, "batch_size": 32},
+                          {"model": tiny_demo_model, "data": demo_table("preferences", 800)})
+    log = []
+    params = online_params("ppo", reward_fn=None, reward_model="rm", monitor_reward_fn="demo_gold",
+                           lora={"r": 8, "alpha": 16}, lr=1e-2, epochs=2)
+    run_stage(params, {"policy": tiny_sft_model, "prompts": prompts, "reward_model": rm_out}, log=log)
+    rows = [m for _, m in log]
+    assert all("monitor_reward" in r and "value_loss" in r for r in rows)
+    assert rows[-1]["value_loss"] < rows[0]["value_loss"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"reward_model": "rm"}, "exactly one of reward_model"),
+    ({"reward_fn": "gold"}, "unknown reward function 'gold'"),
+    ({"minibatches": 3}, "must divide"),
+    ({"max_new_tokens": 600}, "must be below max_length"),
+    ({"samples_per_prompt": 1}, "greater than or equal to 2"),
+])
+def test_impossible_options_are_refused(change, message):
+    from tasks import load_stage_kinds
+
+    with pytest.raises(ValueError, match=message):
+        load_stage_kinds()["grpo"].params.model_validate(online_params("grpo", **change))
