@@ -180,3 +180,53 @@ def test_impossible_options_are_refused(change, message):
 
     with pytest.raises(ValueError, match=message):
         load_stage_kinds()["grpo"].params.model_validate(online_params("grpo", **change))
+
+
+def test_a_killed_pipeline_run_resumes_its_online_stage(tmp_path):
+    """`alignflow run` killed (SIGKILL) mid-training: the rerun resumes from the stage's last
+    checkpoint, MLflow gets the whole curve, and the checkpoints go once the artifact is in place."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from conftest import REPO, alignflow, stage_runs
+
+    spec = {
+        "name": "resume", "seed": 0,
+        "models": {"base": {"kind": "tiny", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}},
+        "datasets": {"sft_data": {"kind": "synthetic", "split": "sft", "size": 200},
+                     "prompts": {"kind": "synthetic", "split": "prompts", "size": 32}},
+        "stages": {
+            "sft": {"kind": "sft", "model": "base", "data": "sft_data", "epochs": 1, "lr": 1e-2},
+            "train": {"kind": "grpo", "policy": "sft", "prompts": "prompts", "reward_fn": "demo_gold",
+                      "epochs": 8, "batch_size": 4, "max_new_tokens": 8, "checkpoint_every": 5},
+        },
+    }
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    home = tmp_path / "home"
+    env = {**__import__("os").environ, "ALIGNFLOW_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=REPO, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = home / "store" / "_checkpoints" / "grpo"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("*/checkpoint.pt")) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    assert run.poll() is None, "the run ended before its first checkpoint: make it longer"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+
+    alignflow("run", path, home=home, check=True, timeout=600)
+    train = next(r for r in stage_runs(home, "resume") if r.data.tags["alignflow.stage"] == "train")
+    resumed_after = train.data.metrics["resumed_after_step"]
+    assert resumed_after > 0 and resumed_after % 5 == 0
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_metric_history(train.info.run_id, "reward")
+    assert sorted(m.step for m in history)[:-1] == list(range(1, 65))  # every step, then the final summary
+    assert not list(checkpoints.glob("*/checkpoint.pt"))

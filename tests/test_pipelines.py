@@ -1,5 +1,6 @@
-"""The offline preference pipelines really align the demo's tiny model: RSO, SLiC-HF, RRHF and
-offline DPO each beat the SFT policy on the gold reward (win rate above 0.5, its interval too).
+"""The preference pipelines really align the demo's tiny model: offline, RSO, SLiC-HF, RRHF and
+offline DPO; online, RLOO, GRPO and PPO (whose gold reward also rises step by step). Each beats
+the SFT policy on the gold reward (win rate above 0.5, its interval too).
 
 Each spec is run through the CLI, shrunk to CI size the way tests/test_demo.py shrinks the demo
 (smaller model and data, the same graph and algorithm settings). The four share one
@@ -12,7 +13,8 @@ import yaml
 
 from conftest import REPO, alignflow, stage_runs
 
-PIPELINES = ["rso", "slic_hf", "rrhf", "dpo_offline"]
+PIPELINES = ["rso", "slic_hf", "rrhf", "dpo_offline", "rloo", "grpo", "ppo"]
+ONLINE = ("rloo", "grpo", "ppo")
 CI_SIZES = {"sft_data": 2000, "rm_pairs": 2000, "rm_heldout": 300, "train_prompts": 256, "eval_prompts": 300}
 
 
@@ -28,6 +30,8 @@ def ci_spec(name: str, folder) -> str:
     spec["stages"]["sft"].update(epochs=2, lr=3e-3)
     if "reward_model" in spec["stages"]:
         spec["stages"]["reward_model"].update(epochs=2, lr=2e-3)
+    if name in ONLINE:  # a quarter of the prompts: half the prompts per step, for as many steps
+        spec["stages"]["train"].update(batch_size=16)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -52,6 +56,20 @@ def test_pipeline_beats_sft_on_gold_reward(name, home, tmp_path):
         assert runs["reject"]["mean_reward_accepted"] > runs["reject"]["mean_reward_candidates"]
     if name == "dpo_offline":
         assert runs["preferences"]["rows"] == 2000 and runs["preferences"]["dropped_identical"] == 0
+    if name in ONLINE:  # the gold reward of the policy's own samples, logged each step, rises
+        curve = gold_reward_curve(home, name)
+        quarter = max(1, len(curve) // 4)
+        first, last = sum(curve[:quarter]) / quarter, sum(curve[-quarter:]) / quarter
+        print(f"{name}: gold reward of the samples, first quarter {first:.3f} -> last quarter {last:.3f} ({len(curve)} steps)")
+        assert last > first + 0.1
+
+
+def gold_reward_curve(home, name: str) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    train = next(r for r in stage_runs(home, name) if r.data.tags["alignflow.stage"] == "train")
+    history = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_metric_history(train.info.run_id, "monitor_reward")
+    return [m.value for m in sorted(history, key=lambda m: m.step)][:-1]  # the last is the stage's final summary
 
 
 def test_a_beta_sweep_reuses_the_reference_logps(home, tmp_path):

@@ -351,7 +351,7 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
     for row in history:  # a resumed run's MLflow run shows the whole curve
         ctx.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
 
-    with ctx.progress("online training", total=total_steps) as bar:
+    with ctx.progress("online training" + (f" (resumed after step {start})" if start else ""), total=total_steps) as bar:
         bar.advance(start)
         for step in range(start, total_steps):
             rows = step_prompts(step, len(prompts), p.batch_size, ctx.seed)
@@ -388,6 +388,6 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
     # The final metrics: the mean of the last tenth of the steps (one step is noisy).
     tail = history[-max(1, len(history) // 10):]
     final = {k: float(np.mean([row[k] for row in tail])) for k in tail[0] if k != "step"}
-    final.update(data_metrics, steps=float(total_steps), prompts=float(len(prompts)))
+    final.update(data_metrics, steps=float(total_steps), prompts=float(len(prompts)), resumed_after_step=float(start))
     final.update(save_trained(models.policy, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
     return final
