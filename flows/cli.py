@@ -1,4 +1,4 @@
-"""The `alignflow` command: run, plan, compare, ui.
+"""The `alignflow` command: run, plan, serve, server, compare, ui.
 
 Exit codes: 0 success; 2 a bad spec, option or input (nothing written); 1 a failure while running.
 Heavy imports (prefect, mlflow, torch) happen only in the commands that need them.
@@ -127,6 +127,79 @@ def plan(
     from rich.console import Console
 
     Console(width=max(160, console.width), soft_wrap=True).print(table)
+
+
+@app.command()
+def serve(
+    spec: str = typer.Argument(..., help="Path to the pipeline spec (YAML)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    cron: Optional[str] = typer.Option(None, "--cron", help="A cron expression, e.g. '0 2 * * *' (02:00 daily)."),
+    interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs."),
+):
+    """Schedule a pipeline on a Prefect server; each run adds rounds by the spec's rounds.serve rule."""
+    import urllib.request
+
+    if (cron is None) == (interval is None):
+        console.print("[red]error:[/] serve: give exactly one of --cron EXPR and --interval SECONDS")
+        raise typer.Exit(2)
+    if interval is not None and interval <= 0:
+        console.print(f"[red]error:[/] serve: --interval: expected a positive number of seconds, got {interval}")
+        raise typer.Exit(2)
+    try:
+        loaded, _ = _load(spec, set_, None)
+    except SpecError as err:
+        _fail_spec(err)
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        console.print(
+            "[red]error:[/] serve: no Prefect server configured (PREFECT_API_URL is not set). Schedules need a "
+            "server: its scheduler creates the runs, which the temporary API that `alignflow run` starts cannot. "
+            "Start one with `alignflow server` in another terminal, then "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`."
+        )
+        raise typer.Exit(2)
+    try:
+        urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=10).close()
+    except OSError as err:
+        console.print(f"[red]error:[/] serve: no Prefect server answers at PREFECT_API_URL={api} ({err}); "
+                      "start one with `alignflow server`, or fix the URL")
+        raise typer.Exit(2)
+    configure_environment()
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=cron)
+        except ValueError:
+            console.print(f"[red]error:[/] serve: --cron: {cron!r} is not a cron expression (e.g. '0 2 * * *')")
+            raise typer.Exit(2)
+    from flows.serve import serve as serve_spec
+
+    when = f"cron '{cron}'" if cron else f"every {interval:g}s"
+    rule = loaded.rounds.serve
+    console.print(f"[bold]{loaded.name}[/]: serving on {api}, {when}; each run adds {rule.add} round(s) up to "
+                  f"{loaded.rounds.serve_max}. Ctrl+C stops it.")
+    serve_spec(os.path.abspath(spec), list(set_), cron, interval)
+
+
+@app.command()
+def server(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(4200, help="Port to listen on."),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve Prefect's web UI too."),
+):
+    """Start a local Prefect server (what `alignflow serve` needs), its database under ALIGNFLOW_HOME."""
+    import subprocess
+
+    os.environ.setdefault("PREFECT_UI_ENABLED", "true" if ui else "false")
+    configure_environment()
+    os.environ.pop("PREFECT_LOGGING_LEVEL", None)  # configure_environment quiets Prefect; a server should talk
+    console.print(f"Prefect server on http://{host}:{port} (home {os.environ['PREFECT_HOME']}). In another terminal:\n"
+                  f"  export PREFECT_API_URL=http://{host}:{port}/api\n  alignflow serve SPEC --cron '0 2 * * *'")
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
+               "--ui" if ui else "--no-ui"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    raise typer.Exit(subprocess.call(command, env=env))
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 One-off nodes (models, datasets, stages outside `rounds.repeat`) run once, as round 0; each
 repeated stage runs once per round 1..count. Round names resolve here: `policy` in round 1 is
-`rounds.policy.start`, in round r > 1 it is round r-1's `rounds.policy.next`.
+`rounds.policy.start`, in round r > 1 it is round r-1's `rounds.policy.next`; a table named in
+`rounds.fresh` resolves, inside round r, to that round's slice of it.
 """
 from __future__ import annotations
 
@@ -46,8 +47,21 @@ def expand(spec: Spec) -> list[Node]:
     nodes = [_node(spec, name, 0) for name in order]
     inner = _topological(spec, repeated)
     for r in range(1, spec.rounds.count + 1):
+        nodes += [_slice_node(table, rows, r) for table, rows in spec.rounds.fresh.items()]
         nodes += [_node(spec, name, r) for name in inner]
     return nodes
+
+
+def slice_name(table: str) -> str:
+    return f"{table}_slice"
+
+
+def _slice_node(table: str, rows: int, round: int) -> Node:
+    """Round `round`'s own rows of `table` (rounds.fresh): a `slice` stage execution."""
+    from tasks.slices import SliceParams
+
+    params = SliceParams(table=table, start=(round - 1) * rows, rows=rows)
+    return Node(name=slice_name(table), round=round, section="stages", params=params, inputs={"table": node_id(table, 0)})
 
 
 def _node(spec: Spec, name: str, round: int) -> Node:
@@ -64,6 +78,8 @@ def _resolve(spec: Spec, target: str, round: int) -> str:
         if spec.rounds.reference == "fixed" or round == 1:
             return node_id(carry.start, 0)
         return node_id(carry.next, round - 1)
+    if round and target in spec.rounds.fresh:
+        return node_id(slice_name(target), round)
     return node_id(target, round if target in spec.repeated else 0)
 
 

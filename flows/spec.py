@@ -5,6 +5,8 @@ parameters, and a `rounds` section saying which stages repeat and what carries f
 the next. Parameters that reference other nodes hold their names; two names are reserved inside
 rounds: `policy` (round 1: `rounds.policy.start`; round r+1: round r's `rounds.policy.next`) and
 `reference` (`fixed`: round 1's policy in every round; `previous`: the round's starting policy).
+`rounds.fresh` gives each round its own slice of a table (new prompts every round), and
+`rounds.serve` says how `alignflow serve` grows the iteration run after run.
 """
 from __future__ import annotations
 
@@ -35,11 +37,27 @@ class PolicyCarry(_Strict):
     next: str = Field(description="the repeated stage whose output is the next round's policy")
 
 
+class ServeRule(_Strict):
+    """How `alignflow serve` grows the iteration: each scheduled run covers `add` more rounds than
+    are finished in the store, up to `max` (default: rounds.count)."""
+
+    add: int = Field(default=1, ge=1, le=1000)
+    max: int | None = Field(default=None, ge=1, le=1000)
+
+
 class Rounds(_Strict):
     count: int = Field(default=1, ge=0, le=1000)
     repeat: list[str] = Field(default_factory=list)
     policy: PolicyCarry | None = None
     reference: Literal["fixed", "previous"] = "fixed"
+    # table -> rows per round: inside the rounds, the table reads as round r's own slice of it,
+    # rows (r-1)*n .. r*n-1 (fresh prompts every round; a `slice` stage per round).
+    fresh: dict[str, int] = Field(default_factory=dict)
+    serve: ServeRule = Field(default_factory=ServeRule)
+
+    @property
+    def serve_max(self) -> int:
+        return self.serve.max or self.count
 
 
 class Tracking(_Strict):
@@ -237,6 +255,19 @@ def _check_names_and_refs(top: SpecFile, nodes: dict[str, NodeDef], file, proble
             problems.append(Problem(file, "rounds.policy.next", f"'{nxt}' is not in rounds.repeat{did_you_mean(nxt, repeated)}; expected the stage that trains the next round's policy"))
         elif nxt in nodes and nodes[nxt].output != "model":
             problems.append(Problem(file, "rounds.policy.next", f"'{nxt}' outputs a {nodes[nxt].output}; expected a model"))
+
+    for name, rows in rounds.fresh.items():
+        where = f"rounds.fresh.{name}"
+        if name not in nodes:
+            problems.append(Problem(file, where, f"no dataset or stage named '{name}'{did_you_mean(name, nodes)}"))
+        elif nodes[name].output != "table":
+            problems.append(Problem(file, where, f"'{name}' outputs a {nodes[name].output}; expected a table"))
+        elif name in repeated:
+            problems.append(Problem(file, where, f"'{name}' repeats every round; expected a one-off table to slice"))
+        elif not any(name in nodes[r].refs.values() for r in repeated if r in nodes):
+            problems.append(Problem(file, where, f"no stage in rounds.repeat reads '{name}'"))
+        if not isinstance(rows, int) or rows < 1:
+            problems.append(Problem(file, where, f"expected a number of rows per round (at least 1), got {rows!r}"))
 
     kinds = load_stage_kinds()
     for node in nodes.values():

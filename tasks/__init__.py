@@ -12,6 +12,7 @@ STAGE_MODULES = (
     "tasks.score",
     "tasks.reject",
     "tasks.pairs",
+    "tasks.slices",
     "tasks.train.sft",
     "tasks.train.reward_model",
     "tasks.train.dpo",
