@@ -1,10 +1,11 @@
 """Training stage kinds (sft, reward_model, dpo, rrhf; online: rloo, grpo, ppo) and the plain
 functions they share (loop, online, losses, lora)."""
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.base import OptionalRef, Ref, StageParams
+from tasks.base import OptionalRef, Ref, SpecPath, StageParams
 
 
 class LoraParams(BaseModel):
@@ -40,9 +41,56 @@ class OptimParams(StageParams):
 
 
 class TrainParams(OptimParams):
-    """The settings of the offline training stages (tasks/train/loop.py uses them)."""
+    """The settings of the offline training stages (tasks/train/loop.py uses them).
+
+    `batch_size` is the global batch: with `processes: N` each process takes batch_size / N
+    examples of every step's batch, so the steps, the batches and the results do not depend on N
+    (up to floating-point rounding); see tasks/train/launch.py.
+    """
 
     group_by_length: bool = Field(True, description="batch examples of similar length together: less padding")
+    processes: int = Field(
+        1, ge=1, description="training processes (accelerate launch; one per GPU, or gloo on CPU); batch_size stays the global batch"
+    )
+    accelerate_config: SpecPath | None = Field(
+        None, description="an accelerate config YAML (FSDP, DeepSpeed, ...) passed to `accelerate launch --config_file`"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="steps between checkpoints an interrupted run resumes from; none: no checkpoints"
+    )
+
+    # Where and how it runs, not what it computes: batch_size is global, so the process count
+    # changes only rounding (tests/test_multiprocess.py). An accelerate config can change more
+    # (DeepSpeed's precision, say): its content is in the key (source_files).
+    not_in_key = frozenset({"processes", "checkpoint_every"})
+
+    def source_files(self) -> list[Path]:
+        return [Path(self.accelerate_config)] if self.accelerate_config else []
+
+    @model_validator(mode="after")
+    def _check_processes(self):
+        if self.batch_size % self.processes:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is the global batch, split evenly over the processes: "
+                f"it must be a multiple of processes ({self.processes})"
+            )
+        if self.accelerate_config and Path(self.accelerate_config).is_file():
+            import yaml
+
+            try:
+                config = yaml.safe_load(Path(self.accelerate_config).read_text())
+            except yaml.YAMLError as exc:
+                raise ValueError(f"accelerate_config {self.accelerate_config}: not YAML ({exc})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"accelerate_config {self.accelerate_config}: expected a mapping (an accelerate config file)")
+            if config.get("num_machines", 1) not in (None, 1):
+                raise ValueError(f"accelerate_config {self.accelerate_config}: num_machines {config['num_machines']}: "
+                                 "a stage trains on one machine")
+            declared = config.get("num_processes")
+            if declared not in (None, -1, self.processes):
+                raise ValueError(f"accelerate_config {self.accelerate_config} says num_processes {declared} but processes "
+                                 f"is {self.processes}: processes decides; make them agree or drop num_processes from the file")
+        return self
 
 
 class OnlineParams(OptimParams):

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from tasks.base import OptionalRef, Ref, StageContext, stage_kind
 from tasks.train import TrainParams
+from tasks.train.launch import multiprocess
 
 REF_COLUMNS = ["ref_chosen_logp", "ref_rejected_logp", "chosen_tokens", "rejected_tokens"]
 REFERENCE_FREE = ("slic", "rrhf")
@@ -255,6 +256,7 @@ def precompute_reference(model, examples: list[dict], pad_id: int, batch_size: i
 def dpo_step(model, batch, loss: str, loss_params: dict, beta: float, needs_reference: bool):
     """One forward pass over chosen+rejected (either collate layout), the preference loss, and TRL-named metrics."""
     import torch
+    from torch.nn.parallel import DistributedDataParallel
 
     from tasks.train.lora import reference_context
     from tasks.train.losses import PairLogps, preference_loss
@@ -264,8 +266,8 @@ def dpo_step(model, batch, loss: str, loss_params: dict, beta: float, needs_refe
     chosen_tokens, rejected_tokens = n_tokens.chunk(2)
     if "ref_chosen" in batch:
         ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
-    elif needs_reference:  # LoRA: the base model is the reference
-        with torch.no_grad(), reference_context(model):
+    elif needs_reference:  # LoRA: the base model is the reference (the adapter is disabled inside DDP's wrapper)
+        with torch.no_grad(), reference_context(model.module if isinstance(model, DistributedDataParallel) else model):
             ref_chosen, ref_rejected = pair_logps(model, batch)[0].chunk(2)
     else:
         ref_chosen = ref_rejected = None
@@ -287,13 +289,14 @@ def dpo_step(model, batch, loss: str, loss_params: dict, beta: float, needs_refe
 
 
 @stage_kind("dpo", DPOParams, output="model")
+@multiprocess
 def dpo(ctx: StageContext) -> dict[str, float]:
     from functools import partial
 
     from tasks.models import load_causal_lm
     from tasks.tables import read_table
     from tasks.train.lora import add_lora, save_trained
-    from tasks.train.loop import fit_to_length, train, truncate
+    from tasks.train.loop import fit_to_length, is_main_process, train, truncate
 
     p: DPOParams = ctx.params
     table = read_table(ctx.inputs["pairs"], ["prompt", "chosen", "rejected"], what="pairs table")
@@ -329,7 +332,9 @@ def dpo(ctx: StageContext) -> dict[str, float]:
         lengths=lengths if p.group_by_length else None,
         gradient_checkpointing=p.gradient_checkpointing,
         log_metrics=ctx.log_metrics, progress=ctx.progress,
+        checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
     metrics.update(data_metrics, pairs=float(len(examples)))
-    metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
+    if is_main_process():
+        metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
     return metrics

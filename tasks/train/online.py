@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -146,21 +145,6 @@ def select(rollout: dict, rows) -> dict:
 CHECKPOINT = "checkpoint.pt"
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def trainable_state(models: OnlineModels) -> dict:
     return {role: {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
             for role, module in (("policy", models.policy), ("value", models.value)) if module is not None}
@@ -168,6 +152,8 @@ def trainable_state(models: OnlineModels) -> dict:
 
 def save_checkpoint(folder: Path, step: int, models: OnlineModels, optimizer, scheduler, history: list) -> None:
     """One file, written beside and renamed into place: a reader sees the old checkpoint or the new."""
+    from tasks.train.loop import rng_state
+
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
     torch.save({"step": step, "weights": trainable_state(models), "optimizer": optimizer.state_dict(),
@@ -180,6 +166,8 @@ def load_checkpoint(folder: Path | None, models: OnlineModels, optimizer, schedu
     path = folder / CHECKPOINT if folder is not None else None
     if path is None or not path.exists():
         return 0, []
+    from tasks.train.loop import set_rng_state
+
     state = torch.load(path, weights_only=False)  # our own file: RNG states are numpy objects
     for role, weights in state["weights"].items():
         parameters = dict(getattr(models, role).named_parameters())

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from tasks.base import BadInput, OptionalRef, Ref, StageContext, stage_kind
 from tasks.train import TrainParams
+from tasks.train.launch import multiprocess
 
 
 class RewardModelParams(TrainParams):
@@ -109,6 +110,7 @@ def evaluate_pairs(
 
 
 @stage_kind("reward_model", RewardModelParams, output="reward_model")
+@multiprocess
 def reward_model(ctx: StageContext) -> dict[str, float]:
     import sys
     from functools import partial
@@ -118,7 +120,7 @@ def reward_model(ctx: StageContext) -> dict[str, float]:
     from tasks.models import load_reward_model
     from tasks.tables import TABLE_FILE, read_table
     from tasks.train.lora import add_lora, save_trained
-    from tasks.train.loop import fit_to_length, train
+    from tasks.train.loop import fit_to_length, is_main_process, train
 
     p: RewardModelParams = ctx.params
     columns = ["prompt", "chosen", "rejected"]
@@ -144,8 +146,11 @@ def reward_model(ctx: StageContext) -> dict[str, float]:
         lengths=[lengths[i] for i in keep] if p.group_by_length else None,
         gradient_checkpointing=p.gradient_checkpointing,
         log_metrics=ctx.log_metrics, progress=ctx.progress,
+        checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
     metrics.update(data_metrics)
+    if not is_main_process():  # another process of a multi-process launch: rank 0 evaluates and saves
+        return metrics
     if p.eval_data is not None:
         eval_examples = load_pairs("eval_data", p.eval_data, p.max_length)
         evaluation = evaluate_pairs(model, eval_examples, tokenizer.pad_token_id, center_rewards_coefficient=p.center_rewards_coefficient)

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from tasks.base import BadInput, Ref, StageContext, stage_kind
 from tasks.train import TrainParams
+from tasks.train.launch import multiprocess
 
 
 class RRHFParams(TrainParams):
@@ -79,6 +80,7 @@ def rrhf_step(model, batch, sft_weight: float):
 
 
 @stage_kind("rrhf", RRHFParams, output="model")
+@multiprocess
 def rrhf(ctx: StageContext) -> dict[str, float]:
     import sys
     from functools import partial
@@ -86,7 +88,7 @@ def rrhf(ctx: StageContext) -> dict[str, float]:
     from tasks.models import encode_examples, load_causal_lm
     from tasks.tables import read_table
     from tasks.train.lora import add_lora, save_trained
-    from tasks.train.loop import fit_to_length, train, truncate
+    from tasks.train.loop import fit_to_length, is_main_process, train, truncate
 
     p: RRHFParams = ctx.params
     table = read_table(ctx.inputs["candidates"], ["prompt", "response", "reward"], what="candidates table")
@@ -109,7 +111,9 @@ def rrhf(ctx: StageContext) -> dict[str, float]:
         lengths=[lengths[i] for i in keep] if p.group_by_length else None,
         gradient_checkpointing=p.gradient_checkpointing,
         log_metrics=ctx.log_metrics, progress=ctx.progress,
+        checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
     metrics.update(data_metrics, prompts=float(len(groups)), candidates=float(sum(len(g["examples"]) for g in groups)))
-    metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
+    if is_main_process():
+        metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
     return metrics

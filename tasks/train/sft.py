@@ -6,6 +6,7 @@ from typing import Literal
 
 from tasks.base import Ref, StageContext, stage_kind
 from tasks.train import TrainParams
+from tasks.train.launch import multiprocess
 
 
 class SFTParams(TrainParams):
@@ -22,7 +23,15 @@ def sft_loss(model, batch):
     return -logps.sum() / n_tokens.sum().clamp(min=1), {}
 
 
+def response_tokens(batch):
+    """A batch's share of the global batch under several processes: sft_loss is a mean over tokens."""
+    from tasks.models import IGNORE
+
+    return (batch["labels"][:, 1:] != IGNORE).sum()
+
+
 @stage_kind("sft", SFTParams, output="model")
+@multiprocess
 def sft(ctx: StageContext) -> dict[str, float]:
     import sys
     from functools import partial
@@ -30,7 +39,7 @@ def sft(ctx: StageContext) -> dict[str, float]:
     from tasks.models import collate, encode_examples, load_causal_lm
     from tasks.tables import read_table
     from tasks.train.lora import add_lora, save_trained
-    from tasks.train.loop import fit_to_length, train, truncate
+    from tasks.train.loop import fit_to_length, is_main_process, train, truncate
 
     p: SFTParams = ctx.params
     table = read_table(ctx.inputs["data"], ["prompt", "response"], what="sft data")
@@ -47,8 +56,10 @@ def sft(ctx: StageContext) -> dict[str, float]:
         warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
         lengths=[lengths[i] for i in keep] if p.group_by_length else None,
         gradient_checkpointing=p.gradient_checkpointing,
-        log_metrics=ctx.log_metrics, progress=ctx.progress,
+        log_metrics=ctx.log_metrics, progress=ctx.progress, batch_weight=response_tokens,
+        checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
     metrics.update(data_metrics)
-    metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["model"]))
+    if is_main_process():
+        metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["model"]))
     return metrics
