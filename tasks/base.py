@@ -100,6 +100,9 @@ class StageContext:
     # A folder that outlives a failed attempt, for a long stage's checkpoints: the next attempt at
     # the same key resumes from them. Removed once the artifact is in place. None: no checkpoints.
     checkpoints: Path | None = None
+    # A sharded execution (flows/pipeline.py) covers only rows [start, end) of the table its kind
+    # shards (StageKind.shard_input); None: all of them. See `shard_rows`.
+    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,19 +111,31 @@ class StageKind:
     params: type[StageParams]
     output: ArtifactType
     run: Callable[[StageContext], dict[str, float]]
+    # Row-parallel kinds name the table parameter whose rows they map over: the engine can split
+    # an execution into shards of those rows (params.shards) and concatenate their outputs.
+    shard_input: str | None = None
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
 
 
-def stage_kind(name: str, params: type[StageParams], output: ArtifactType):
+def stage_kind(name: str, params: type[StageParams], output: ArtifactType, shard_input: str | None = None):
     """Register `run` as stage kind `name`."""
 
     def register(run: Callable[[StageContext], dict[str, float]]):
-        STAGE_KINDS[name] = StageKind(name=name, params=params, output=output, run=run)
+        STAGE_KINDS[name] = StageKind(name=name, params=params, output=output, run=run, shard_input=shard_input)
         return run
 
     return register
+
+
+def shard_rows(table, ctx: StageContext):
+    """The rows of `table` this execution covers (all of them unless it is a shard), and the
+    index of the first: row ids stay global, so shards concatenate to the unsharded table."""
+    if ctx.rows is None:
+        return table, 0
+    start, end = ctx.rows
+    return table.slice(start, end - start), start
 
 
 def ref_fields(params: type[StageParams]) -> dict[str, tuple[str, ...]]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+from tasks.vllm_backend import VllmParams, vllm_settings
 
 # The pairwise judge's question; the next token after it is the answer, "A" or "B".
 JUDGE_TEMPLATE = (
@@ -46,6 +47,17 @@ class EvaluateParams(StageParams):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(512, ge=2, description="for the reward model, the judge LM and the KL log-probs")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="samples the policy's and the baseline's responses: hf (transformers) or vllm (CUDA GPUs)"
+    )
+    vllm: VllmParams | None = Field(
+        None, validate_default=True, description="vLLM's engine settings (backend: vllm; checked, then dropped, with hf)"
+    )
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_settings(cls, value, info):
+        return vllm_settings(value, info)
 
     @model_validator(mode="before")
     @classmethod
@@ -155,6 +167,10 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     from tasks.tables import read_table
 
     p: EvaluateParams = ctx.params
+    if p.backend == "vllm":  # before any model is loaded: can it run here at all?
+        from tasks.vllm_backend import check_available
+
+        check_available("evaluate", p.vllm)
     prompts = read_table(ctx.inputs["prompts"], ["prompt"], what="prompts table").column("prompt").to_pylist()
     n = len(prompts)
 
@@ -163,16 +179,29 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     n_batches = math.ceil(n / p.batch_size)
     with ctx.progress("evaluating", total=2 * n_batches) as bar:
         for name in ("policy", "baseline"):
-            model, tokenizer = load_causal_lm(ctx.inputs[name])
             # The same seed for both: common random numbers make the comparison less noisy
             # (and a policy compared with itself ties on every prompt).
-            responses[name] = [r[0] for r in sample_responses(
-                model, tokenizer, prompts, n=1, temperature=p.temperature, top_p=p.top_p,
-                max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance,
-            )]
+            if p.backend == "vllm":
+                from tasks.models import load_tokenizer
+                from tasks.vllm_backend import sample_responses as vllm_sample_responses
+
+                responses[name] = [r[0] for r in vllm_sample_responses(
+                    ctx.inputs[name], prompts, n=1, temperature=p.temperature, top_p=p.top_p,
+                    max_new_tokens=p.max_new_tokens, seed=ctx.seed, engine=p.vllm, scratch=ctx.out,
+                )]
+                bar.advance(n_batches)
+                model, tokenizer = None, load_tokenizer(ctx.inputs[name])
+            else:
+                model, tokenizer = load_causal_lm(ctx.inputs[name])
+                responses[name] = [r[0] for r in sample_responses(
+                    model, tokenizer, prompts, n=1, temperature=p.temperature, top_p=p.top_p,
+                    max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance,
+                )]
             lengths[name] = [len(ids) for ids in tokenizer(responses[name], add_special_tokens=False)["input_ids"]]
             if name == "policy" and p.reference is not None:
                 # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], on the policy's own samples.
+                if model is None:  # sampled by vLLM: the log-probs come from transformers
+                    model, tokenizer = load_causal_lm(ctx.inputs["policy"])
                 policy_logps, _ = batched_logps(model, tokenizer, prompts, responses["policy"], p.max_length, p.batch_size)
                 reference, ref_tokenizer = load_causal_lm(ctx.inputs["reference"])
                 ref_logps, _ = batched_logps(reference, ref_tokenizer, prompts, responses["policy"], p.max_length, p.batch_size)

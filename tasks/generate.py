@@ -1,11 +1,17 @@
-"""generate: n sampled responses per prompt from a policy (transformers `generate`, batched)."""
+"""generate: n sampled responses per prompt from a policy.
+
+backend `hf`: transformers `generate`, batched (tasks.models.sample_responses), anywhere.
+backend `vllm`: vLLM on CUDA GPUs (tasks/vllm_backend.py), with the `vllm` block's engine settings;
+the same table (prompt_id, prompt, sample, response), the same prompt tokens and decoding.
+"""
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from tasks.base import Ref, StageContext, StageParams, stage_kind
+from tasks.base import Ref, StageContext, StageParams, shard_rows, stage_kind
+from tasks.vllm_backend import VllmParams, vllm_settings
 
 
 class GenerateParams(StageParams):
@@ -16,10 +22,22 @@ class GenerateParams(StageParams):
     temperature: float = Field(1.0, ge=0, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(64, ge=1, description="prompts per generate call")
+    batch_size: int = Field(64, ge=1, description="prompts per generate call (hf backend)")
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate; vllm: vLLM, on CUDA GPUs")
+    vllm: VllmParams | None = Field(
+        None, validate_default=True, description="vLLM's engine settings (backend: vllm; checked, then dropped, with hf)"
+    )
+    shards: int = Field(1, ge=1, description="split the prompts over this many task-runner workers (same result)")
+
+    not_in_key = frozenset({"shards"})
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_settings(cls, value, info):
+        return vllm_settings(value, info)
 
 
-@stage_kind("generate", GenerateParams, output="table")
+@stage_kind("generate", GenerateParams, output="table", shard_input="prompts")
 def generate(ctx: StageContext) -> dict[str, float]:
     import math
 
@@ -27,17 +45,34 @@ def generate(ctx: StageContext) -> dict[str, float]:
     from tasks.tables import read_table, write_table
 
     p: GenerateParams = ctx.params
-    table = read_table(ctx.inputs["prompts"], ["prompt"], what="prompts table")
-    prompts = table.column("prompt").to_pylist()
-    prompt_ids = table.column("prompt_id").to_pylist() if "prompt_id" in table.column_names else list(range(len(prompts)))
-    model, tokenizer = load_causal_lm(ctx.inputs["policy"])
+    if p.backend == "vllm":  # before any model is loaded: can it run here at all?
+        from tasks.vllm_backend import check_available
 
-    with ctx.progress("generating", total=math.ceil(len(prompts) / p.batch_size)) as bar:
-        responses = sample_responses(
-            model, tokenizer, prompts,
-            n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
-            batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance,
-        )
+        check_available("generate", p.vllm)
+    table, first = shard_rows(read_table(ctx.inputs["prompts"], ["prompt"], what="prompts table"), ctx)
+    prompts = table.column("prompt").to_pylist()
+    if "prompt_id" in table.column_names:
+        prompt_ids = table.column("prompt_id").to_pylist()
+    else:  # the row number in the whole table (a shard's rows keep theirs)
+        prompt_ids = list(range(first, first + len(prompts)))
+    if p.backend == "vllm":
+        from tasks.vllm_backend import sample_responses as vllm_sample_responses
+
+        with ctx.progress("generating (vllm)", total=1) as bar:
+            responses = vllm_sample_responses(
+                ctx.inputs["policy"], prompts,
+                n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
+                seed=ctx.seed, engine=p.vllm, scratch=ctx.out, row_ids=prompt_ids,
+            )
+            bar.advance()
+    else:
+        model, tokenizer = load_causal_lm(ctx.inputs["policy"])
+        with ctx.progress("generating", total=math.ceil(len(prompts) / p.batch_size)) as bar:
+            responses = sample_responses(
+                model, tokenizer, prompts,
+                n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
+                batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance, prompt_ids=prompt_ids,
+            )
 
     rows = {"prompt_id": [], "prompt": [], "sample": [], "response": []}
     for prompt_id, prompt, candidates in zip(prompt_ids, prompts, responses):

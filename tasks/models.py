@@ -420,6 +420,13 @@ def batched_scores(reward_model, tokenizer, prompts, responses, max_length: int,
 # ---- sampling -------------------------------------------------------------------------------
 
 
+def batch_seed(seed: int, first_id) -> int:
+    """A torch seed for the batch that starts with prompt `first_id`: distinct per (seed, id)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}/{first_id}".encode()).digest()[:7], "big")
+
+
 @torch.no_grad()
 def sample_responses(
     model,
@@ -432,12 +439,14 @@ def sample_responses(
     batch_size: int = 64,
     seed: int = 0,
     on_batch: Callable[[], None] | None = None,
+    prompt_ids: list | None = None,
 ) -> list[list[str]]:
     """n sampled responses per prompt (temperature 0: greedy). Seeded: same inputs, same outputs.
 
-    batch_size counts prompts; each generate call holds batch_size * n sequences.
+    batch_size counts prompts; each generate call holds batch_size * n sequences. Each batch is
+    seeded from `seed` and the id of its first prompt (default: its position), so a run over a
+    batch-aligned part of the prompts (a shard) samples exactly what the whole run samples there.
     """
-    torch.manual_seed(seed)
     model.eval()
     device = next(model.parameters()).device
     sampling = temperature > 0
@@ -448,6 +457,7 @@ def sample_responses(
         options.update(temperature=temperature, top_p=top_p, top_k=0)  # top_k=0: no top-k cut
     responses = []
     for start in range(0, len(prompts), batch_size):
+        torch.manual_seed(batch_seed(seed, prompt_ids[start] if prompt_ids is not None else start))
         encoded = encode_prompts(tokenizer, prompts[start : start + batch_size])
         input_ids = pad(encoded, tokenizer.pad_token_id, left=True).to(device)  # left: new tokens line up
         attention_mask = pad([[1] * len(e) for e in encoded], 0, left=True).to(device)

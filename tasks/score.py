@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+from tasks.base import OptionalRef, Ref, StageContext, StageParams, shard_rows, stage_kind
 
 
 class ScoreParams(StageParams):
@@ -15,6 +15,9 @@ class ScoreParams(StageParams):
     reward_fn: str | None = Field(None, description="a name in tasks/rewards.py, e.g. demo_gold")
     batch_size: int = Field(128, ge=1)
     max_length: int = Field(512, ge=2)
+    shards: int = Field(1, ge=1, description="split the rows over this many task-runner workers (same result)")
+
+    not_in_key = frozenset({"shards"})
 
     @model_validator(mode="after")
     def _one_scorer(self):
@@ -27,7 +30,7 @@ class ScoreParams(StageParams):
         return self
 
 
-@stage_kind("score", ScoreParams, output="table")
+@stage_kind("score", ScoreParams, output="table", shard_input="candidates")
 def score(ctx: StageContext) -> dict[str, float]:
     import math
 
@@ -36,7 +39,7 @@ def score(ctx: StageContext) -> dict[str, float]:
     from tasks.tables import read_table, write_table
 
     p: ScoreParams = ctx.params
-    table = read_table(ctx.inputs["candidates"], ["prompt", "response"], what="candidates table")
+    table, _ = shard_rows(read_table(ctx.inputs["candidates"], ["prompt", "response"], what="candidates table"), ctx)
     prompts = table.column("prompt").to_pylist()
     responses = table.column("response").to_pylist()
 
