@@ -11,6 +11,7 @@ import time
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from flows.console import console
 from flows.errors import Problem, SpecError, StageFailed, did_you_mean
@@ -31,7 +32,22 @@ def _load(spec: str, overrides: list[str], rounds: int | None, force: list[str] 
     for name in force:
         if name not in loaded.nodes:
             raise SpecError(Problem(spec, f"--force {name}", f"no stage named '{name}'{did_you_mean(name, loaded.nodes)}"))
+    _check_store(spec, loaded.store)
     return loaded, resolve(loaded)
+
+
+def _check_store(spec: str, store: str | None) -> None:
+    """A store that cannot be used (a protocol not installed, an unreachable bucket) is a spec
+    error, found before anything runs or is written."""
+    from flows.store import Store, StoreUnavailable
+
+    root = store_root(store)
+    try:
+        problem = Store(root).unavailable()
+    except StoreUnavailable as err:
+        problem = str(err)
+    if problem:
+        raise SpecError(Problem(spec, "store", f"{root}: {problem}"))
 
 
 def _spec_store(spec: str) -> tuple[str, str]:
@@ -47,7 +63,7 @@ def _spec_store(spec: str) -> tuple[str, str]:
 
 def _fail_spec(err: SpecError) -> None:
     for problem in err.problems:
-        console.print(f"[red]error:[/] {problem}", markup=True, highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(problem))}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -81,11 +97,11 @@ def run(
         import traceback
 
         console.print("".join(traceback.format_exception(err.cause)).rstrip(), style="dim", markup=False)
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         console.print("Finished stages are kept; `alignflow run` again resumes from them.")
         raise typer.Exit(1)
     except BadInput as err:  # the user's data, found malformed while running
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(2)
     ran = sum(s["cache"] == "miss" for s in result["stages"])
     console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached; "

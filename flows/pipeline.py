@@ -8,7 +8,9 @@ MLflow is written from the flow (and, for live step metrics, through an explicit
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import platform
 import shutil
 import threading
@@ -18,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.transactions import IsolationLevel
 
@@ -45,6 +47,8 @@ class StageJob:
     force: bool = False
     tracker: Tracker | None = None
     mlflow_run_id: str | None = None
+    rows: tuple[int, int] | None = None  # a shard's rows of its kind's shard_input table
+
 
 
 class StageKeyPolicy(CachePolicy):
@@ -55,7 +59,7 @@ class StageKeyPolicy(CachePolicy):
 
 
 def cache_policy(root: str) -> CachePolicy:
-    prefect_dir = Path(root) / "_prefect"
+    prefect_dir = Store(root).local_root / "_prefect"  # a remote store's: local (file locks)
     return StageKeyPolicy().configure(
         key_storage=str(prefect_dir / "records"),
         lock_manager=CrashSafeLockManager(prefect_dir / "locks"),
@@ -76,9 +80,10 @@ def reference(store: Store, node: Node, manifest: dict, computed: bool, seconds:
 COMPUTING = threading.Semaphore(1)
 
 
-def build(job: StageJob, inputs: dict[str, dict]) -> dict:
+def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     """Compute one stage's artifact unless it is already whole in the store; return its reference.
-    `inputs` maps each reference parameter to its input artifact's reference."""
+    `inputs` maps each reference parameter to its input artifact's reference; `compute(ctx)`
+    replaces the kind's own function (merging shards)."""
     node, store = job.node, Store(job.store_root)
     if not job.force and store.check(node.kind, node.key) is None:
         return reference(store, node, store.manifest(node.kind, node.key), computed=False)
@@ -87,10 +92,12 @@ def build(job: StageJob, inputs: dict[str, dict]) -> dict:
     with COMPUTING, store.build(node.kind, node.key) as tmp:
         started = time.time()
         checkpoints = store.checkpoints(node.kind, node.key)
-        ctx = StageContext(out=tmp, inputs={p: Path(ref["uri"]) for p, ref in inputs.items()},
+        # Inputs as local folders: on a remote store, verified copies in the local cache.
+        local = {p: store.local_path(ref["kind"], ref["key"]) for p, ref in inputs.items()}
+        ctx = StageContext(out=tmp, inputs=local,
                            params=node.params, seed=node.recipe["seed"],
-                           log_metrics=steps, progress=term.progress, checkpoints=checkpoints)
-        metrics = {k: float(v) for k, v in (kind.run(ctx) or {}).items()}
+                           log_metrics=steps, progress=term.progress, checkpoints=checkpoints, rows=job.rows)
+        metrics = {k: float(v) for k, v in ((compute or kind.run)(ctx) or {}).items()}
         steps.flush()
         if steps.history:
             (tmp / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in steps.history))
@@ -112,6 +119,65 @@ def run_stage(job: StageJob, inputs: dict[str, dict]) -> dict:
     return build(job, inputs)
 
 
+# ---- sharded executions: a row-parallel stage split over the task runner's workers ----------
+#
+# A stage whose kind maps over a table's rows (StageKind.shard_input: generate's prompts, score's
+# candidates) and whose params ask for `shards` runs as that many shard tasks, each its own
+# artifact (key `<key>-shard<i>of<n>`, so a failed run keeps the finished shards), then a merge
+# task that concatenates them, in order, into the stage's artifact. Shard boundaries fall on
+# multiples of the stage's batch_size: every batch is the one an unsharded run computes (and
+# generation seeds each batch by its first prompt), so the merged table is the unsharded one.
+
+
+def shard_ranges(n_rows: int, shards: int, multiple: int) -> list[tuple[int, int]]:
+    """Up to `shards` consecutive row ranges covering n_rows, each starting on a multiple of `multiple`."""
+    size = max(1, math.ceil(math.ceil(n_rows / shards) / multiple)) * multiple
+    return [(start, min(n_rows, start + size)) for start in range(0, n_rows, size)]
+
+
+def shard_job(job: StageJob, index: int, count: int, rows: tuple[int, int] | None = None) -> StageJob:
+    node = dataclasses.replace(job.node, key=f"{job.node.key}-shard{index}of{count}")
+    return dataclasses.replace(job, node=node, rows=rows)
+
+
+@task(persist_result=True, result_serializer="json")
+def run_shard(job: StageJob, inputs: dict[str, dict], index: int, count: int) -> dict | None:
+    """Shard `index` of `count`: None when the table has too few batches to give it any rows."""
+    from tasks.tables import read_table
+
+    node, store = job.node, Store(job.store_root)
+    if not job.force and store.check(node.kind, node.key) is None:
+        return None  # the merged artifact is whole: the merge returns it
+    param = load_stage_kinds()[node.kind].shard_input
+    ref = inputs[param]
+    n_rows = read_table(store.local_path(ref["kind"], ref["key"]), []).num_rows
+    ranges = shard_ranges(n_rows, count, getattr(node.params, "batch_size", 1))
+    if index >= len(ranges):
+        return None
+    return build(shard_job(job, index, count, ranges[index]), inputs)
+
+
+@task(persist_result=True, result_serializer="json")
+def merge_shards(job: StageJob, inputs: dict[str, dict], shards: list[dict | None]) -> dict:
+    """The stage's artifact: its shards' tables, concatenated in order."""
+
+    def concatenate(ctx: StageContext) -> dict[str, float]:
+        import pyarrow as pa
+
+        from tasks.tables import read_table, write_table
+
+        store = Store(job.store_root)
+        parts = [(read_table(store.local_path(s["kind"], s["key"]), []), s["metrics"]) for s in shards if s]
+        write_table(pa.concat_tables([table for table, _ in parts]), ctx.out)
+        rows = sum(table.num_rows for table, _ in parts)
+        # Row-weighted means of the shards' metrics (exact for means; e.g. a std is approximate).
+        names = {name for _, metrics in parts for name in metrics}
+        merged = {name: sum(m.get(name, 0.0) * t.num_rows for t, m in parts) / rows for name in names}
+        return {**merged, "shards": float(len(parts))}
+
+    return build(job, inputs, compute=concatenate)
+
+
 def _versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for pkg in ("alignflow", "torch", "transformers", "accelerate", "peft", "datasets"):
@@ -125,11 +191,32 @@ def _versions() -> dict[str, str]:
 @flow(name="alignflow", validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | None = None,
              force: list[str] | None = None) -> dict:
+    """Run a spec: its stages on this flow's threads (runner: local), or in a subflow on Ray
+    workers (runner: ray). Parameters are the spec file and options, not objects, so a
+    deployment can run it as well."""
+    spec = load_spec(spec_file, overrides or [], rounds)
+    if spec.runner.kind == "local":
+        return run_stages(spec_file, overrides, rounds, force)
+    on_ray = flow(run_stages, name="alignflow-stages", validate_parameters=False)
+    return on_ray.with_options(task_runner=ray_task_runner(spec.runner))(spec_file, overrides, rounds, force)
+
+
+def ray_task_runner(runner):
+    """prefect-ray's task runner for the spec's `runner` block: a cluster's address, or a Ray
+    instance started here (its workers use this Python environment, where alignflow is installed)."""
+    from prefect_ray import RayTaskRunner
+
+    if runner.address:
+        return RayTaskRunner(address=runner.address)
+    return RayTaskRunner(init_kwargs={"num_cpus": runner.num_cpus} if runner.num_cpus else {})
+
+
+def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int | None = None,
+               force: list[str] | None = None) -> dict:
     """Submit every stage execution with its inputs as upstream futures (Prefect orders them and
     resolves cached ones concurrently), then record each in MLflow, in order, as it finishes."""
     from prefect.runtime import flow_run
 
-    # Parameters are the spec file and options, not objects, so a deployment can run it as well.
     spec = load_spec(spec_file, overrides or [], rounds)
     nodes = resolve(spec)
     forced = downstream(nodes, set(force or []))
@@ -137,6 +224,7 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
     store = Store(root)
     store.sweep()
     policy = cache_policy(root)
+    kinds = load_stage_kinds()
     tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)
     parent = tracker.start_run(f"{spec.name}", {
         "alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
@@ -151,13 +239,21 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
                 "alignflow.key": node.key, "alignflow.kind": node.kind,
             }, parent=parent)
             damaged = store.check(node.kind, node.key) is not None  # never trust a cached reference to it
-            task_ = run_stage.with_options(
-                name=node.kind, task_run_name=node.label.replace(" ", "-"), cache_policy=policy,
-                refresh_cache=node.id in forced or damaged,
-            )
+            name = node.label.replace(" ", "-")
             job = StageJob(node=node, store_root=str(store.root), force=node.id in forced,
                            tracker=tracker, mlflow_run_id=run_ids[node.id])
-            futures[node.id] = task_.submit(job, {p: futures[i] for p, i in node.inputs.items()})
+            inputs = {p: futures[i] for p, i in node.inputs.items()}
+            shards = getattr(node.params, "shards", 1)
+            if shards > 1 and kinds[node.kind].shard_input:  # see run_shard
+                parts = [run_shard.with_options(name=f"{node.kind}-shard", task_run_name=f"{name}-shard{i}",
+                                                cache_policy=NO_CACHE).submit(job, inputs, i, shards)
+                         for i in range(shards)]
+                task_, args = merge_shards, (job, inputs, parts)
+            else:
+                task_, args = run_stage, (job, inputs)
+            futures[node.id] = task_.with_options(
+                name=node.kind, task_run_name=name, cache_policy=policy, refresh_cache=node.id in forced or damaged,
+            ).submit(*args)
         refs: dict[str, dict] = {}
         for node in nodes:
             current = node.id
@@ -175,7 +271,7 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
         raise
     hits = sum(row["cache"] == "hit" for row in summary)
     tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
-    log_report(tracker, parent, summary, cache_dir=Path(root) / "_reports")  # table and plots
+    log_report(tracker, parent, summary, cache_dir=store.local_root / "_reports")  # table and plots
     tracker.end(parent)
     return {"parent_run_id": parent, "stages": summary}
 

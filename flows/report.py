@@ -12,7 +12,8 @@ seconds, metrics). The flow calls `log_report` once at its end:
   from the `_ci_low`/`_ci_high` metrics.
 
 A plot is only drawn when its metrics are there, and is cached by the content of what it shows
-(`<store>/_reports/<hash>/`): a fully cached run shows the same numbers, so it logs the PNGs it
+(`<store>/_reports/<hash>/`; for a remote store, in its local folder under ALIGNFLOW_HOME, see
+flows/store.py): a fully cached run shows the same numbers, so it logs the PNGs it
 already has and never imports matplotlib.
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,12 +65,23 @@ class Tracking(_Strict):
     uri: str | None = None  # default: sqlite under ALIGNFLOW_HOME
 
 
+class Runner(_Strict):
+    """Where the stages execute. `local`: threads in this process. `ray`: Ray workers through
+    prefect-ray (`address` of a cluster, e.g. ray://head:10001; none: a Ray instance started here
+    with `num_cpus` workers); stages with `shards` map over their rows there."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+
+
 class SpecFile(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     seed: int = 0
     store: str | None = None  # default: $ALIGNFLOW_HOME/store
     tracking: Tracking = Field(default_factory=Tracking)
+    runner: Runner = Field(default_factory=Runner)
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
     datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -96,6 +108,7 @@ class Spec:
     seed: int
     store: str | None
     tracking_uri: str | None
+    runner: Runner
     nodes: dict[str, NodeDef]
     rounds: Rounds
     resolved: dict[str, Any]  # the spec after overrides, as run
@@ -176,6 +189,8 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
         raise SpecError(pydantic_problems(exc, file, "", SpecFile, overridden))
 
     problems: list[Problem] = []
+    if top.runner.kind == "ray" and importlib.util.find_spec("prefect_ray") is None:
+        problems.append(Problem(file, "runner.kind", "'ray' needs prefect-ray and ray: pip install 'alignflow[ray]'"))
     nodes = _validate_nodes(top, file, p.parent, overridden, problems)
     _check_names_and_refs(top, nodes, file, problems)
     if not problems:
@@ -183,7 +198,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
     if problems:
         raise SpecError(problems)
     return Spec(
-        file=file, name=top.name, seed=top.seed, store=top.store, tracking_uri=top.tracking.uri,
+        file=file, name=top.name, seed=top.seed, store=top.store, tracking_uri=top.tracking.uri, runner=top.runner,
         nodes=nodes, rounds=top.rounds, resolved=copy.deepcopy(raw), overridden=overridden,
     )
 

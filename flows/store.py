@@ -1,9 +1,19 @@
 """The content-addressed artifact store: `<root>/<kind>/<key>/` with a `manifest.json`.
 
-An artifact is built in a temporary folder beside its final place and renamed into place only
-once complete, manifest last; a folder without a manifest, or whose files do not match the sizes
-and hashes the manifest lists, is not an artifact. The store also keeps, per spec and stage
-execution, the recipe last run (`_index/`), so `plan` can say what changed.
+The root is a local folder or any fsspec URI (`s3://bucket/prefix`, `gs://...`, `memory://`,
+`file:///abs/path`, which is the same as the plain path). `Store(root)` gives a `RemoteStore`
+for a remote URI; callers need not care which.
+
+Local store: an artifact is built in a temporary folder beside its final place and renamed into
+place only once complete, manifest last; a folder without a manifest, or whose files do not match
+the sizes and hashes the manifest lists, is not an artifact.
+
+Remote store (see `RemoteStore`): stages still build into a local folder; commit uploads the
+files and writes `manifest.json` last, so the manifest is the commit point. Stages read their
+inputs from a verified local copy under `$ALIGNFLOW_HOME/cache/<kind>/<key>/`.
+
+The store also keeps, per spec and stage execution, the recipe last run (`_index/`), so `plan` can
+say what changed.
 """
 from __future__ import annotations
 
@@ -18,8 +28,19 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from flows.home import home
+
 MANIFEST = "manifest.json"
 HASH_LIMIT = 256 << 20  # files above this are checked by size only (hashing them each run costs)
+
+
+class StoreUnavailable(Exception):
+    """The store's URI cannot be used: its filesystem is not installed, or it cannot be reached.
+    The CLI reports it against the spec's `store` field (exit 2) before any stage runs."""
+
+
+class DamagedArtifact(Exception):
+    """A downloaded file does not match its manifest: never used, the stage fails naming it."""
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -47,16 +68,59 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def is_remote(root: str | Path) -> bool:
+    """A URI with a protocol other than file:// (plain paths never import fsspec)."""
+    text = str(root)
+    return "://" in text and not text.startswith(("file://", "local://"))
+
+
+def seal(tmp: Path, kind: str, key: str, manifest: dict) -> dict:
+    """Write the manifest (file sizes and hashes, content fingerprint) into a built folder."""
+    files = {}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        rel = f.relative_to(tmp).as_posix()
+        files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    fingerprint = hashlib.sha256(
+        json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True).encode()
+    ).hexdigest()
+    manifest = {**manifest, "key": key, "kind": kind, "files": files,
+                "fingerprint": fingerprint, "created": time.time()}
+    write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest
+
+
 class Store:
+    def __new__(cls, root: str | Path | None = None):
+        if cls is Store and root is not None and is_remote(root):
+            cls = RemoteStore  # Store("s3://...") just works, for every caller
+        return super().__new__(cls)
+
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
+        text = str(root)
+        for scheme in ("file://", "local://"):
+            text = text.removeprefix(scheme)
+        self.root = Path(text).expanduser().resolve()
+
+    @property
+    def local_root(self) -> Path:
+        """Where what cannot live on the store itself goes: Prefect's cache records and locks,
+        checkpoints, report plots. For a local store, the store itself (as always)."""
+        return self.root
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
 
+    def local_path(self, kind: str, key: str) -> Path:
+        """The artifact as a local folder, for a stage to read (a remote store downloads it)."""
+        return self.path(kind, key)
+
     def checkpoints(self, kind: str, key: str) -> Path:
         """Where a stage computing `key` keeps checkpoints to resume from (kept across failed attempts)."""
-        return self.root / "_checkpoints" / kind / key
+        return self.local_root / "_checkpoints" / kind / key
+
+    def unavailable(self) -> str | None:
+        """None if the store can be used, else why not. A local folder is made on demand."""
+        return None
 
     def manifest(self, kind: str, key: str) -> dict | None:
         try:
@@ -95,16 +159,12 @@ class Store:
 
     def commit(self, tmp: Path, kind: str, key: str, manifest: dict) -> dict:
         """Write the manifest (file sizes and hashes, content fingerprint) and move into place."""
-        files = {}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = f.relative_to(tmp).as_posix()
-            files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
-        fingerprint = hashlib.sha256(
-            json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True).encode()
-        ).hexdigest()
-        manifest = {**manifest, "key": key, "kind": kind, "files": files,
-                    "fingerprint": fingerprint, "created": time.time()}
-        write_json_atomic(tmp / MANIFEST, manifest)
+        manifest = seal(tmp, kind, key, manifest)
+        self.install(tmp, kind, key)
+        return manifest
+
+    def install(self, tmp: Path, kind: str, key: str) -> None:
+        """Rename a sealed folder (one with its manifest) into the artifact's place."""
         final = self.path(kind, key)
         if final.exists():  # a forced rebuild, or a damaged artifact being replaced
             old = final.with_name(f".old-{key}-{uuid.uuid4().hex[:8]}")
@@ -113,7 +173,6 @@ class Store:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        return manifest
 
     def sweep(self) -> None:
         """Remove temporary folders left by processes of this host that died (SIGKILL, power)."""
@@ -149,3 +208,197 @@ class Store:
 
     def record_recipe(self, spec_name: str, node_id: str, key: str, recipe: dict) -> None:
         write_json_atomic(self._index_file(spec_name, node_id), {"key": key, "recipe": recipe})
+
+
+# Hints for StoreUnavailable, by protocol: where the filesystem reads its endpoint and credentials.
+_ACCESS_HINTS = {
+    "s3": "check the endpoint (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or FSSPEC_S3_ENDPOINT_URL), "
+          "the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the bucket",
+    "gs": "check the credentials (GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default "
+          "login`) and the bucket",
+}
+_ACCESS_HINTS["s3a"] = _ACCESS_HINTS["s3"]
+_ACCESS_HINTS["gcs"] = _ACCESS_HINTS["gs"]
+
+
+class RemoteStore(Store):
+    """The store on an fsspec filesystem (S3, GCS, ...): same layout, same manifest.
+
+    Credentials and endpoint come from the environment, read by the filesystem itself: for s3://
+    (s3fs, botocore) AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE,
+    AWS_DEFAULT_REGION and AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for an S3-compatible server;
+    for any protocol, fsspec's FSSPEC_<PROTOCOL>_<OPTION> variables (FSSPEC_S3_ENDPOINT_URL=...)
+    and its config files.
+
+    - Commit: object stores have no rename, so the manifest is the commit point. A rebuild first
+      deletes the old manifest (from then on the folder is not an artifact), then every old file,
+      then uploads the new files, and writes the new manifest last. A reader thus sees either no
+      manifest, or a manifest written after all the files it lists. A reader that took the old
+      manifest just before a rebuild may download new files: their hashes do not match, and the
+      download fails naming the file (never used). The layout stays `<kind>/<key>/<file>`, as on
+      a local store.
+    - Check: the manifest and a listing of the folder (every file present, with its size). Hashes
+      are not checked there: that would download the whole artifact on every run. They are
+      checked on every download.
+    - Inputs: a stage reads a verified local copy, `$ALIGNFLOW_HOME/cache/<kind>/<key>/` (itself a
+      local store: downloaded into a temporary folder, renamed into place), reused while it is
+      whole and has the store's fingerprint. A stage's own output is kept there too when it is
+      uploaded, so downstream stages of the same run download nothing. The cache can be deleted
+      at any time.
+    - Local state, under `local_root` ($ALIGNFLOW_HOME/remote/<protocol>/<bucket>/<prefix>/):
+      Prefect's cache records and locks (a lock cannot live on an object store; correctness does
+      not depend on them, as the flow and `build` check the store itself), checkpoints (a
+      resumed stage resumes on the machine that started it) and report plots. So two machines
+      computing one key at once on one remote store are not serialised: they both compute it
+      and the last commit wins.
+    - `_index/` recipe records live on the store, each written whole in one request.
+    """
+
+    def __init__(self, root: str | Path):
+        import fsspec
+        from fsspec.registry import known_implementations
+
+        uri = str(root).rstrip("/")
+        protocol = uri.split("://", 1)[0]
+        try:
+            self.fs, self._base = fsspec.core.url_to_fs(uri)
+        except ImportError as exc:  # e.g. gs:// without gcsfs
+            known = known_implementations.get(protocol, {})
+            package = known.get("class", "").split(".")[0]
+            install = f"; install it: pip install {package}" if package else ""
+            raise StoreUnavailable(f"the filesystem for {protocol}:// is not installed ({exc}){install}") from None
+        except ValueError as exc:  # an unknown protocol
+            raise StoreUnavailable(f"no filesystem is known for {protocol}:// ({exc}): expected a local "
+                                   "folder or an fsspec URL (s3://bucket/prefix, gs://bucket/prefix, ...)") from None
+        self._base = self._base.rstrip("/")
+        self.protocol = protocol
+        self.root = uri  # a string: the URI, as the flow hands it on to tasks
+        self._local = home() / "remote" / protocol / self._base.strip("/")
+        self.cache = Store(home() / "cache")
+
+    @property
+    def local_root(self) -> Path:
+        return self._local
+
+    def _path(self, kind: str, key: str) -> str:
+        return f"{self._base}/{kind}/{key}"
+
+    def path(self, kind: str, key: str) -> str:
+        return f"{self.root}/{kind}/{key}"
+
+    def unavailable(self) -> str | None:
+        """Whether the root's bucket can be listed: an empty or absent prefix is fine (the store
+        is new), a missing bucket, bad credentials or an unreachable endpoint is not."""
+        hint = _ACCESS_HINTS.get(self.protocol, f"check the credentials and the network for {self.protocol}://")
+        try:
+            try:
+                self.fs.ls(self._base, detail=False)
+            except FileNotFoundError:
+                bucket = self._base.split("/")[0]
+                if bucket == self._base or (bucket and not self.fs.exists(bucket)):
+                    return f"bucket '{bucket}' does not exist (alignflow does not create buckets); {hint}"
+        except Exception as exc:  # noqa: BLE001 - whatever the filesystem raises, said plainly
+            return f"cannot reach it: {type(exc).__name__}: {exc}; {hint}"
+        return None
+
+    def manifest(self, kind: str, key: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{self._path(kind, key)}/{MANIFEST}"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _listing(self, folder: str) -> dict[str, int]:
+        """Relative path -> size of every object under `folder` (one listing, not the cache's)."""
+        self.fs.invalidate_cache(folder)
+        found = self.fs.find(folder, detail=True)
+        return {name[len(folder) + 1:]: info["size"] for name, info in found.items()
+                if info.get("type") != "directory"}
+
+    def check(self, kind: str, key: str) -> str | None:
+        listing = self._listing(self._path(kind, key))
+        if not listing:
+            return "not built"
+        manifest = self.manifest(kind, key) if MANIFEST in listing else None
+        if manifest is None or manifest.get("key") != key:
+            return "no valid manifest (incomplete or damaged)"
+        # Sizes only: hashing a remote file means downloading it. Downloads check the hashes.
+        for rel, meta in manifest["files"].items():
+            if rel not in listing:
+                return f"damaged: {rel} is missing"
+            if listing[rel] != meta["size"]:
+                return f"damaged: {rel} has {listing[rel]} bytes, expected {meta['size']}"
+        return None
+
+    def build(self, kind: str, key: str):
+        """A local temporary folder (in the local cache, so the committed output stays there)."""
+        return self.cache.build(kind, key)
+
+    def commit(self, tmp: Path, kind: str, key: str, manifest: dict) -> dict:
+        manifest = seal(tmp, kind, key, manifest)
+        folder = self._path(kind, key)
+        # Manifest first: from here on the old artifact is not an artifact, whatever is left of it.
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(f"{folder}/{MANIFEST}")
+        old = [f"{folder}/{rel}" for rel in self._listing(folder)]  # the old files, or a crashed upload's
+        if old:
+            self.fs.rm(old)
+        files = list(manifest["files"])
+        if files:  # one call: async filesystems (s3fs, gcsfs) upload them concurrently
+            self.fs.put([str(tmp / rel) for rel in files], [f"{folder}/{rel}" for rel in files])
+        self.fs.pipe_file(f"{folder}/{MANIFEST}", (tmp / MANIFEST).read_bytes())  # the commit point
+        # Keep it in the local cache, so downstream stages read it without a download (only a
+        # convenience: if another process is putting it there at this moment, theirs will do).
+        with contextlib.suppress(OSError):
+            self.cache.install(tmp, kind, key)
+        return manifest
+
+    def local_path(self, kind: str, key: str) -> Path:
+        """Download the artifact into the local cache, verified against its manifest, unless the
+        cache already holds it whole (same fingerprint)."""
+        manifest = self.manifest(kind, key)
+        if manifest is None or manifest.get("key") != key:
+            raise DamagedArtifact(f"{self.path(kind, key)}: no valid {MANIFEST}")
+        cached = self.cache.manifest(kind, key)
+        if cached and cached.get("fingerprint") == manifest["fingerprint"] and self.cache.check(kind, key) is None:
+            return self.cache.path(kind, key)
+        folder = self._path(kind, key)
+        with self.cache.build(kind, key) as tmp:
+            files = list(manifest["files"])
+            for rel in files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if files:  # one call: concurrent downloads on async filesystems
+                self.fs.get([f"{folder}/{rel}" for rel in files], [str(tmp / rel) for rel in files])
+            for rel, meta in manifest["files"].items():
+                got = tmp / rel
+                size = got.stat().st_size if got.is_file() else None
+                if size != meta["size"] or file_sha256(got) != meta["sha256"]:
+                    raise DamagedArtifact(f"{self.path(kind, key)}/{rel}: the downloaded file "
+                                          f"({size} bytes) does not match the manifest "
+                                          f"({meta['size']} bytes, sha256 {meta['sha256'][:12]}...)")
+            write_json_atomic(tmp / MANIFEST, manifest)
+            try:
+                self.cache.install(tmp, kind, key)
+            except OSError:  # another process put it there meanwhile: as good, if it is whole
+                if self.cache.check(kind, key) is not None:
+                    raise
+        return self.cache.path(kind, key)
+
+    def sweep(self) -> None:
+        """Nothing half-built is ever on the remote store; local leftovers are in the cache.
+        (A crashed upload leaves files without a manifest: not an artifact, replaced when its key
+        is built again.)"""
+        self.cache.sweep()
+
+    def _index_file(self, spec_name: str, node_id: str) -> str:
+        return f"{self._base}/_index/{spec_name}/{node_id}.json"
+
+    def last_recipe(self, spec_name: str, node_id: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self._index_file(spec_name, node_id)))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def record_recipe(self, spec_name: str, node_id: str, key: str, recipe: dict) -> None:
+        # One PUT: an object store writes it whole or not at all.
+        self.fs.pipe_file(self._index_file(spec_name, node_id),
+                          json.dumps({"key": key, "recipe": recipe}, indent=2, sort_keys=True, default=str).encode())

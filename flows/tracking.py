@@ -40,6 +40,7 @@ class Tracker:
 
         quiet_mlflow()
 
+        self.uri = uri
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
@@ -52,6 +53,15 @@ class Tracker:
             # A local store: its artifacts next to it, under ALIGNFLOW_HOME.
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=f"{mlflow_artifact_root()}/{experiment}")
+
+    def __getstate__(self) -> dict:  # sent to another process (a Ray worker): it opens its own client
+        return {"uri": self.uri, "experiment_id": self.experiment_id}
+
+    def __setstate__(self, state: dict) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.__dict__.update(state)
+        self.client = MlflowClient(self.uri)
 
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
         if parent:
