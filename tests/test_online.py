@@ -185,6 +185,7 @@ def test_impossible_options_are_refused(change, message):
 def test_a_killed_pipeline_run_resumes_its_online_stage(tmp_path):
     """`alignflow run` killed (SIGKILL) mid-training: the rerun resumes from the stage's last
     checkpoint, MLflow gets the whole curve, and the checkpoints go once the artifact is in place."""
+    import os
     import signal
     import subprocess
     import sys
@@ -208,17 +209,17 @@ def test_a_killed_pipeline_run_resumes_its_online_stage(tmp_path):
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(spec))
     home = tmp_path / "home"
-    env = {**__import__("os").environ, "ALIGNFLOW_HOME": str(home)}
+    env = {**os.environ, "ALIGNFLOW_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=REPO, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = home / "store" / "_checkpoints" / "grpo"
     deadline = time.time() + 300
     while not list(checkpoints.glob("*/checkpoint.pt")) and time.time() < deadline and run.poll() is None:
         time.sleep(0.2)
     assert run.poll() is None, "the run ended before its first checkpoint: make it longer"
-    run.send_signal(signal.SIGKILL)
+    os.killpg(run.pid, signal.SIGKILL)  # the run and the Prefect server it started
     run.wait()
 
     alignflow("run", path, home=home, check=True, timeout=600)

@@ -106,7 +106,7 @@ def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1
     else:
         logits = states if head is None else head(states)
         token_logps = -F.cross_entropy(logits.float() / temperature, targets[mask], reduction="none")
-        logits_of = lambda rows: rows if head is None else head(rows) / temperature  # noqa: E731
+        logits_of = lambda rows: (rows if head is None else head(rows)) / temperature  # noqa: E731
     logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=mask.device).masked_scatter(mask, token_logps)
     if not entropy:
         return logps
