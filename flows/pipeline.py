@@ -167,13 +167,11 @@ def merge_shards(job: StageJob, inputs: dict[str, dict], shards: list[dict | Non
         from tasks.tables import read_table, write_table
 
         store = Store(job.store_root)
-        parts = [(read_table(store.local_path(s["kind"], s["key"]), []), s["metrics"]) for s in shards if s]
-        write_table(pa.concat_tables([table for table, _ in parts]), ctx.out)
-        rows = sum(table.num_rows for table, _ in parts)
-        # Row-weighted means of the shards' metrics (exact for means; e.g. a std is approximate).
-        names = {name for _, metrics in parts for name in metrics}
-        merged = {name: sum(m.get(name, 0.0) * t.num_rows for t, m in parts) / rows for name in names}
-        return {**merged, "shards": float(len(parts))}
+        parts = [read_table(store.local_path(s["kind"], s["key"]), []) for s in shards if s]
+        table = pa.concat_tables(parts)
+        write_table(table, ctx.out)
+        summarize = load_stage_kinds()[job.node.kind].summarize  # the metrics an unsharded run reports
+        return {**(summarize(table.to_pydict()) if summarize else {}), "shards": float(len(parts))}
 
     return build(job, inputs, compute=concatenate)
 

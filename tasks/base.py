@@ -114,16 +114,19 @@ class StageKind:
     # Row-parallel kinds name the table parameter whose rows they map over: the engine can split
     # an execution into shards of those rows (params.shards) and concatenate their outputs.
     shard_input: str | None = None
+    summarize: Callable[[dict], dict[str, float]] | None = None  # merged shards' metrics, from the table's columns
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
 
 
-def stage_kind(name: str, params: type[StageParams], output: ArtifactType, shard_input: str | None = None):
-    """Register `run` as stage kind `name`."""
+def stage_kind(name: str, params: type[StageParams], output: ArtifactType, shard_input: str | None = None,
+               summarize: Callable[[dict], dict[str, float]] | None = None):
+    """Register `run` as stage kind `name` (a row-parallel kind: see StageKind.shard_input)."""
 
     def register(run: Callable[[StageContext], dict[str, float]]):
-        STAGE_KINDS[name] = StageKind(name=name, params=params, output=output, run=run, shard_input=shard_input)
+        STAGE_KINDS[name] = StageKind(name=name, params=params, output=output, run=run, shard_input=shard_input,
+                                      summarize=summarize)
         return run
 
     return register

@@ -37,7 +37,17 @@ class GenerateParams(StageParams):
         return vllm_settings(value, info)
 
 
-@stage_kind("generate", GenerateParams, output="table", shard_input="prompts")
+def candidates_metrics(rows: dict) -> dict[str, float]:
+    """A candidates table's summary (its columns as lists); also what merged shards report."""
+    lengths = [len(r.split()) for r in rows["response"]]
+    return {
+        "responses": float(len(lengths)),
+        "mean_words": sum(lengths) / len(lengths),
+        "distinct_fraction": len(set(zip(rows["prompt_id"], rows["response"]))) / len(lengths),
+    }
+
+
+@stage_kind("generate", GenerateParams, output="table", shard_input="prompts", summarize=candidates_metrics)
 def generate(ctx: StageContext) -> dict[str, float]:
     import math
 
@@ -80,9 +90,4 @@ def generate(ctx: StageContext) -> dict[str, float]:
             for key, value in zip(rows, (prompt_id, prompt, sample, response)):
                 rows[key].append(value)
     write_table(rows, ctx.out)
-    lengths = [len(r.split()) for r in rows["response"]]
-    return {
-        "responses": float(len(lengths)),
-        "mean_words": sum(lengths) / len(lengths),
-        "distinct_fraction": len(set(zip(rows["prompt_id"], rows["response"]))) / len(lengths),
-    }
+    return candidates_metrics(rows)

@@ -30,7 +30,16 @@ class ScoreParams(StageParams):
         return self
 
 
-@stage_kind("score", ScoreParams, output="table", shard_input="candidates")
+def scored_metrics(rows: dict) -> dict[str, float]:
+    """A scored table's summary (its columns as lists); also what merged shards report."""
+    import math
+
+    rewards = rows["reward"]
+    mean = sum(rewards) / len(rewards)
+    return {"mean_reward": mean, "std_reward": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))}
+
+
+@stage_kind("score", ScoreParams, output="table", shard_input="candidates", summarize=scored_metrics)
 def score(ctx: StageContext) -> dict[str, float]:
     import math
 
@@ -58,5 +67,4 @@ def score(ctx: StageContext) -> dict[str, float]:
     if "reward" in table.column_names:
         table = table.drop_columns(["reward"])
     write_table(table.append_column("reward", pa.array(rewards, pa.float64())), ctx.out)
-    mean = sum(rewards) / len(rewards)
-    return {"mean_reward": mean, "std_reward": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))}
+    return scored_metrics({"reward": rewards})

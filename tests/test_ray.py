@@ -49,6 +49,10 @@ def test_sharded_generation_and_scoring_on_ray_equal_the_single_process_run(tmp_
         assert on_ray[stage].equals(local[stage]), stage
     runs = {r.data.tags["alignflow.stage"]: r for r in stage_runs(tmp_path / "ray", "sharded")}
     assert runs["generate"].data.metrics["shards"] == 2 and runs["score"].data.metrics["shards"] == 3
+    local_runs = {r.data.tags["alignflow.stage"]: r for r in stage_runs(tmp_path / "local", "sharded")}
+    for stage in ("generate", "score"):  # the merged table's metrics are the unsharded run's
+        for name, value in local_runs[stage].data.metrics.items():
+            assert runs[stage].data.metrics[name] == pytest.approx(value), (stage, name)
     # The shards are artifacts of their own (a failed run keeps the finished ones).
     key = runs["generate"].data.tags["alignflow.key"]
     assert sorted(p.name for p in (tmp_path / "ray" / "store" / "generate").glob(f"{key}-shard*")) == [
