@@ -17,7 +17,6 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
