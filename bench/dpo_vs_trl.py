@@ -1,7 +1,8 @@
 """alignflow's DPO training against trl's DPOTrainer: tokens/s and peak memory, in one process.
 
-    python bench/dpo_vs_trl.py --model tiny|smollm2 [--lora] [--steps 10] [--warmup 2]
-        [--batch-size B] [--max-length L] [--pairs N] [--trl-precompute] [--ablate] [--threads T]
+    python bench/dpo_vs_trl.py [--model smollm2|tiny] [--lora] [--steps 10] [--warmup 2]
+        [--batch-size B] [--max-length L] [--pairs N] [--trl-precompute] [--no-trl-random]
+        [--ablate] [--threads T]
 
 Both sides train the same model (loaded fresh from the same folder), on the same pairs, with the
 same batch size (pairs per step), maximum length, learning rate, beta, optimiser (AdamW, no weight
@@ -17,9 +18,13 @@ peft LoraConfig), for the same number of steps, one after the other in this proc
 - trl: DPOTrainer with a DPOConfig that matches the above (bf16 and gradient checkpointing off, as
   ours; no eval, no checkpoints, no reporting; logging at its default interval). Without
   precompute_ref_log_probs a full fine-tune keeps a second copy of the model as the reference; with
-  LoRA it disables the adapter, as ours does. By default both trl variants run (precomputed
-  reference off and on; --trl-precompute runs only the second) and the last line compares
-  against the stronger one (higher tokens/s).
+  LoRA it disables the adapter, as ours does. trl is given what its users who care about speed
+  set: length-grouped batches, transformers' LengthGroupedSampler over the tokenized pair lengths
+  (prompt + the longer response), as ours groups them. By default both length-grouped variants
+  run (precomputed reference off and on; --trl-precompute runs only the second) and the last
+  line compares against the stronger one (higher tokens/s). trl's default random sampler runs
+  too, as a second line, with the precompute setting of the stronger variant (--no-trl-random
+  skips it).
 
 Tokens/s: tokens are the non-pad tokens of the chosen and the rejected sequence of each pair, the
 prompt counted in both, as each side tokenized them (trl: its attention mask summed; ours: the same
@@ -350,7 +355,7 @@ class Result:
     def line(self, peak_flops: float) -> str:
         mfu = self.tokens_per_s * self.flops_per_token / peak_flops
         pre = f", reference precompute {self.precompute_s:.1f} s" if self.precompute_s else ""
-        return (f"{self.name:<34} {self.tokens_per_s:9.1f} tokens/s  peak {self.peak_bytes / 2**20:8.1f} MiB  "
+        return (f"{self.name:<48} {self.tokens_per_s:9.1f} tokens/s  peak {self.peak_bytes / 2**20:8.1f} MiB  "
                 f"positions/token {self.positions:4.2f}  {mfu:6.1%} of fp32 matmul peak{pre}")
 
 
@@ -409,8 +414,10 @@ def run_ours(model_dir: Path, pairs: dict, args, *, name: str = "alignflow", gro
     return result
 
 
-def run_trl(model_dir: Path, pairs: dict, args, *, precompute: bool) -> Result:
-    """trl's DPOTrainer with the same model, pairs and settings; its compute_loss is timed like ours."""
+def run_trl(model_dir: Path, pairs: dict, args, *, precompute: bool, group_by_length: bool = True) -> Result:
+    """trl's DPOTrainer with the same model, pairs and settings; its compute_loss is timed like ours.
+    group_by_length: batches of similar length through transformers' LengthGroupedSampler (what a
+    trl user who cares about speed sets); otherwise trl's default random sampler."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, PrinterCallback
@@ -418,13 +425,25 @@ def run_trl(model_dir: Path, pairs: dict, args, *, precompute: bool) -> Result:
 
     from tasks.models import load_tokenizer
 
-    result = Result(f"trl DPOTrainer{' (precomputed ref)' if precompute else ''}")
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    sampler = "length-grouped" if group_by_length else "random sampler"
+    result = Result(f"trl DPOTrainer, {sampler}{', precomputed ref' if precompute else ''}")
     clock = StepClock(args.warmup, args.steps)
 
     class TimedDPOTrainer(DPOTrainer):
         def compute_loss(self, model, inputs, *a, **kw):
             clock.tick(inputs)
             return super().compute_loss(model, inputs, *a, **kw)
+
+        def _get_train_sampler(self, train_dataset=None):
+            if not group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            data = self.train_dataset if train_dataset is None else train_dataset
+            # The length a pair costs: its prompt and longer response, cut as the collator cuts them.
+            lengths = [min(args.max_length, len(p) + max(len(c), len(r)))
+                       for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+            return LengthGroupedSampler(self.args.train_batch_size, lengths=lengths)
 
     if args.model == "tiny":  # a word tokenizer: spell out bos and the separating spaces trl would merge
         pairs = {"prompt": [f"<bos> {p} " for p in pairs["prompt"]],
@@ -469,7 +488,8 @@ def warm_up_process(folder: Path, args, variants: list[bool]) -> None:
     model_dir, pairs = tiny_model(folder), demo_pairs(4)
     run_ours(model_dir, pairs, small)
     for precompute in variants:
-        run_trl(model_dir, pairs, small, precompute=precompute)
+        run_trl(model_dir, pairs, small, precompute=precompute, group_by_length=True)
+    run_trl(model_dir, pairs, small, precompute=variants[-1], group_by_length=False)
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -477,7 +497,7 @@ def warm_up_process(folder: Path, args, variants: list[bool]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
     parser.add_argument("--lora", action="store_true", help=f"train LoRA adapters ({LORA}) on both sides")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
@@ -487,6 +507,7 @@ def main() -> None:
     parser.add_argument("--trl-precompute", action="store_true",
                         help="trl with precompute_ref_log_probs only (default: both trl variants)")
     parser.add_argument("--trl-variants", choices=["both", "plain", "precompute"], default="both")
+    parser.add_argument("--no-trl-random", action="store_true", help="skip trl with its default random sampler")
     parser.add_argument("--reference", choices=["precomputed", "on-the-fly"], default="precomputed",
                         help="ours: where the reference log-probs come from (on-the-fly needs --lora)")
     parser.add_argument("--ablate", action="store_true", help="also train ours with one speed measure off at a time")
@@ -536,8 +557,8 @@ def main() -> None:
             print(r.line(peak_flops), flush=True)
             return r
 
-        def theirs(precompute):
-            r = run_trl(model_dir, pairs, args, precompute=precompute)
+        def theirs(precompute, group_by_length=True):
+            r = run_trl(model_dir, pairs, args, precompute=precompute, group_by_length=group_by_length)
             print(r.line(peak_flops), flush=True)
             return r
 
@@ -547,6 +568,8 @@ def main() -> None:
         else:
             mine = ours()
             trls = [theirs(v) for v in variants]
+        best = max(trls, key=lambda r: r.tokens_per_s)
+        randoms = [] if args.no_trl_random else [theirs(variants[trls.index(best)], group_by_length=False)]
         if args.ablate:
             print("ablation (ours, one measure off at a time):")
             rows = [mine, ours(name="  - shared-prompt rows", shared_prompt=False),
@@ -560,11 +583,10 @@ def main() -> None:
                 print(f"{r.name:<34} {r.tokens_per_s:9.1f}  {r.tokens_per_s / mine.tokens_per_s:7.2f}  "
                       f"{r.peak_bytes / 2**20:9.1f}  {r.peak_bytes / mine.peak_bytes:7.2f}  {r.positions:9.2f}")
 
-    best = max(trls, key=lambda r: r.tokens_per_s)
-    for r in trls:
+    for r in trls + randoms:
         print(f"vs {r.name}: tokens/s x{mine.tokens_per_s / r.tokens_per_s:.2f}, "
               f"peak memory x{mine.peak_bytes / r.peak_bytes:.2f}")
-    print(f"memory: {mine.memory_method}; baseline: {best.name} (the faster trl variant)")
+    print(f"memory: {mine.memory_method}; baseline: {best.name} (the faster length-grouped trl variant)")
     print(f"dpo_vs_trl: tokens/s ratio {mine.tokens_per_s / best.tokens_per_s:.2f}, "
           f"peak memory ratio {mine.peak_bytes / best.peak_bytes:.2f}")
 
