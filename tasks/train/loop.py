@@ -40,9 +40,16 @@ def make_accelerator(dtype: str = "auto") -> Accelerator:
     """An Accelerator computing in `dtype` (auto: bfloat16 on GPUs that support it, else float32;
     tasks.models.torch_dtype). Weights stay in the dtype they were loaded in; autocast runs the
     matmuls in `dtype`, and float16 adds accelerate's gradient scaler (on GPUs)."""
+    from accelerate.state import AcceleratorState
+
     from tasks.models import torch_dtype
 
-    return Accelerator(mixed_precision=MIXED_PRECISION[torch_dtype(dtype)])
+    precision = MIXED_PRECISION[torch_dtype(dtype)]
+    # accelerate keeps one state per process and refuses another precision: a process that runs
+    # stages of different dtypes (tests, a notebook) starts it afresh; the process group stays.
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision)
 
 
 class NonFiniteError(RuntimeError):
@@ -178,8 +185,10 @@ def accumulate(accelerator: Accelerator, model, parts: list[tuple[dict, float]],
 
 
 def optimizer_step(accelerator: Accelerator, optimizer, scheduler, parameters: list, grad_clip: float | None,
-                   step: int) -> None:
-    """Clip the gradients, step the optimizer and the schedule; stop on a non-finite weight."""
+                   step: int) -> float:
+    """Clip the gradients, step the optimizer and the schedule; stop on a non-finite weight.
+    Returns the learning rate this step used (what the loops log as `learning_rate`)."""
+    used = scheduler.get_last_lr()[0]
     if grad_clip:
         accelerator.clip_grad_norm_(parameters, grad_clip)
     optimizer.step()
@@ -188,6 +197,7 @@ def optimizer_step(accelerator: Accelerator, optimizer, scheduler, parameters: l
     finite = torch.stack([p.detach().isfinite().all() for p in parameters]).all() if parameters else True
     if not bool(finite):
         raise NonFiniteError(f"training step {step}: the weights are no longer finite (lower lr); nothing was saved")
+    return used
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -347,8 +357,7 @@ def train(
             if epoch not in epoch_batches:
                 epoch_batches = {epoch: batches.of_epoch(epoch)}
             metrics = accumulate(accelerator, model, step_parts(epoch_batches[epoch][position]), compute_loss, step + 1)
-            optimizer_step(accelerator, optimizer, scheduler, trainable, grad_clip, step + 1)
-            metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            metrics["learning_rate"] = optimizer_step(accelerator, optimizer, scheduler, trainable, grad_clip, step + 1)
             log_metrics(metrics, step + 1)
             history.append({"step": step + 1, **metrics})
             bar.advance()

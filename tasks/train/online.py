@@ -256,7 +256,7 @@ def make_rollout(models: OnlineModels, tokenizer, prompt_ids: list, prompts: lis
         part = select(rollout, rows)
         lp, ent = response_logps(models.policy, part, width, p.temperature, entropy=True)
         logps.append(lp.float())
-        entropy += float(ent) * (rows.stop - rows.start) / n
+        entropy += float(ent) * float(part["mask"].sum() / rollout["mask"].sum().clamp(min=1))  # ent: a token mean
         if p.kl_coef > 0:
             if models.reference is not None:
                 ref_logps.append(response_logps(models.reference, part, width, p.temperature).float())
@@ -349,10 +349,10 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
                     weights = [float(loss_weight(part)) for part in parts]
                     shares = [w / sum(weights) if sum(weights) > 0 else 1 / len(parts) for w in weights]
                     values = accumulate(accelerator, models, list(zip(parts, shares)), compute_loss, step + 1)
-                    optimizer_step(accelerator, optimizer, scheduler, models.trainable, 1.0, step + 1)
+                    lr = optimizer_step(accelerator, optimizer, scheduler, models.trainable, 1.0, step + 1)
                     for key, value in values.items():
                         sums[key] = sums.get(key, 0.0) + value / (p.updates_per_rollout * p.minibatches)
-            metrics.update(sums, learning_rate=scheduler.get_last_lr()[0])
+            metrics.update(sums, learning_rate=lr)  # the step's last update's
             ctx.log_metrics(metrics, step + 1)
             history.append({"step": step + 1, **metrics})
             bar.advance()
