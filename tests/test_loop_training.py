@@ -47,6 +47,17 @@ def test_micro_batches_train_as_whole_batches(kind, tiny_sft_model, demo_table, 
     assert_same_training(whole_log, micro_log, whole, micro)
 
 
+def test_micro_batches_under_two_processes(tiny_sft_model, demo_table, run_stage):
+    """Two processes (accelerate launch, gloo), each cutting its 8 examples of a step into micro-batches
+    of 3: the curve and weights of one process with whole batches (1e-4: gloo's reductions)."""
+    params = {"kind": "sft", "model": "m", "data": "d", "lr": 1e-2, "epochs": 1, "batch_size": 16}
+    inputs = {"model": tiny_sft_model, "data": demo_table("sft", 64)}
+    one_log, two_log = [], []
+    one, _ = run_stage(params, inputs, log=one_log)
+    two, _ = run_stage({**params, "processes": 2, "micro_batch_size": 3}, inputs, log=two_log)
+    assert_same_training(one_log, two_log, one, two, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["grpo", "ppo"])
 def test_online_micro_batches_train_as_whole_minibatches(kind, tiny_sft_model, demo_table, run_stage):
     """An online step's minibatch of 32 responses in micro-batches of 6 (PPO's loss is a mean over
