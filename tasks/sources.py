@@ -93,6 +93,9 @@ class PretrainedParams(StageParams):
     )
     gguf_file: str | None = Field(None, description="a GGUF file inside `path` to load from")
     revision: str | None = Field(None, description="hub revision (pin it: the key cannot hash a hub model)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the dtype the weights are stored, and so loaded, in (tasks.models.torch_dtype)"
+    )
 
     @field_validator("package")
     @classmethod
@@ -153,7 +156,7 @@ def _dequantised_gguf_options(gguf_file: str) -> dict:
 def pretrained(ctx: StageContext) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
-    from tasks.models import load_tokenizer, save_model
+    from tasks.models import load_tokenizer, save_model, torch_dtype
 
     p: PretrainedParams = ctx.params
     local = _is_local(p.path)
@@ -164,7 +167,7 @@ def pretrained(ctx: StageContext) -> dict[str, float]:
     model_options = dict(options)
     if p.gguf_file:
         model_options.update(_dequantised_gguf_options(p.gguf_file))
-    model = AutoModelForCausalLM.from_pretrained(path, **model_options)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(p.dtype), **model_options)
     tokenizer = load_tokenizer(path, **options)
     model.config.pad_token_id = tokenizer.pad_token_id
     save_model(model, tokenizer, ctx.out)

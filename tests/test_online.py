@@ -9,6 +9,7 @@ import torch
 from conftest import run_stage_in
 from tasks.models import collate, load_causal_lm, load_reward_model, sequence_logps
 from tasks.train import LoraParams
+from tasks.train.loop import latest_checkpoint
 
 ALGORITHMS = ["rloo", "grpo", "ppo"]
 
@@ -101,7 +102,7 @@ def test_an_interrupted_run_resumes_to_the_same_policy(kind, tiny_sft_model, pro
     (tmp_path / "first").mkdir()
     with pytest.raises(Interrupted):
         kind_.run(context(tmp_path / "first", stop_after_5))
-    assert (tmp_path / "checkpoints" / "checkpoint.pt").exists()
+    assert latest_checkpoint(tmp_path / "checkpoints") is not None
 
     resumed: list = []
     (tmp_path / "resumed").mkdir()
@@ -216,7 +217,7 @@ def test_a_killed_pipeline_run_resumes_its_online_stage(tmp_path):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = home / "store" / "_checkpoints" / "grpo"
     deadline = time.time() + 300
-    while not list(checkpoints.glob("*/checkpoint.pt")) and time.time() < deadline and run.poll() is None:
+    while not list(checkpoints.glob("*/step-*/alignflow_state.json")) and time.time() < deadline and run.poll() is None:
         time.sleep(0.2)
     assert run.poll() is None, "the run ended before its first checkpoint: make it longer"
     os.killpg(run.pid, signal.SIGKILL)  # the run and the Prefect server it started
@@ -230,4 +231,4 @@ def test_a_killed_pipeline_run_resumes_its_online_stage(tmp_path):
 
     history = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_metric_history(train.info.run_id, "reward")
     assert sorted(m.step for m in history)[:-1] == list(range(1, 65))  # every step, then the final summary
-    assert not list(checkpoints.glob("*/checkpoint.pt"))
+    assert not list(checkpoints.glob("*/step-*/alignflow_state.json"))

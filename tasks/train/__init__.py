@@ -28,16 +28,33 @@ class OptimParams(StageParams):
     """The optimisation settings every training stage takes, offline and online."""
 
     epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to train for; given, it overrides epochs")
     lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(16, ge=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="the learning-rate schedule after warmup (transformers' get_scheduler)"
+    )
+    batch_size: int = Field(16, ge=1, description="examples per optimizer step (global: over every process)")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="examples per forward and backward pass; gradients accumulate up to batch_size; none: batch_size"
+    )
     max_length: int = Field(512, ge=2)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute precision (autocast; float16 with a gradient scaler on GPUs); auto: bfloat16 on GPUs "
+        "that support it, else float32. The weights keep the dtype of the model they start from"
+    )
     weight_decay: float = Field(0.0, ge=0)
     too_long: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="examples over max_length: cut the response's tail, drop them (counted), or stop with an error"
     )
     lora: LoraParams | None = Field(None, description="train low-rank adapters instead of every weight")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
+
+    def loop_options(self) -> dict:
+        """The keyword arguments of tasks.train.loop.train that come from these settings."""
+        names = ("epochs", "max_steps", "lr", "lr_scheduler", "batch_size", "micro_batch_size", "warmup_ratio",
+                 "weight_decay", "dtype", "gradient_checkpointing")
+        return {name: getattr(self, name) for name in names}
 
 
 class TrainParams(OptimParams):
@@ -62,7 +79,8 @@ class TrainParams(OptimParams):
     # Where and how it runs, not what it computes: batch_size is global, so the process count
     # changes only rounding (tests/test_multiprocess.py). An accelerate config can change more
     # (DeepSpeed's precision, say): its content is in the key (source_files).
-    not_in_key = frozenset({"processes", "checkpoint_every"})
+    # micro_batch_size changes memory, not the result (up to rounding: tests/test_loop_*.py).
+    not_in_key = frozenset({"processes", "checkpoint_every", "micro_batch_size"})
 
     def source_files(self) -> list[Path]:
         return [Path(self.accelerate_config)] if self.accelerate_config else []
@@ -73,6 +91,11 @@ class TrainParams(OptimParams):
             raise ValueError(
                 f"batch_size ({self.batch_size}) is the global batch, split evenly over the processes: "
                 f"it must be a multiple of processes ({self.processes})"
+            )
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size // self.processes:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) is the examples of one forward pass in one process: "
+                f"at most batch_size / processes = {self.batch_size // self.processes}"
             )
         if self.accelerate_config and Path(self.accelerate_config).is_file():
             import yaml
@@ -116,8 +139,12 @@ class OnlineParams(OptimParams):
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass over a rollout")
     clip_eps: float = Field(0.2, gt=0, description="the policy ratio's clip range")
     checkpoint_every: int = Field(25, ge=1, description="steps between checkpoints")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="sampled responses per forward and backward pass (and per log-prob pass of a rollout); "
+        "gradients accumulate over a minibatch; none: a whole minibatch"
+    )
 
-    not_in_key = frozenset({"checkpoint_every"})
+    not_in_key = frozenset({"checkpoint_every", "micro_batch_size"})
 
     @model_validator(mode="after")
     def _check(self):
@@ -134,4 +161,8 @@ class OnlineParams(OptimParams):
         if (self.batch_size * self.samples_per_prompt) % self.minibatches:
             raise ValueError(f"minibatches ({self.minibatches}) must divide the rollout's "
                              f"batch_size * samples_per_prompt = {self.batch_size * self.samples_per_prompt} sequences")
+        minibatch = self.batch_size * self.samples_per_prompt // self.minibatches
+        if self.micro_batch_size is not None and self.micro_batch_size > minibatch:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) counts sampled responses per forward pass: at most "
+                             f"a minibatch, batch_size * samples_per_prompt / minibatches = {minibatch}")
         return self

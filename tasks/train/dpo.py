@@ -317,7 +317,7 @@ def dpo(ctx: StageContext) -> dict[str, float]:
         raise ValueError(f"no pairs left: all {len(full)} are longer than max_length={p.max_length}")
     if needs_reference and not has_reference and (p.lora is None or p.reference is not None):
         reference = model if p.reference is None else load_causal_lm(ctx.inputs["reference"])[0]
-        precompute_reference(reference, examples, tokenizer.pad_token_id, p.batch_size, ctx.progress)
+        precompute_reference(reference, examples, tokenizer.pad_token_id, p.micro_batch_size or p.batch_size, ctx.progress)
         del reference
 
     if p.lora is not None:
@@ -327,10 +327,8 @@ def dpo(ctx: StageContext) -> dict[str, float]:
     model, metrics = train(
         model, examples, partial(collate_shared_prompt if shared else collate_pairs, pad_id=tokenizer.pad_token_id),
         partial(dpo_step, loss=p.loss, loss_params=p.loss_params(), beta=p.beta, needs_reference=needs_reference),
-        epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=ctx.seed,
-        warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+        **p.loop_options(), seed=ctx.seed,
         lengths=lengths if p.group_by_length else None,
-        gradient_checkpointing=p.gradient_checkpointing,
         log_metrics=ctx.log_metrics, progress=ctx.progress,
         checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )

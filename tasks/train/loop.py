@@ -1,64 +1,96 @@
-"""One training loop for every trainer (SFT, reward model, DPO), built on accelerate.
+"""One training loop for every trainer, offline (SFT, reward model, DPO, RRHF) and online (rloo,
+grpo, ppo), built on accelerate.
 
-A trainer supplies the examples, how to batch them, and `compute_loss(model, batch) ->
-(loss, metrics)`; the loop does the rest: seeded shuffling (length-grouped when given lengths),
-AdamW with linear warmup and decay, gradient clipping, bf16 autocast on GPUs, gradient
-checkpointing, per-step metrics and a progress bar; checkpoints to resume from; and, under
-`accelerate launch` (tasks/train/launch.py), several processes sharing each global batch.
+What both share is written here once:
+- `make_optimizer`: AdamW and a transformers schedule (`lr_scheduler`, `warmup_ratio`);
+- `accumulate`: forward and backward over the micro-batches of one optimizer step (gradient
+  accumulation), each micro-batch's loss weighted by its share of the step's batch, so that the
+  gradient is the whole batch's whatever `micro_batch_size` is; under autocast in the stage's
+  `dtype` (accelerate's mixed precision, with a gradient scaler for float16);
+- `optimizer_step`: clip, step, schedule; a non-finite loss or weight stops the stage
+  (`NonFiniteError`), so no poisoned model is ever saved;
+- checkpoints (`save_checkpoint`, `resume`): accelerate's save_state into a step folder renamed
+  into place, the loop's own state beside it.
+
+`train` is the offline loop over a list of examples; tasks/train/online.py's loop generates its
+batches and uses the same pieces.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
-import random
 import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from torch.utils.data import DataLoader
 
 from tasks.base import _no_metrics, _no_progress
 
+MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-def make_accelerator() -> Accelerator:
-    # bf16 where the GPU supports it; full precision on CPU (bf16 autocast is slow there).
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+
+def make_accelerator(dtype: str = "auto") -> Accelerator:
+    """An Accelerator computing in `dtype` (auto: bfloat16 on GPUs that support it, else float32;
+    tasks.models.torch_dtype). Weights stay in the dtype they were loaded in; autocast runs the
+    matmuls in `dtype`, and float16 adds accelerate's gradient scaler (on GPUs)."""
+    from accelerate.state import AcceleratorState
+
+    from tasks.models import torch_dtype
+
+    precision = MIXED_PRECISION[torch_dtype(dtype)]
+    # accelerate keeps one state per process and refuses another precision: a process that runs
+    # stages of different dtypes (tests, a notebook) starts it afresh; the process group stays.
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or weight: the stage stops and commits nothing."""
+
+
+# ---- batches --------------------------------------------------------------------------------
 
 
 class LengthGroupedBatches:
-    """Seeded batches of examples of similar length, so little of a batch is padding.
+    """Seeded batches of example indices: each epoch a fresh shuffle cut into batches.
 
-    Each epoch shuffles, cuts the order into megabatches of `group` batches, sorts each
-    megabatch by length and shuffles the resulting batches (the scheme of transformers'
-    `group_by_length`): batches stay random in order and content, and padding nearly vanishes.
+    With `lengths`, examples of similar length go together, so little of a batch is padding: the
+    order is cut into megabatches of `group` batches, each megabatch is sorted by length and the
+    resulting batches are shuffled (the scheme of transformers' `group_by_length`). Epoch e's
+    batches depend on (seed, e) alone, so a resumed run finds its place from the step number.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 32):
+    def __init__(self, lengths: list[int] | None, batch_size: int, seed: int, group: int = 32, n: int | None = None):
         self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.n = len(lengths) if lengths is not None else n
         self.epoch = 0
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return math.ceil(self.n / self.batch_size)
 
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+    def of_epoch(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.lengths is None:
+            return [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
         size = self.batch_size * self.group
         batches = []
         for start in range(0, len(order), size):
             mega = sorted(order[start : start + size], key=lambda i: -self.lengths[i])
             batches += [mega[i : i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[b]
+        return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def __iter__(self):
+        self.epoch += 1
+        yield from self.of_epoch(self.epoch - 1)
 
 
 def fit_to_length(lengths: list[int], max_length: int, too_long: str, what: str) -> tuple[list[int], dict[str, float]]:
@@ -86,9 +118,6 @@ def truncate(example: dict, max_length: int) -> dict:
     return {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}
 
 
-# ---- several processes: each takes its part of every global batch -------------------------
-
-
 def is_main_process() -> bool:
     """Whether this process writes the stage's artifact: true except in the processes of rank > 0
     of a multi-process launch (tasks/train/launch.py), which train beside it and write nothing."""
@@ -104,39 +133,76 @@ def shard(batch: list, rank: int, world: int) -> list:
     return batch[start : start + base + (rank < extra)]
 
 
-class ShardedBatches:
-    """A batch sampler: this process's part of each batch of `batches` (the global batches, the
-    same in every process), as (index, 1) pairs. A part that would be empty (a last batch smaller
-    than the process count) is the batch's first example as (index, 0): weight 0, so that every
-    process still runs the step (DDP needs every process's backward)."""
-
-    def __init__(self, batches, rank: int, world: int):
-        self.batches, self.rank, self.world = batches, rank, world
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        for batch in self.batches:
-            part = shard(list(batch), self.rank, self.world)
-            yield [(i, 1) for i in part] if part else [(batch[0], 0)]
+def micro_batches(items: list, size: int | None) -> list[list]:
+    """`items` cut into consecutive micro-batches of at most `size` (None: one)."""
+    size = size or len(items) or 1
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-class _Weighted(torch.utils.data.Dataset):
-    def __init__(self, examples: list):
-        self.examples = examples
+# ---- one optimizer step ---------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return len(self.examples)
 
-    def __getitem__(self, item):
-        index, weight = item
-        return self.examples[index], weight
+def make_optimizer(parameters: list, *, lr: float, weight_decay: float, lr_scheduler: str, warmup_ratio: float,
+                   total_steps: int):
+    """AdamW over `parameters` and transformers' `get_scheduler(lr_scheduler)` over `total_steps`
+    optimizer steps, the first `warmup_ratio` of them warming up."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=int(warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def accumulate(accelerator: Accelerator, model, parts: list[tuple[dict, float]], compute_loss, step: int) -> dict[str, float]:
+    """Forward and backward over the micro-batches of one optimizer step; the step's metrics.
+
+    parts: (micro-batch, share), share = the micro-batch's weight over the whole step's (summed
+    over every process's micro-batches), e.g. its examples / the step's examples. `compute_loss`
+    returns a mean over its micro-batch; backpropagating loss * share sums to the gradient of the
+    step's mean. DDP averages gradients over the N processes, hence the factor N; it synchronises
+    on the last micro-batch only. Metrics are share-weighted sums, so the step's means.
+    """
+    world = accelerator.num_processes
+    sums: dict[str, torch.Tensor] = {}
+    for i, (batch, share) in enumerate(parts):
+        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                loss, metrics = compute_loss(model, batch)
+            accelerator.backward(loss * (share * world))
+        for name, value in {"loss": loss, **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + torch.as_tensor(value).detach().double().cpu().reshape(()) * share
+    names = list(sums)
+    values = torch.stack([sums[k] for k in names]) if names else torch.zeros(0, dtype=torch.float64)
+    if world > 1:
+        values = accelerator.reduce(values.to(accelerator.device), "sum").cpu()
+    metrics = dict(zip(names, values.tolist()))
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteError(f"training step {step}: the loss is {metrics['loss']} (lower lr, or check the data); "
+                             "nothing was saved")
+    return metrics
+
+
+def optimizer_step(accelerator: Accelerator, optimizer, scheduler, parameters: list, grad_clip: float | None,
+                   step: int) -> float:
+    """Clip the gradients, step the optimizer and the schedule; stop on a non-finite weight.
+    Returns the learning rate this step used (what the loops log as `learning_rate`)."""
+    used = scheduler.get_last_lr()[0]
+    if grad_clip:
+        accelerator.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    finite = torch.stack([p.detach().isfinite().all() for p in parameters]).all() if parameters else True
+    if not bool(finite):
+        raise NonFiniteError(f"training step {step}: the weights are no longer finite (lower lr); nothing was saved")
+    return used
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
-CHECKPOINT_STATE = "alignflow_state.json"  # beside accelerate's files: step, batch order, metric history
+CHECKPOINT_STATE = "alignflow_state.json"  # beside accelerate's files: step, metric history, setup
 
 
 def latest_checkpoint(folder: Path | None) -> Path | None:
@@ -148,9 +214,10 @@ def latest_checkpoint(folder: Path | None) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, state: dict) -> None:
-    """accelerate's save_state (weights, optimizer, scheduler, each process's RNG states; sharded
-    under FSDP/DeepSpeed) into a temporary folder, renamed into place when every process is done:
-    a reader sees the previous checkpoint or this one, never half of one."""
+    """accelerate's save_state (prepared models and optimizer, registered objects such as the
+    schedule, each process's RNG states; sharded under FSDP/DeepSpeed) into a temporary folder,
+    renamed into place when every process is done: a reader sees the previous checkpoint or this
+    one, never half of one."""
     tmp, final = folder / f".tmp-step-{step}", folder / f"step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,7 +226,7 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, state: di
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, **state}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in folder.glob("step-*"):
@@ -168,22 +235,23 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, state: di
     accelerator.wait_for_everyone()
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def resume(accelerator: Accelerator, folder: Path | None, setup: dict, log_metrics) -> tuple[int, list]:
+    """Restore the newest checkpoint under `folder` taken with the same `setup`, if any: (the step
+    it was taken after, the metric history), the history logged again so MLflow shows the whole curve."""
+    found = latest_checkpoint(folder)  # an earlier attempt's, whatever its checkpoint_every
+    if found is None:
+        return 0, []
+    state = json.loads((found / CHECKPOINT_STATE).read_text())
+    if state.get("setup") != setup:
+        warnings.warn(f"{found}: a checkpoint of another setup ({state.get('setup')}, now {setup}); training from the start")
+        return 0, []
+    accelerator.load_state(str(found))
+    for row in state["history"]:
+        log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+    return state["step"], state["history"]
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---- the loop -------------------------------------------------------------------------------
+# ---- the offline loop -----------------------------------------------------------------------
 
 
 def train(
@@ -196,8 +264,12 @@ def train(
     lr: float,
     batch_size: int,
     seed: int,
+    micro_batch_size: int | None = None,
+    max_steps: int | None = None,
+    lr_scheduler: str = "linear",
     warmup_ratio: float = 0.1,
     weight_decay: float = 0.0,
+    dtype: str = "auto",
     lengths: list[int] | None = None,
     gradient_checkpointing: bool = False,
     grad_clip: float | None = 1.0,
@@ -209,146 +281,88 @@ def train(
 ) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train `model` in place; returns it (unwrapped) and the mean metrics of the last epoch.
 
-    `epochs` may be fractional (0.5 = half the data once). With `lengths` (one per example),
-    batches group examples of similar length. Only parameters that require grad are trained
-    (a LoRA model's adapters).
+    `batch_size` examples per optimizer step, in micro-batches of `micro_batch_size` (gradient
+    accumulation); `max_steps` optimizer steps, or `epochs` passes (fractional: 0.5 = half the data
+    once). With `lengths` (one per example), batches group examples of similar length. Only
+    parameters that require grad are trained (a LoRA model's adapters).
 
-    Several processes (under `accelerate launch`, tasks/train/launch.py): `batch_size` is the
-    global batch; every process draws the same global batches and takes its part of each
-    (ShardedBatches). `compute_loss` returns a mean over its part; the loop weights it by the
-    part's share of the global batch (`batch_weight(batch)`: by default its number of examples;
-    SFT weights by response tokens) so that DDP's gradient average is the gradient of the global
-    batch's mean, and the logged metrics are the global batch's, as with one process.
+    Each micro-batch's loss is weighted by its share of the step's batch: `batch_weight(batch)`
+    (default: its number of examples; SFT weights by response tokens, as its loss is a token mean).
+
+    Several processes (under `accelerate launch`, tasks/train/launch.py): `batch_size` stays the
+    global batch; every process draws the same global batches and takes its part of each, so the
+    steps and results are those of one process (up to rounding).
 
     With `checkpoints` and `checkpoint_every`, a checkpoint every that many steps; a run that finds
     one resumes from it: the same weights, optimizer, schedule, RNG states and batch order, and
-    `log_metrics` gets the metric history again (an MLflow run shows the whole curve).
+    `log_metrics` gets the metric history again.
     """
     from tasks.train.launch import RANK_VARIABLE
 
     set_seed(seed)
-    accelerator = make_accelerator()
-    world = accelerator.num_processes
+    accelerator = make_accelerator(dtype)
+    world, rank = accelerator.num_processes, accelerator.process_index
     launched = int(os.environ.get("WORLD_SIZE", "1")) if RANK_VARIABLE in os.environ else world
     if launched != world:  # each would train alone on the whole data, and all write the same checkpoints
         raise RuntimeError(f"{launched} processes were launched, but accelerate set up {world} "
                            f"({accelerator.distributed_type}): check the accelerate config")
     if world > 1:  # each process its own dropout masks (seed + rank); process 0's as with one process
         set_seed(seed, device_specific=True)
-    generator = torch.Generator().manual_seed(seed)
-    # The global batches: lists of example indices, the same in every process.
-    batches = LengthGroupedBatches(lengths, batch_size, seed) if lengths is not None else None
-    if world == 1:
-        if batches is not None:
-            loader = DataLoader(examples, batch_sampler=batches, collate_fn=collate_fn)
-        else:
-            loader = DataLoader(examples, batch_size=batch_size, shuffle=True, collate_fn=collate_fn, generator=generator)
-    else:
-        if batches is None:  # drawn from `generator` exactly as the one-process DataLoader draws
-            batches = DataLoader(range(len(examples)), batch_size=batch_size, shuffle=True, collate_fn=list, generator=generator)
-
-        def collate_part(items: list) -> tuple[int, dict]:
-            return sum(w for _, w in items), collate_fn([e for e, _ in items])
-
-        loader = DataLoader(_Weighted(examples), batch_sampler=ShardedBatches(batches, accelerator.process_index, world),
-                            collate_fn=collate_part)
-    steps_per_epoch = len(loader)
-    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
-    warmup_steps = int(warmup_ratio * total_steps)
+    batches = LengthGroupedBatches(lengths, batch_size, seed, n=len(examples))  # global batches, the same in every process
+    steps_per_epoch = len(batches)
+    total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-
-    def lr_factor(step: int) -> float:  # linear warmup, then linear decay to 0
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    optimizer, scheduler = make_optimizer(trainable, lr=lr, weight_decay=weight_decay, lr_scheduler=lr_scheduler,
+                                          warmup_ratio=warmup_ratio, total_steps=total_steps)
     # Sharded (FSDP, DeepSpeed): the main process keeps a CPU copy to gather the trained weights into.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     gathered = copy.deepcopy(model.cpu()) if sharded and accelerator.is_main_process else None  # prepare moves `model` back
-    if world == 1:
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    else:
-        if accelerator.state.deepspeed_plugin is not None:  # its batch size comes from here, not a prepared loader
-            config = accelerator.state.deepspeed_plugin.deepspeed_config
-            if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-                config["train_micro_batch_size_per_gpu"] = batch_size // world
-        # Not the scheduler: accelerate would step it once per process each step.
-        model, optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(scheduler)
+    if accelerator.state.deepspeed_plugin is not None:  # its batch size comes from here, not a prepared loader
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            config["train_micro_batch_size_per_gpu"] = micro_batch_size or batch_size // world
+    # Not the scheduler: it steps once per optimizer step, here, whatever the process count.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     if sharded:
         trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP's own parameters
 
-    def order_state() -> dict:  # what decides the batch order of the epoch about to start
-        if isinstance(batches, LengthGroupedBatches):
-            return {"epoch": batches.epoch}
-        return {"generator": generator.get_state().tolist()}
+    def step_parts(batch: list[int]) -> list[tuple[dict, float]]:
+        """This process's micro-batches of a global batch, each with its share of the whole."""
+        part = shard(batch, rank, world)
+        # An empty part (a last batch smaller than the process count) runs its batch's first
+        # example with weight 0: every process must run the step (DDP needs every backward).
+        chunks = micro_batches(part or batch[:1], micro_batch_size)
+        collated = [collate_fn([examples[i] for i in chunk]) for chunk in chunks]
+        collated = [{k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in collated]
+        weights = [(float(batch_weight(b)) if batch_weight is not None else float(len(c))) if part else 0.0
+                   for b, c in zip(collated, chunks)]
+        total = torch.tensor(sum(weights), dtype=torch.float64, device=accelerator.device)
+        total = float(accelerator.reduce(total, "sum")) if world > 1 else float(total)
+        return [(b, w / total if total > 0 else 0.0) for b, w in zip(collated, weights)]
 
-    def set_order_state(state: dict) -> None:
-        if "epoch" in state:
-            batches.epoch = state["epoch"]
-        else:
-            generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-
+    setup = {"processes": world, "distributed_type": str(accelerator.distributed_type), "total_steps": total_steps}
+    start, history = resume(accelerator, checkpoints, setup, log_metrics)
     checkpointing = checkpoints is not None and checkpoint_every is not None
-    start, skip, history, pending_rng = 0, 0, [], None
-    found = latest_checkpoint(checkpoints)  # an earlier attempt's, whatever its checkpoint_every
-    if found is not None:
-        state = json.loads((found / CHECKPOINT_STATE).read_text())
-        same_run = {"processes": world, "distributed_type": str(accelerator.distributed_type), "total_steps": total_steps}
-        if all(state.get(k) == v for k, v in same_run.items()):
-            accelerator.load_state(str(found))
-            pending_rng = rng_state()  # set again once the resumed epoch's iterator exists (see below)
-            start, skip, history = state["step"], state["position"], state["history"]
-            set_order_state(state["order"])
-        else:
-            warnings.warn(f"{found}: a checkpoint of another setup ({ {k: state.get(k) for k in same_run} }, now {same_run}); "
-                          "training from the start")
 
     model.train()
-    step = start
     with progress("training" + (f" (resumed after step {start})" if start else ""), total=total_steps) as bar:
-        if start:
-            bar.advance(start)
-            for row in history:  # the run's metrics so far, so that its MLflow curves are whole
-                log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
-        while step < total_steps:
-            order = order_state()
-            for position, item in enumerate(loader):
-                if position < skip:  # resuming mid-epoch: the batches before the checkpoint
-                    continue
-                if pending_rng is not None:  # the RNG states as they were when the checkpoint was taken
-                    set_rng_state(pending_rng)
-                    pending_rng = None
-                if checkpointing and step > start and step % checkpoint_every == 0:
-                    save_checkpoint(accelerator, checkpoints, step, {
-                        "step": step, "order": order, "position": position, "history": history,
-                        "processes": world, "distributed_type": str(accelerator.distributed_type), "total_steps": total_steps,
-                    })
-                if world == 1:
-                    with accelerator.autocast():
-                        loss, metrics = compute_loss(model, item)
-                    accelerator.backward(loss)
-                    metrics = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
-                else:
-                    loss, metrics = _sharded_step(accelerator, model, item, compute_loss, batch_weight)
-                if grad_clip:
-                    accelerator.clip_grad_norm_(trainable, grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-
-                log_metrics({**metrics, "learning_rate": scheduler.get_last_lr()[0]}, step)
-                history.append({"step": step, **metrics, "learning_rate": scheduler.get_last_lr()[0]})
-                bar.advance()
-                if step >= total_steps:
-                    break
-            skip = 0
+        bar.advance(start)
+        epoch_batches: dict[int, list] = {}
+        for step in range(start, total_steps):
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: batches.of_epoch(epoch)}
+            metrics = accumulate(accelerator, model, step_parts(epoch_batches[epoch][position]), compute_loss, step + 1)
+            metrics["learning_rate"] = optimizer_step(accelerator, optimizer, scheduler, trainable, grad_clip, step + 1)
+            log_metrics(metrics, step + 1)
+            history.append({"step": step + 1, **metrics})
+            bar.advance()
+            if checkpointing and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+                save_checkpoint(accelerator, checkpoints, step + 1, {"history": history, "setup": setup})
 
     model = _trained_model(accelerator, model, gathered)
     if gradient_checkpointing:
@@ -359,27 +373,6 @@ def train(
     last_epoch = [row for row in history if row["step"] > (total_steps - 1) // steps_per_epoch * steps_per_epoch]
     names = [k for k in last_epoch[0] if k not in ("step", "learning_rate")]
     return model, {k: sum(row[k] for row in last_epoch) / len(last_epoch) for k in names}
-
-
-def _sharded_step(accelerator: Accelerator, model, item: tuple[int, dict], compute_loss, batch_weight):
-    """Forward and backward on this process's part of the global batch; the global batch's metrics.
-
-    With w_r the weight of process r's part and L_r its mean loss, the global mean is
-    sum_r w_r L_r / W (W = sum_r w_r). DDP averages gradients over the N processes, so each
-    backpropagates L_r * w_r * N / W, and the average is the gradient of the global mean."""
-    n_real, batch = item
-    device = accelerator.device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    with accelerator.autocast():
-        loss, metrics = compute_loss(model, batch)
-    weight = (float(batch_weight(batch)) if batch_weight is not None else float(n_real)) if n_real else 0.0
-    total = float(accelerator.reduce(torch.tensor(weight, dtype=torch.float64, device=device), "sum"))
-    scale = weight * accelerator.num_processes / total if total > 0 else 0.0
-    accelerator.backward(loss * scale)
-    values = torch.stack([loss.detach().float().reshape(()),
-                          *(torch.as_tensor(v).detach().float().to(device).reshape(()) for v in metrics.values())])
-    values = accelerator.reduce(values.double() * weight, "sum") / (total if total > 0 else 1.0)
-    return loss, dict(zip(["loss", *metrics], values.tolist()))
 
 
 def _trained_model(accelerator: Accelerator, model, gathered):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tasks.models import is_adapter_artifact, load_adapter_merged, quiet_peft, save_model  # noqa: F401 (re-exported)
 from tasks.train import LoraParams
 
 ADAPTER_DIR = "adapter"
@@ -31,7 +32,7 @@ def add_lora(model, lora: LoraParams, seed: int, task_type: str = "CAUSAL_LM"):
         task_type=task_type,  # SEQ_CLS also trains the fresh score head in full
     )
     torch.manual_seed(seed)
-    with _quiet_peft():
+    with quiet_peft():
         return get_peft_model(model, config)
 
 
@@ -50,8 +51,6 @@ def reference_context(model):
 
 def save_trained(model, tokenizer, out: Path, lora: LoraParams | None, base: Path) -> dict[str, float]:
     """Save a trained model into the artifact folder `out`; `base` is the artifact it started from."""
-    from tasks.models import save_model
-
     if lora is None:
         save_model(model, tokenizer, out)
         return {}
@@ -68,29 +67,3 @@ def save_trained(model, tokenizer, out: Path, lora: LoraParams | None, base: Pat
         config["base_model_name_or_path"] = str(Path(base).resolve())
         config_path.write_text(json.dumps(config, indent=2))
     return {"trainable_parameters": trainable}
-
-
-def is_adapter_artifact(folder: Path) -> bool:
-    return (Path(folder) / "adapter_config.json").exists() and not (Path(folder) / "config.json").exists()
-
-
-def load_adapter_merged(folder: Path, model_class, **kwargs) -> torch.nn.Module:
-    """An adapter-only artifact loaded onto its base and merged (inference and further training)."""
-    from peft import PeftModel
-
-    base_path = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    if not Path(base_path).exists():
-        raise FileNotFoundError(f"{folder}: the adapter's base model {base_path} is gone (was the store moved or swept?)")
-    base = model_class.from_pretrained(base_path, **kwargs)
-    with _quiet_peft():
-        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
-
-
-@contextlib.contextmanager
-def _quiet_peft():
-    """peft reads a transformers property that warns it is deprecated in v5: noise to our users."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield

@@ -7,10 +7,11 @@ Each step, on the next `batch_size` prompts:
    the policy's entropy; all without gradients.
 2. advantages: the algorithm's `prepare` (rloo.py, grpo.py, ppo.py) turns scores into advantages.
 3. update: `updates_per_rollout` passes over the rollout, in `minibatches`, each an optimizer step
-   on the algorithm's `loss`.
-A checkpoint every `checkpoint_every` steps (trained weights, optimizer, schedule, every RNG's
-state, the metric history) lets an interrupted run resume where it stopped and draw the same
-samples it would have drawn.
+   on the algorithm's `loss`, in micro-batches of `micro_batch_size` responses.
+The optimizer, schedule, micro-batches, precision, non-finite checks and checkpoints are the
+offline loop's (tasks/train/loop.py). A checkpoint every `checkpoint_every` steps (trained
+weights, optimizer, schedule, every RNG's state, the metric history) lets an interrupted run
+resume where it stopped and draw the same samples it would have drawn.
 
 Memory: the reward model and the reference are frozen, evaluated under no_grad. With LoRA the
 reference is the policy with its adapter disabled (no second copy); with kl_coef 0 none is
@@ -21,9 +22,7 @@ the value adapter disabled, so reward and value share one set of weights.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -140,44 +139,26 @@ def select(rollout: dict, rows) -> dict:
     return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in rollout.items()}
 
 
-# ---- checkpoints --------------------------------------------------------------------------
-
-CHECKPOINT = "checkpoint.pt"
+# ---- checkpoints ---------------------------------------------------------------------------
 
 
-def trainable_state(models: OnlineModels) -> dict:
-    return {role: {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
-            for role, module in (("policy", models.policy), ("value", models.value)) if module is not None}
+class TrainedWeights:
+    """What a checkpoint keeps of the models: the parameters that train (registered with
+    accelerate's checkpointing, which saves it beside the optimizer, schedule and RNG states)."""
 
+    def __init__(self, models: OnlineModels):
+        self.modules = {role: m for role, m in (("policy", models.policy), ("value", models.value)) if m is not None}
 
-def save_checkpoint(folder: Path, step: int, models: OnlineModels, optimizer, scheduler, history: list) -> None:
-    """One file, written beside and renamed into place: a reader sees the old checkpoint or the new."""
-    from tasks.train.loop import rng_state
+    def state_dict(self) -> dict:
+        return {role: {n: q.detach().cpu() for n, q in m.named_parameters() if q.requires_grad}
+                for role, m in self.modules.items()}
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
-    torch.save({"step": step, "weights": trainable_state(models), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history}, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
-
-
-def load_checkpoint(folder: Path | None, models: OnlineModels, optimizer, scheduler) -> tuple[int, list]:
-    """Restore the last checkpoint, if any: (the step it was taken after, the metric history)."""
-    path = folder / CHECKPOINT if folder is not None else None
-    if path is None or not path.exists():
-        return 0, []
-    from tasks.train.loop import set_rng_state
-
-    state = torch.load(path, weights_only=False)  # our own file: RNG states are numpy objects
-    for role, weights in state["weights"].items():
-        parameters = dict(getattr(models, role).named_parameters())
+    def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            for name, value in weights.items():
-                parameters[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return state["step"], state["history"]
+            for role, weights in state.items():
+                parameters = dict(self.modules[role].named_parameters())
+                for name, value in weights.items():
+                    parameters[name].copy_(value)
 
 
 # ---- the loop -----------------------------------------------------------------------------
@@ -268,14 +249,14 @@ def make_rollout(models: OnlineModels, tokenizer, prompt_ids: list, prompts: lis
     repeated = [prompt for prompt in prompts for _ in range(k)]
     rollout["scores"] = score(repeated, texts).to(rollout["mask"].device, torch.float32)
 
-    size = n // p.minibatches
+    size = min(n // p.minibatches, p.micro_batch_size or n)
     logps, ref_logps, entropy = [], [], 0.0
     models.policy.eval()
     for rows in chunks(n, size):
         part = select(rollout, rows)
         lp, ent = response_logps(models.policy, part, width, p.temperature, entropy=True)
         logps.append(lp.float())
-        entropy += float(ent) * (rows.stop - rows.start) / n
+        entropy += float(ent) * float(part["mask"].sum() / rollout["mask"].sum().clamp(min=1))  # ent: a token mean
         if p.kl_coef > 0:
             if models.reference is not None:
                 ref_logps.append(response_logps(models.reference, part, width, p.temperature).float())
@@ -301,8 +282,14 @@ def make_rollout(models: OnlineModels, tokenizer, prompt_ids: list, prompts: lis
     return rollout, metrics
 
 
-def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: bool = False) -> dict[str, float]:
-    """Train ctx.params.policy online with one algorithm's `prepare` and `loss`; save it to ctx.out."""
+def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: bool = False,
+               loss_weight: Callable[[dict], object] = lambda batch: len(batch["mask"])) -> dict[str, float]:
+    """Train ctx.params.policy online with one algorithm's `prepare` and `loss`; save it to ctx.out.
+
+    Each minibatch is one optimizer step, computed in micro-batches of `micro_batch_size` sampled
+    responses (tasks.train.loop.accumulate), each weighted by `loss_weight(micro-batch)` over the
+    minibatch's total: its responses for a loss that is a mean over responses (rloo, grpo), its
+    tokens for a mean over tokens (ppo)."""
     from accelerate.utils import set_seed
 
     from tasks.base import BadInput
@@ -310,7 +297,8 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
     from tasks.rewards import get_reward_fn
     from tasks.tables import read_table
     from tasks.train.lora import save_trained
-    from tasks.train.loop import fit_to_length, make_accelerator
+    from tasks.train.loop import (accumulate, fit_to_length, make_accelerator, make_optimizer, optimizer_step, resume,
+                                  save_checkpoint)
 
     p: OnlineParams = ctx.params
     set_seed(ctx.seed)
@@ -328,16 +316,18 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
     if not prompts:
         raise BadInput(str(ctx.inputs["prompts"]), "prompt", f"a prompt of at most {room} tokens (max_length - max_new_tokens)")
 
-    total_steps = max(1, math.ceil(p.epochs * len(prompts) / p.batch_size))
-    updates = total_steps * p.updates_per_rollout * p.minibatches
-    warmup = int(p.warmup_ratio * updates)
-    optimizer = torch.optim.AdamW(models.trainable, lr=p.lr, weight_decay=p.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to 0
-        optimizer, lambda u: (u + 1) / (warmup + 1) if u < warmup else max(0.0, (updates - u) / max(1, updates - warmup)))
-    accelerator = make_accelerator()
-    start, history = load_checkpoint(ctx.checkpoints, models, optimizer, scheduler)
-    for row in history:  # a resumed run's MLflow run shows the whole curve
-        ctx.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+    total_steps = p.max_steps or max(1, math.ceil(p.epochs * len(prompts) / p.batch_size))
+    updates = total_steps * p.updates_per_rollout * p.minibatches  # optimizer steps
+    optimizer, scheduler = make_optimizer(models.trainable, lr=p.lr, weight_decay=p.weight_decay, lr_scheduler=p.lr_scheduler,
+                                          warmup_ratio=p.warmup_ratio, total_steps=updates)
+    accelerator = make_accelerator(p.dtype)
+    optimizer = accelerator.prepare(optimizer)  # its step unscales float16's gradients; the models stay as they are
+    accelerator.register_for_checkpointing(TrainedWeights(models), scheduler)
+    setup = {"total_steps": total_steps}
+    start, history = resume(accelerator, ctx.checkpoints, setup, ctx.log_metrics)
+
+    def compute_loss(models, batch):
+        return loss_fn(models, batch, p)
 
     with ctx.progress("online training" + (f" (resumed after step {start})" if start else ""), total=total_steps) as bar:
         bar.advance(start)
@@ -353,22 +343,21 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
                     module.train()
             for _ in range(p.updates_per_rollout):
                 order = torch.randperm(n)
-                for rows in chunks(n, n // p.minibatches):
-                    with accelerator.autocast():
-                        loss, parts = loss_fn(models, select(rollout, order[rows]), p)
-                    accelerator.backward(loss)
-                    torch.nn.utils.clip_grad_norm_(models.trainable, 1.0)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    for key, value in {"loss": loss, **parts}.items():
-                        sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).detach()) / (p.updates_per_rollout * p.minibatches)
-            metrics.update(sums, learning_rate=scheduler.get_last_lr()[0])
+                for minibatch in chunks(n, n // p.minibatches):
+                    parts = [select(rollout, order[minibatch][micro]) for micro in chunks(minibatch.stop - minibatch.start,
+                                                                                          p.micro_batch_size or n)]
+                    weights = [float(loss_weight(part)) for part in parts]
+                    shares = [w / sum(weights) if sum(weights) > 0 else 1 / len(parts) for w in weights]
+                    values = accumulate(accelerator, models, list(zip(parts, shares)), compute_loss, step + 1)
+                    lr = optimizer_step(accelerator, optimizer, scheduler, models.trainable, 1.0, step + 1)
+                    for key, value in values.items():
+                        sums[key] = sums.get(key, 0.0) + value / (p.updates_per_rollout * p.minibatches)
+            metrics.update(sums, learning_rate=lr)  # the step's last update's
             ctx.log_metrics(metrics, step + 1)
             history.append({"step": step + 1, **metrics})
             bar.advance()
             if ctx.checkpoints is not None and (step + 1) % p.checkpoint_every == 0 and step + 1 < total_steps:
-                save_checkpoint(ctx.checkpoints, step + 1, models, optimizer, scheduler, history)
+                save_checkpoint(accelerator, ctx.checkpoints, step + 1, {"history": history, "setup": setup})
 
     if p.gradient_checkpointing:
         models.policy.gradient_checkpointing_disable()

@@ -66,4 +66,5 @@ def loss(models, batch: dict, p: PPOParams):
 def ppo(ctx: StageContext) -> dict[str, float]:
     from tasks.train.online import run_online
 
-    return run_online(ctx, prepare, loss, with_value=True)
+    # The loss is a mean over the minibatch's tokens: micro-batches weigh by their tokens.
+    return run_online(ctx, prepare, loss, with_value=True, loss_weight=lambda batch: batch["mask"].sum())

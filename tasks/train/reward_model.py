@@ -141,10 +141,8 @@ def reward_model(ctx: StageContext) -> dict[str, float]:
     model, metrics = train(
         model, examples, partial(collate_pairs, pad_id=tokenizer.pad_token_id),
         partial(bt_step, center_rewards_coefficient=p.center_rewards_coefficient),
-        epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=ctx.seed,
-        warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+        **p.loop_options(), seed=ctx.seed,
         lengths=[lengths[i] for i in keep] if p.group_by_length else None,
-        gradient_checkpointing=p.gradient_checkpointing,
         log_metrics=ctx.log_metrics, progress=ctx.progress,
         checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )

@@ -106,10 +106,8 @@ def rrhf(ctx: StageContext) -> dict[str, float]:
         model = add_lora(model, p.lora, ctx.seed)
     model, metrics = train(
         model, groups, partial(collate_groups, pad_id=tokenizer.pad_token_id), partial(rrhf_step, sft_weight=p.sft_weight),
-        epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=ctx.seed,
-        warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+        **p.loop_options(), seed=ctx.seed,
         lengths=[lengths[i] for i in keep] if p.group_by_length else None,
-        gradient_checkpointing=p.gradient_checkpointing,
         log_metrics=ctx.log_metrics, progress=ctx.progress,
         checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )

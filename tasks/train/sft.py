@@ -52,10 +52,8 @@ def sft(ctx: StageContext) -> dict[str, float]:
         model = add_lora(model, p.lora, ctx.seed)
     model, metrics = train(
         model, examples, partial(collate, pad_id=tokenizer.pad_token_id), sft_loss,
-        epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=ctx.seed,
-        warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+        **p.loop_options(), seed=ctx.seed,
         lengths=[lengths[i] for i in keep] if p.group_by_length else None,
-        gradient_checkpointing=p.gradient_checkpointing,
         log_metrics=ctx.log_metrics, progress=ctx.progress, batch_weight=response_tokens,
         checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
