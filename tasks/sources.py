@@ -171,6 +171,60 @@ def pretrained(ctx: StageContext) -> dict[str, float]:
     return {"parameters": float(sum(x.numel() for x in model.parameters()))}
 
 
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def resolve_dtype(name: str):
+    """The torch dtype a `dtype` setting names; auto: bfloat16 on a GPU that supports it, else float32."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+class PretrainedRewardModelParams(StageParams):
+    """A reward model someone else trained: a sequence classifier with one label, loaded with
+    transformers from a local folder (hashed into the key) or a hub id, with its own tokenizer
+    (and chat template). Stages that read a reward model re-tokenize the text with it, so the
+    policy's vocabulary does not matter."""
+
+    kind: Literal["pretrained_reward_model"] = "pretrained_reward_model"
+    path: str = Field(description="local folder (relative to the spec's folder) or hub id")
+    revision: str | None = Field(None, description="hub revision (pin it: the key cannot hash a hub model)")
+    dtype: Dtype = Field("auto", description="the dtype the weights are stored (and so loaded) in")
+
+    @field_validator("path")
+    @classmethod
+    def _local_relative_to_spec(cls, value: str, info: ValidationInfo) -> str:
+        return local_or_hub(value, info)
+
+    def source_files(self) -> list[Path]:
+        return [Path(self.path)] if _is_local(self.path) else []
+
+
+@stage_kind("pretrained_reward_model", PretrainedRewardModelParams, output="reward_model")
+def pretrained_reward_model(ctx: StageContext) -> dict[str, float]:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from tasks.models import load_tokenizer, save_model
+
+    p: PretrainedRewardModelParams = ctx.params
+    local = _is_local(p.path)
+    path = str(Path(p.path).expanduser()) if local else p.path
+    options = {"revision": p.revision} if p.revision else {}
+    if local:
+        options["local_files_only"] = True
+    config = AutoConfig.from_pretrained(path, **options)
+    if config.num_labels != 1:
+        raise BadInput(path, "config.json: num_labels", f"a reward model: a sequence classifier with one label; this one has {config.num_labels}")
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(p.dtype), **options)
+    tokenizer = load_tokenizer(path, **options)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last non-pad token
+    save_model(model, tokenizer, ctx.out)
+    return {"parameters": float(sum(x.numel() for x in model.parameters()))}
+
+
 # ---- tables ---------------------------------------------------------------------------------
 
 
