@@ -279,11 +279,24 @@ class TableSourceParams(StageParams):
         description="preference formats: a row that cannot make a pair is an error (naming the row and "
         "the field) instead of being dropped and counted",
     )
-    columns: list[str] | None = Field(
+    columns: list[str] | dict[str, str] | None = Field(
         None,
-        description="columns to keep (after normalising, for the preference formats); each must be "
-        "present (and not null) in every row",
+        description="a list: the columns to keep (after normalising, for the preference formats); a mapping "
+        "{alignflow's name: the file's column}, e.g. {prompt: question, chosen: good, rejected: bad}: renames "
+        "them (before normalising) and keeps the rest. Each named column must be present (and not null) in every row",
     )
+
+    @field_validator("columns")
+    @classmethod
+    def _distinct_names(cls, value):
+        if isinstance(value, dict) and len(set(value.values())) != len(value):
+            raise ValueError(f"each of the file's columns renamed once; got {value}")
+        return value
+
+    @property
+    def file_columns(self) -> list[str] | None:
+        """The columns as the file names them."""
+        return list(self.columns.values()) if isinstance(self.columns, dict) else self.columns
 
 
 class FileParams(TableSourceParams):
@@ -319,12 +332,33 @@ def _check_columns(table, columns: list[str] | None, path: Path):
     return table.select(columns)
 
 
+def _rename_columns(data, mapping: dict[str, str], path: Path):
+    """`data` (an Arrow table, or rows) with the file's columns renamed to alignflow's names
+    (mapping: alignflow's name -> the file's column); each must be there, and no name taken twice."""
+    is_table = hasattr(data, "column_names")
+    names = data.column_names if is_table else list(dict.fromkeys(k for row in data for k in row))
+    for new, old in mapping.items():
+        if old not in names:
+            raise BadInput(str(path), f"columns.{new}", f"a column {old!r} in the file (it has {names})")
+        if new in names and new not in mapping.values():
+            raise BadInput(str(path), f"columns.{new}", f"renaming {old!r} to {new!r}, but the file already has a "
+                           f"column {new!r} (rename it too, or drop it from the file)")
+    rename = {old: new for new, old in mapping.items()}
+    if is_table:
+        _check_columns(data, list(mapping.values()), path)  # no nulls
+        return data.rename_columns([rename.get(c, c) for c in data.column_names])
+    return [{rename.get(k, k): v for k, v in row.items()} for row in data]
+
+
 def _finish_table(data, params: TableSourceParams, ctx: StageContext, file: str, row_labels=None) -> dict[str, float]:
-    """Normalise `data` (an Arrow table, or rows for the preference formats) to `params.format`,
-    keep `params.columns`, write it and return the source's metrics (rows, and rows dropped why)."""
+    """Rename `params.columns` (a mapping), normalise `data` (an Arrow table, or rows for the
+    preference formats) to `params.format`, keep `params.columns` (a list), write it and return
+    the source's metrics (rows, and rows dropped why)."""
     from tasks.tables import write_table
 
     metrics: dict[str, float] = {}
+    if isinstance(params.columns, dict):
+        data = _rename_columns(data, params.columns, Path(file))
     if params.format != "table":
         from tasks.preferences import normalise_preferences
 
@@ -334,7 +368,7 @@ def _finish_table(data, params: TableSourceParams, ctx: StageContext, file: str,
         )
         metrics["rows_read"] = float(rows_read)
         metrics.update({name: float(n) for name, n in dropped.items()})
-    table = _check_columns(data, params.columns, Path(file))
+    table = _check_columns(data, params.columns if isinstance(params.columns, list) else None, Path(file))
     write_table(table, ctx.out)
     return {"rows": float(table.num_rows), **metrics}
 
@@ -361,10 +395,12 @@ def jsonl(ctx: StageContext) -> dict[str, float]:
                 raise BadInput(str(path), f"line {line_number}", f"a JSON object, got {type(row).__name__}")
             if p.format == "table":
                 # Every row needs the requested columns, or else all of the first row's columns.
-                expected = p.columns or (list(rows[0]) if rows else list(row))
+                expected = p.file_columns or (list(rows[0]) if rows else list(row))
                 for column in expected:
                     if row.get(column) is None:
-                        raise BadInput(str(path), f"line {line_number}", f"a value for {column!r}")
+                        named = {old: new for new, old in p.columns.items()} if isinstance(p.columns, dict) else {}
+                        via = f" (columns.{named[column]})" if column in named else ""
+                        raise BadInput(str(path), f"line {line_number}", f"a value for {column!r}{via}")
             rows.append(row)
             line_numbers.append(line_number)
     if not rows:
