@@ -58,6 +58,9 @@ class EvaluateParams(StageParams):
     temperature: float = Field(1.0, ge=0, description="KL is an estimate of the sampled distribution's")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="prompts longer than this many tokens lose their beginning (a leading bos is kept)"
+    )
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(512, ge=2, description="for the reward model, the judge LM and the KL log-probs")
     backend: Literal["hf", "vllm"] = Field(
@@ -227,6 +230,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
                 responses[name] = [r[0] for r in vllm_sample_responses(
                     ctx.inputs[name], prompts, n=1, temperature=p.temperature, top_p=p.top_p,
                     max_new_tokens=p.max_new_tokens, seed=ctx.seed, engine=p.vllm, scratch=ctx.out,
+                    max_prompt_length=p.max_prompt_length,
                 )]
                 bar.advance(n_batches)
                 model, tokenizer = None, load_tokenizer(ctx.inputs[name])
@@ -235,15 +239,18 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
                 responses[name] = [r[0] for r in sample_responses(
                     model, tokenizer, prompts, n=1, temperature=p.temperature, top_p=p.top_p,
                     max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance,
+                    max_prompt_length=p.max_prompt_length,
                 )]
             lengths[name] = [len(ids) for ids in tokenizer(responses[name], add_special_tokens=False)["input_ids"]]
             if name == "policy" and p.reference is not None:
                 # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], on the policy's own samples.
                 if model is None:  # sampled by vLLM: the log-probs come from transformers
                     model, tokenizer = load_causal_lm(ctx.inputs["policy"])
-                policy_logps, _ = batched_logps(model, tokenizer, prompts, responses["policy"], p.max_length, p.batch_size)
+                policy_logps, _ = batched_logps(model, tokenizer, prompts, responses["policy"], p.max_length, p.batch_size,
+                                                max_prompt_length=p.max_prompt_length)
                 reference, ref_tokenizer = load_causal_lm(ctx.inputs["reference"])
-                ref_logps, _ = batched_logps(reference, ref_tokenizer, prompts, responses["policy"], p.max_length, p.batch_size)
+                ref_logps, _ = batched_logps(reference, ref_tokenizer, prompts, responses["policy"], p.max_length, p.batch_size,
+                                             max_prompt_length=p.max_prompt_length)
                 kl = sum(a - b for a, b in zip(policy_logps, ref_logps)) / n
                 del reference
             del model
