@@ -1,4 +1,4 @@
-"""The `alignflow` command: run, plan, serve, server, compare, ui.
+"""The `alignflow` command: run, plan, export, serve, server, compare, ui.
 
 Exit codes: 0 success; 2 a bad spec, option or input (nothing written); 1 a failure while running.
 Heavy imports (prefect, mlflow, torch) happen only in the commands that need them.
@@ -143,6 +143,26 @@ def plan(
     from rich.console import Console
 
     Console(width=max(160, console.width), soft_wrap=True).print(table)
+
+
+@app.command()
+def export(
+    spec: str = typer.Argument(..., help="Path to the pipeline spec (YAML)."),
+    stage: str = typer.Argument(..., help="The stage (or model) whose model to export."),
+    out: str = typer.Argument(..., metavar="DIR", help="The folder to write (from_pretrained loads it)."),
+    round_: Optional[int] = typer.Option(None, "--round", min=0, help="Which round (default: the last)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DIR if it exists."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Write a stage's trained model as a folder AutoModelForCausalLM (a reward model:
+    AutoModelForSequenceClassification) .from_pretrained loads, with its tokenizer, LoRA merged."""
+    from flows.export import export as export_stage
+
+    try:
+        folder = export_stage(spec, stage, out, round_, overwrite, list(set_))
+    except SpecError as err:
+        _fail_spec(err)
+    console.print(f"exported {stage} to {folder}")
 
 
 @app.command()

@@ -90,6 +90,12 @@ def code_version(module: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(seen.items()))
 
 
+def user_code(params) -> dict[str, str]:
+    """A user's own modules the stage reads (a reward function's), normalised as the project's code is."""
+    return {label: sha256(_normalised(ast.parse(path.read_text(), filename=str(path))))[:16]
+            for label, path in params.code_files().items()}
+
+
 def stage_module(kind: str) -> str:
     return load_stage_kinds()[kind].run.__module__
 
@@ -122,7 +128,7 @@ def assign_keys(nodes: list[Node], spec_seed: int) -> None:
             "kind": node.kind,
             "config": stage_config(node),
             "inputs": {param: keys[i] for param, i in sorted(node.inputs.items())},
-            "code": dict(code_version(stage_module(node.kind))),
+            "code": {**dict(code_version(stage_module(node.kind))), **user_code(node.params)},
             "seed": seed,
             "sources": {str(p): file_fingerprint(p) for p in node.params.source_files()},
         }

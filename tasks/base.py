@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
 # What an artifact holds; a reference names the type it expects so the spec is checked up front.
 ArtifactType = Literal["model", "reward_model", "table", "metrics"]
@@ -55,9 +55,26 @@ class StageParams(BaseModel):
     # Parameters that never change the result (how much to print, say) are left out of the key.
     not_in_key: ClassVar[frozenset[str]] = frozenset()
 
+    # The spec's folder (from the validation context): where a user's own code is imported from.
+    _spec_dir: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _remember_spec_dir(self, info: ValidationInfo):
+        self._spec_dir = (info.context or {}).get("base_dir")
+        return self
+
+    @property
+    def spec_dir(self) -> str | None:
+        return None if self._spec_dir is None else str(self._spec_dir)
+
     def source_files(self) -> list[Path]:
         """Files whose content the result depends on (hashed into the key; must exist)."""
         return []
+
+    def code_files(self) -> dict[str, Path]:
+        """A user's own Python modules the result depends on (a reward function's), by label:
+        their normalised code is in the key, like the project's own code."""
+        return {}
 
 
 class BadInput(ValueError):

@@ -2,11 +2,17 @@
 
 Both models answer every prompt (one sample each, the same seed); a judge decides each prompt:
 
-- `judge`: a programmatic reward function (tasks/rewards.py; the demo's `demo_gold`), or
-- `judge_model`: a reward model; the response with the higher reward wins, or
-- `judge_lm`: a causal LM asked which of the two responses is better (JUDGE_TEMPLATE, answered by
-  the next token "A" or "B"). It is asked in both orders, to cancel its position bias: a response
-  wins only if both orders prefer it, otherwise the prompt is a tie.
+- `judge`: a programmatic reward function (a built-in name in tasks/rewards.py, or a user's
+  "module:function"), or
+- `judge_model`: a reward model (a reward_model stage or a pretrained_reward_model); the response
+  with the higher reward wins, or
+- `judge_lm`: a causal LM asked which of the two responses is better (`judge_template`, default
+  JUDGE_TEMPLATE, answered by the next token "A" or "B"). It is asked in both orders, to cancel its
+  position bias: a response wins only if both orders prefer it, otherwise the prompt is a tie.
+
+There is no default: exactly one judge is named. Conversational prompts work with each: a reward
+function gets the messages, a reward model its chat template (or the conversation as text when it
+has none), the judge LM the conversation as text (tasks/rewards.py, conversation_text).
 
 Ties count half. Metrics: win_rate (with a 95% interval), reward_policy / reward_baseline (mean
 judge reward, when the judge gives rewards), length_policy / length_baseline (mean response
@@ -20,6 +26,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+from tasks.rewards import RewardFnName, reward_code_files
 from tasks.vllm_backend import VllmParams, vllm_settings
 
 # The pairwise judge's question; the next token after it is the answer, "A" or "B".
@@ -37,14 +44,23 @@ class EvaluateParams(StageParams):
     policy: Ref("model")
     baseline: Ref("model")
     prompts: Ref("table")
-    # The judge: exactly one of these three; with none given, judge: demo_gold.
-    judge: str | None = Field(None, description="a reward function name in tasks/rewards.py")
+    # The judge: exactly one of these three.
+    judge: RewardFnName | None = Field(
+        None, description='a reward function: a built-in name (tasks/rewards.py) or "module:function" (beside the spec)'
+    )
     judge_model: OptionalRef("reward_model") = None
     judge_lm: OptionalRef("model") = None
+    judge_template: str | None = Field(
+        None, description="judge_lm's question, with {prompt}, {a} and {b}, ending with the words the answer (A or B) "
+        "follows; default: JUDGE_TEMPLATE"
+    )
     reference: OptionalRef("model") = Field(None, description="to estimate KL(policy || reference)")
     temperature: float = Field(1.0, ge=0, description="KL is an estimate of the sampled distribution's")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="prompts longer than this many tokens lose their beginning (a leading bos is kept)"
+    )
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(512, ge=2, description="for the reward model, the judge LM and the KL log-probs")
     backend: Literal["hf", "vllm"] = Field(
@@ -59,23 +75,46 @@ class EvaluateParams(StageParams):
     def _vllm_settings(cls, value, info):
         return vllm_settings(value, info)
 
-    @model_validator(mode="before")
+    @field_validator("judge_template")
     @classmethod
-    def _default_judge(cls, data):
-        if isinstance(data, dict) and all(data.get(k) is None for k in ("judge", "judge_model", "judge_lm")):
-            data = {**data, "judge": "demo_gold"}
-        return data
+    def _template_fields(cls, value):
+        if value is not None:
+            judge_template_tail(value)  # raises, saying what is wrong
+        return value
 
     @model_validator(mode="after")
     def _one_judge(self):
         given = [k for k in ("judge", "judge_model", "judge_lm") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"evaluate takes exactly one of judge, judge_model or judge_lm (got {', '.join(given)})")
-        if self.judge is not None:
-            from tasks.rewards import get_reward_fn  # pure Python: cheap
-
-            get_reward_fn(self.judge)  # an unknown name fails when the spec is checked
+            raise ValueError("evaluate needs exactly one judge: judge (a reward function), judge_model (a reward "
+                             f"model) or judge_lm (a causal LM); got {', '.join(given) if given else 'none'}")
+        if self.judge_template is not None and self.judge_lm is None:
+            raise ValueError("judge_template is judge_lm's question; it needs judge_lm")
         return self
+
+    def code_files(self):
+        return reward_code_files([self.judge], self.spec_dir)
+
+
+def judge_template_tail(template: str) -> str:
+    """The last line of the text after a judge template's last field: the words the answer follows.
+    ValueError unless the template has exactly the fields {prompt}, {a} and {b} and ends with text."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"judge_template: not a format string ({e})") from None
+    fields = [name for _, name, _, _ in parsed if name is not None]
+    if sorted(set(fields)) != ["a", "b", "prompt"]:
+        raise ValueError(f"judge_template: expected the fields {{prompt}}, {{a}} and {{b}} (each at least once), got "
+                         f"{', '.join('{' + f + '}' for f in fields) or 'none'}")
+    after = parsed[-1][0] if parsed[-1][1] is None else ""
+    lines = after.strip().splitlines()
+    if not lines:
+        raise ValueError("judge_template: expected words after the last field (e.g. 'The better response is'): "
+                         "the judge's answer, A or B, is read as the token that follows them")
+    return lines[-1]
 
 
 def win_rate_of(outcomes: list[float]) -> dict[str, float]:
@@ -120,15 +159,17 @@ def pairwise_outcomes(prompts: list[str], policy: list[str], baseline: list[str]
     return outcomes
 
 
-def lm_judge(model, tokenizer, max_length: int, batch_size: int, on_batch=None):
-    """`prefers_a` for a causal LM judge: log p("A") - log p("B") as the token after JUDGE_TEMPLATE."""
+def lm_judge(model, tokenizer, max_length: int, batch_size: int, on_batch=None, template: str = JUDGE_TEMPLATE):
+    """`prefers_a` for a causal LM judge: log p("A") - log p("B") as the token after `template`
+    (conversational prompts are written into it as text)."""
     import torch
 
     from tasks.models import encode_prompts, pad
+    from tasks.rewards import conversation_text
 
     # The answer's token as it follows the template's last words (" A" in a BPE vocabulary, "▁A" in
     # a sentencepiece one): the first token of "... is A" beyond those of "... is".
-    tail = JUDGE_TEMPLATE.splitlines()[-1]
+    tail = judge_template_tail(template)
     n_tail = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
     answer_ids = [tokenizer(f"{tail} {letter}", add_special_tokens=False)["input_ids"][n_tail] for letter in ("A", "B")]
     if answer_ids[0] == answer_ids[1]:
@@ -138,7 +179,8 @@ def lm_judge(model, tokenizer, max_length: int, batch_size: int, on_batch=None):
     def prefers_a(prompts, responses_a, responses_b) -> list[float]:
         model.eval()
         device = next(model.parameters()).device
-        questions = [JUDGE_TEMPLATE.format(prompt=x, a=a, b=b) for x, a, b in zip(prompts, responses_a, responses_b)]
+        questions = [template.rstrip().format(prompt=conversation_text(x), a=a, b=b)
+                     for x, a, b in zip(prompts, responses_a, responses_b)]
         preferences = []
         for start in range(0, len(questions), batch_size):
             encoded = [ids[-max_length:] for ids in encode_prompts(tokenizer, questions[start : start + batch_size])]
@@ -188,6 +230,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
                 responses[name] = [r[0] for r in vllm_sample_responses(
                     ctx.inputs[name], prompts, n=1, temperature=p.temperature, top_p=p.top_p,
                     max_new_tokens=p.max_new_tokens, seed=ctx.seed, engine=p.vllm, scratch=ctx.out,
+                    max_prompt_length=p.max_prompt_length,
                 )]
                 bar.advance(n_batches)
                 model, tokenizer = None, load_tokenizer(ctx.inputs[name])
@@ -196,36 +239,41 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
                 responses[name] = [r[0] for r in sample_responses(
                     model, tokenizer, prompts, n=1, temperature=p.temperature, top_p=p.top_p,
                     max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance,
+                    max_prompt_length=p.max_prompt_length,
                 )]
             lengths[name] = [len(ids) for ids in tokenizer(responses[name], add_special_tokens=False)["input_ids"]]
             if name == "policy" and p.reference is not None:
                 # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], on the policy's own samples.
                 if model is None:  # sampled by vLLM: the log-probs come from transformers
                     model, tokenizer = load_causal_lm(ctx.inputs["policy"])
-                policy_logps, _ = batched_logps(model, tokenizer, prompts, responses["policy"], p.max_length, p.batch_size)
+                policy_logps, _ = batched_logps(model, tokenizer, prompts, responses["policy"], p.max_length, p.batch_size,
+                                                max_prompt_length=p.max_prompt_length)
                 reference, ref_tokenizer = load_causal_lm(ctx.inputs["reference"])
-                ref_logps, _ = batched_logps(reference, ref_tokenizer, prompts, responses["policy"], p.max_length, p.batch_size)
+                ref_logps, _ = batched_logps(reference, ref_tokenizer, prompts, responses["policy"], p.max_length, p.batch_size,
+                                             max_prompt_length=p.max_prompt_length)
                 kl = sum(a - b for a, b in zip(policy_logps, ref_logps)) / n
                 del reference
             del model
 
     rewards = None
     if p.judge is not None:
-        from tasks.rewards import get_reward_fn
+        from tasks.rewards import resolve_reward_fn
 
-        judge = get_reward_fn(p.judge)
-        rewards = {name: [judge(x, y) for x, y in zip(prompts, responses[name])] for name in responses}
+        judge = resolve_reward_fn(p.judge, p.spec_dir)
+        rewards = {name: [float(judge(x, y)) for x, y in zip(prompts, responses[name])] for name in responses}
     elif p.judge_model is not None:
         from tasks.models import batched_scores, load_reward_model
+        from tasks.score import reward_model_prompts
 
         judge, judge_tokenizer = load_reward_model(ctx.inputs["judge_model"])
-        rewards = {name: batched_scores(judge, judge_tokenizer, prompts, responses[name], p.max_length, p.batch_size)
+        judge_prompts = reward_model_prompts(judge_tokenizer, prompts)
+        rewards = {name: batched_scores(judge, judge_tokenizer, judge_prompts, responses[name], p.max_length, p.batch_size)
                    for name in responses}
     if rewards is not None:
         outcomes = win_rate(rewards["policy"], rewards["baseline"])["outcomes"]
     else:
         judge, judge_tokenizer = load_causal_lm(ctx.inputs["judge_lm"])
-        prefers_a = lm_judge(judge, judge_tokenizer, p.max_length, p.batch_size)
+        prefers_a = lm_judge(judge, judge_tokenizer, p.max_length, p.batch_size, template=p.judge_template or JUDGE_TEMPLATE)
         outcomes = pairwise_outcomes(prompts, responses["policy"], responses["baseline"], prefers_a)
 
     metrics = {**win_rate_of(outcomes), "n": float(n)}

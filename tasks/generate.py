@@ -22,6 +22,9 @@ class GenerateParams(StageParams):
     temperature: float = Field(1.0, ge=0, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="prompts longer than this many tokens lose their beginning (a leading bos is kept)"
+    )
     batch_size: int = Field(64, ge=1, description="prompts per generate call (hf backend)")
     backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate; vllm: vLLM, on CUDA GPUs")
     vllm: VllmParams | None = Field(
@@ -72,7 +75,7 @@ def generate(ctx: StageContext) -> dict[str, float]:
             responses = vllm_sample_responses(
                 ctx.inputs["policy"], prompts,
                 n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
-                seed=ctx.seed, engine=p.vllm, scratch=ctx.out, row_ids=prompt_ids,
+                seed=ctx.seed, engine=p.vllm, scratch=ctx.out, row_ids=prompt_ids, max_prompt_length=p.max_prompt_length,
             )
             bar.advance()
     else:
@@ -82,6 +85,7 @@ def generate(ctx: StageContext) -> dict[str, float]:
                 model, tokenizer, prompts,
                 n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
                 batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance, prompt_ids=prompt_ids,
+                max_prompt_length=p.max_prompt_length,
             )
 
     rows = {"prompt_id": [], "prompt": [], "sample": [], "response": []}

@@ -261,12 +261,13 @@ def chat_response_ids(tokenizer, prompt_messages, response) -> list[int]:
     return ids[: ends[-1] + 1] if ends else ids + [tokenizer.eos_token_id]
 
 
-def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list, max_prompt_length: int | None = None) -> list[list[int]]:
     """Token ids of each prompt, as a model reads it before its response.
 
     Plain text: [bos] + tokens(prompt). Conversational (a list of {role, content} messages): the
     chat template's rendering with the generation prompt, tokenized without adding bos (the
-    template writes its own start tokens).
+    template writes its own start tokens). With max_prompt_length, a longer prompt loses its
+    beginning (its end, next to the response, matters most), but keeps a leading bos.
     """
     prompts = list(prompts)
     encoded: list[list[int]] = [[] for _ in prompts]
@@ -278,19 +279,31 @@ def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
     for i, prompt in enumerate(prompts):
         if is_chat(prompt):
             encoded[i] = tokenizer(chat_prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    if max_prompt_length is not None:
+        encoded = [cut_left(ids, max_prompt_length, tokenizer.bos_token_id) for ids in encoded]
     return encoded
 
 
-def encode_examples(tokenizer, prompts: list, responses: list, max_length: int) -> list[dict]:
+def cut_left(ids: list[int], length: int, bos: int | None) -> list[int]:
+    """The last `length` ids, the first one kept when it is bos."""
+    if len(ids) <= length:
+        return ids
+    keep_bos = bos is not None and ids[0] == bos and length > 1
+    return [bos] + ids[len(ids) - length + 1 :] if keep_bos else ids[len(ids) - length :]
+
+
+def encode_examples(tokenizer, prompts: list, responses: list, max_length: int,
+                    max_prompt_length: int | None = None) -> list[dict]:
     """Each (prompt, response) as {"input_ids", "labels"}; labels mask the prompt with -100.
 
     Plain text: [bos] + tokens(prompt) + tokens(response) + [eos]. A conversational prompt (a list
     of messages) with a response (the assistant's message(s), or a str: one assistant message):
     encode_prompts' ids, then chat_response_ids'; the labels cover the reply's tokens and its
-    end-of-turn. Sequences longer than max_length are cut at the end (the response loses its tail).
+    end-of-turn. Sequences longer than max_length are cut at the end (the response loses its tail);
+    prompts longer than max_prompt_length lose their beginning first (encode_prompts).
     """
     prompts, responses = list(prompts), list(responses)
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_length)
     response_ids: list[list[int]] = [[] for _ in prompts]
     plain = [i for i, prompt in enumerate(prompts) if not is_chat(prompt)]
     for i in plain:
@@ -440,11 +453,12 @@ def _body_and_head(model):
 
 
 @torch.no_grad()
-def batched_logps(model, tokenizer, prompts, responses, max_length: int, batch_size: int, on_batch=None):
+def batched_logps(model, tokenizer, prompts, responses, max_length: int, batch_size: int, on_batch=None,
+                  max_prompt_length: int | None = None):
     """sequence_logps over a whole list, in batches. Returns (logps, token counts) as lists."""
     model.eval()
     device = next(model.parameters()).device
-    examples = encode_examples(tokenizer, prompts, responses, max_length)
+    examples = encode_examples(tokenizer, prompts, responses, max_length, max_prompt_length)
     logps, counts = [], []
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], tokenizer.pad_token_id).items()}
@@ -495,6 +509,7 @@ def sample_responses(
     seed: int = 0,
     on_batch: Callable[[], None] | None = None,
     prompt_ids: list | None = None,
+    max_prompt_length: int | None = None,
 ) -> list[list[str]]:
     """n sampled responses per prompt (temperature 0: greedy). Seeded: same inputs, same outputs.
 
@@ -513,7 +528,7 @@ def sample_responses(
     responses = []
     for start in range(0, len(prompts), batch_size):
         torch.manual_seed(batch_seed(seed, prompt_ids[start] if prompt_ids is not None else start))
-        encoded = encode_prompts(tokenizer, prompts[start : start + batch_size])
+        encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length)
         input_ids = pad(encoded, tokenizer.pad_token_id, left=True).to(device)  # left: new tokens line up
         attention_mask = pad([[1] * len(e) for e in encoded], 0, left=True).to(device)
         out = model.generate(

@@ -38,6 +38,9 @@ class PairsParams(StageParams):
     )
     batch_size: int = Field(64, ge=1, description="for the reference log-probs")
     max_length: int = Field(512, ge=2, description="must match the trainer's max_length")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="prompts longer than this lose their beginning (bos kept); must match the trainer's"
+    )
 
 
 def group_rows(keys: list) -> list[list[int]]:
@@ -114,7 +117,8 @@ def build_pairs(prompt_keys: list, rewards: list[float], strategy: str = "best_v
     return pairs, dropped
 
 
-def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch_size: int, progress) -> None:
+def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch_size: int, progress,
+                        max_prompt_length: int | None = None) -> None:
     """Add ref_chosen_logp, ref_rejected_logp, chosen_tokens, rejected_tokens to `rows` (columns
     prompt, chosen, rejected): the reference model's summed response-token log-probs and how many
     tokens they cover. `reference` is a model artifact folder. Shared by `pairs` and `ref_logps`."""
@@ -126,7 +130,8 @@ def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch
     n_batches = 2 * math.ceil(len(rows["prompt"]) / batch_size)
     with progress("reference log-probs", total=n_batches) as bar:
         for side in ("chosen", "rejected"):
-            logps, counts = batched_logps(model, tokenizer, rows["prompt"], rows[side], max_length, batch_size, bar.advance)
+            logps, counts = batched_logps(model, tokenizer, rows["prompt"], rows[side], max_length, batch_size, bar.advance,
+                                          max_prompt_length)
             rows[f"ref_{side}_logp"] = logps
             rows[f"{side}_tokens"] = counts
 
@@ -157,7 +162,7 @@ def pairs(ctx: StageContext) -> dict[str, float]:
                          f"{dropped['dropped_min_margin']} under min_margin={p.min_margin}")
 
     if p.reference is not None:
-        add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress)
+        add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress, p.max_prompt_length)
 
     write_table(rows, ctx.out)
     n = len(rows["prompt"])

@@ -1,4 +1,7 @@
-"""Named programmatic reward functions: `reward_fn: demo_gold` in a spec means REWARD_FNS["demo_gold"].
+"""Programmatic reward functions: a built-in name (`reward_fn: demo_gold` means
+REWARD_FNS["demo_gold"]) or a user's own, `"module:function"`, imported with the spec's folder
+first on sys.path (so a `myreward.py` beside the spec works). `resolve_reward_fn` is the one
+resolver every stage uses (score's reward_fn, evaluate's judge, the online stages' rewards).
 
 A reward function maps (prompt, response) to a float. The prompt is a str, or for a
 conversational prompt a list of {role, content} messages. Pure Python, so a spec can be checked
@@ -7,7 +10,10 @@ without importing torch.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+from pydantic import AfterValidator, ValidationInfo
 
 from tasks import demo_task
 
@@ -79,13 +85,109 @@ def arithmetic_reward(prompt, response: str) -> float:
     return float(answer == expected) - ARITHMETIC_LENGTH_PENALTY * words
 
 
+def conversation_text(prompt) -> str:
+    """A prompt as plain text, for a judge that reads text: a str as it is; a one-message
+    conversation, that message's content; a longer one, a "role: content" line per message."""
+    if isinstance(prompt, str):
+        return prompt
+    messages = list(prompt)
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def demo_gold_reward(prompt, response: str) -> float:
+    """The demo task's true reward (tasks/demo_task.py), on a plain or conversational prompt."""
+    return demo_task.gold_reward(prompt_text(prompt), response)
+
+
 REWARD_FNS: dict[str, RewardFn] = {
-    "demo_gold": demo_task.gold_reward,
+    "demo_gold": demo_gold_reward,
     "arithmetic": arithmetic_reward,
 }
 
 
-def get_reward_fn(name: str) -> RewardFn:
-    if name not in REWARD_FNS:
-        raise ValueError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARD_FNS))}")
-    return REWARD_FNS[name]
+def is_import_path(name: str) -> bool:
+    """"module:function" (a user's reward), as opposed to a built-in name."""
+    return ":" in name
+
+
+def _import_user_module(module: str, folder: str | Path | None):
+    """Import `module` with `folder` first on sys.path. A module that lives in `folder` is imported
+    afresh each time: an edit made since (or the same name beside another spec) is seen."""
+    import importlib
+    import sys
+
+    top = module.split(".")[0]
+    if folder is not None and ((Path(folder) / f"{top}.py").is_file() or (Path(folder) / top).is_dir()):
+        for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+            del sys.modules[name]
+    path = list(sys.path)
+    if folder is not None:
+        sys.path.insert(0, str(folder))
+    try:
+        importlib.invalidate_caches()
+        return importlib.import_module(module)
+    finally:
+        sys.path[:] = path
+
+
+def resolve_reward_fn(name: str, folder: str | Path | None = None) -> RewardFn:
+    """The reward function `name` names: a built-in name, or "module:function" imported with
+    `folder` (the spec's) first on sys.path. ValueError, saying what is wrong, when the module
+    does not import or the name is not a callable."""
+    if not is_import_path(name):
+        if name not in REWARD_FNS:
+            raise ValueError(f"unknown reward function {name!r}; expected a built-in name ({', '.join(sorted(REWARD_FNS))}) "
+                             "or \"module:function\" (a module beside the spec, or importable)")
+        return REWARD_FNS[name]
+    module, _, attribute = name.partition(":")
+    if not module or not attribute:
+        raise ValueError(f"{name!r}: expected \"module:function\", e.g. myreward:score")
+    try:
+        loaded = _import_user_module(module, folder)
+    except Exception as e:  # the user's module: any error it raises while importing
+        where = f" (looked in {folder} first)" if folder is not None else ""
+        raise ValueError(f"{name!r}: module {module!r} does not import{where}: {type(e).__name__}: {e}") from None
+    fn = loaded
+    for part in attribute.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        raise ValueError(f"{name!r}: {attribute!r} in {getattr(loaded, '__file__', module)} is "
+                         f"{'missing' if fn is None else 'not callable'}; expected a function (prompt, response) -> float")
+    return fn
+
+
+def reward_module_file(name: str, folder: str | Path | None = None) -> tuple[str, Path] | None:
+    """(label, file) of the module a "module:function" reward is read from, for the stage key:
+    its label is the file's path relative to the folder it was found in (myreward.py). None for a
+    built-in name or a module that is not a source file."""
+    if not is_import_path(name):
+        return None
+    module = _import_user_module(name.partition(":")[0], folder)
+    file = getattr(module, "__file__", None)
+    if not file or not file.endswith(".py"):
+        return None
+    file = Path(file).resolve()
+    depth = name.partition(":")[0].count(".") + (file.name == "__init__.py")
+    return file.relative_to(file.parents[depth]).as_posix(), file
+
+
+def _check_reward_fn(value: str, info: ValidationInfo) -> str:
+    resolve_reward_fn(value, (info.context or {}).get("base_dir"))  # raises ValueError: a spec error
+    return value
+
+
+# A spec's reward function field: checked (imported) when the spec is; the stage resolves it
+# again with params.spec_dir when it runs.
+RewardFnName = Annotated[str, AfterValidator(_check_reward_fn)]
+
+
+def reward_code_files(names, folder: str | Path | None) -> dict[str, Path]:
+    """{label: file} of the user modules among reward names (None entries skipped): for the key."""
+    found = (reward_module_file(name, folder) for name in names if name is not None)
+    return dict(item for item in found if item is not None)
+
+
+def get_reward_fn(name: str, folder: str | Path | None = None) -> RewardFn:
+    return resolve_reward_fn(name, folder)

@@ -1,4 +1,5 @@
-"""score: a `reward` column for each candidate, from a reward model or a named reward function."""
+"""score: a `reward` column for each candidate, from a reward model (a reward_model stage or a
+pretrained_reward_model) or a reward function (a built-in name or a user's "module:function")."""
 from __future__ import annotations
 
 from typing import Literal
@@ -6,13 +7,16 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.base import OptionalRef, Ref, StageContext, StageParams, shard_rows, stage_kind
+from tasks.rewards import RewardFnName, reward_code_files
 
 
 class ScoreParams(StageParams):
     kind: Literal["score"] = "score"
     candidates: Ref("table")
     reward_model: OptionalRef("reward_model") = None
-    reward_fn: str | None = Field(None, description="a name in tasks/rewards.py, e.g. demo_gold")
+    reward_fn: RewardFnName | None = Field(
+        None, description='a built-in name (tasks/rewards.py, e.g. demo_gold) or "module:function" (beside the spec)'
+    )
     batch_size: int = Field(128, ge=1)
     max_length: int = Field(512, ge=2)
     shards: int = Field(1, ge=1, description="split the rows over this many task-runner workers (same result)")
@@ -23,11 +27,20 @@ class ScoreParams(StageParams):
     def _one_scorer(self):
         if (self.reward_model is None) == (self.reward_fn is None):
             raise ValueError("score needs exactly one of reward_model (a reward model) or reward_fn (a function name)")
-        if self.reward_fn is not None:
-            from tasks.rewards import get_reward_fn  # pure Python: cheap
-
-            get_reward_fn(self.reward_fn)  # an unknown name fails when the spec is checked
         return self
+
+    def code_files(self):
+        return reward_code_files([self.reward_fn], self.spec_dir)
+
+
+def reward_model_prompts(tokenizer, prompts: list) -> list:
+    """Prompts as a reward model reads them, with its own tokenizer: a conversation goes through
+    its chat template; when it has none (a model trained on plain text), the conversation as text."""
+    from tasks.rewards import conversation_text
+
+    if getattr(tokenizer, "chat_template", None):
+        return prompts
+    return [x if isinstance(x, str) else conversation_text(x) for x in prompts]
 
 
 def scored_metrics(rows: dict) -> dict[str, float]:
@@ -53,16 +66,18 @@ def score(ctx: StageContext) -> dict[str, float]:
     responses = table.column("response").to_pylist()
 
     if p.reward_fn is not None:
-        from tasks.rewards import get_reward_fn
+        from tasks.rewards import resolve_reward_fn
 
-        fn = get_reward_fn(p.reward_fn)
+        fn = resolve_reward_fn(p.reward_fn, p.spec_dir)
         rewards = [float(fn(prompt, response)) for prompt, response in zip(prompts, responses)]
     else:
         from tasks.models import batched_scores, load_reward_model
 
+        # The reward model's own tokenizer re-tokenizes the text: any policy's vocabulary will do.
         model, tokenizer = load_reward_model(ctx.inputs["reward_model"])
         with ctx.progress("scoring", total=math.ceil(len(prompts) / p.batch_size)) as bar:
-            rewards = batched_scores(model, tokenizer, prompts, responses, p.max_length, p.batch_size, bar.advance)
+            rewards = batched_scores(model, tokenizer, reward_model_prompts(tokenizer, prompts), responses,
+                                     p.max_length, p.batch_size, bar.advance)
 
     if "reward" in table.column_names:
         table = table.drop_columns(["reward"])

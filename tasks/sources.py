@@ -174,6 +174,60 @@ def pretrained(ctx: StageContext) -> dict[str, float]:
     return {"parameters": float(sum(x.numel() for x in model.parameters()))}
 
 
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def resolve_dtype(name: str):
+    """The torch dtype a `dtype` setting names; auto: bfloat16 on a GPU that supports it, else float32."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+class PretrainedRewardModelParams(StageParams):
+    """A reward model someone else trained: a sequence classifier with one label, loaded with
+    transformers from a local folder (hashed into the key) or a hub id, with its own tokenizer
+    (and chat template). Stages that read a reward model re-tokenize the text with it, so the
+    policy's vocabulary does not matter."""
+
+    kind: Literal["pretrained_reward_model"] = "pretrained_reward_model"
+    path: str = Field(description="local folder (relative to the spec's folder) or hub id")
+    revision: str | None = Field(None, description="hub revision (pin it: the key cannot hash a hub model)")
+    dtype: Dtype = Field("auto", description="the dtype the weights are stored (and so loaded) in")
+
+    @field_validator("path")
+    @classmethod
+    def _local_relative_to_spec(cls, value: str, info: ValidationInfo) -> str:
+        return local_or_hub(value, info)
+
+    def source_files(self) -> list[Path]:
+        return [Path(self.path)] if _is_local(self.path) else []
+
+
+@stage_kind("pretrained_reward_model", PretrainedRewardModelParams, output="reward_model")
+def pretrained_reward_model(ctx: StageContext) -> dict[str, float]:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from tasks.models import load_tokenizer, save_model
+
+    p: PretrainedRewardModelParams = ctx.params
+    local = _is_local(p.path)
+    path = str(Path(p.path).expanduser()) if local else p.path
+    options = {"revision": p.revision} if p.revision else {}
+    if local:
+        options["local_files_only"] = True
+    config = AutoConfig.from_pretrained(path, **options)
+    if config.num_labels != 1:
+        raise BadInput(path, "config.json: num_labels", f"a reward model: a sequence classifier with one label; this one has {config.num_labels}")
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(p.dtype), **options)
+    tokenizer = load_tokenizer(path, **options)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last non-pad token
+    save_model(model, tokenizer, ctx.out)
+    return {"parameters": float(sum(x.numel() for x in model.parameters()))}
+
+
 # ---- tables ---------------------------------------------------------------------------------
 
 
@@ -228,11 +282,24 @@ class TableSourceParams(StageParams):
         description="preference formats: a row that cannot make a pair is an error (naming the row and "
         "the field) instead of being dropped and counted",
     )
-    columns: list[str] | None = Field(
+    columns: list[str] | dict[str, str] | None = Field(
         None,
-        description="columns to keep (after normalising, for the preference formats); each must be "
-        "present (and not null) in every row",
+        description="a list: the columns to keep (after normalising, for the preference formats); a mapping "
+        "{alignflow's name: the file's column}, e.g. {prompt: question, chosen: good, rejected: bad}: renames "
+        "them (before normalising) and keeps the rest. Each named column must be present (and not null) in every row",
     )
+
+    @field_validator("columns")
+    @classmethod
+    def _distinct_names(cls, value):
+        if isinstance(value, dict) and len(set(value.values())) != len(value):
+            raise ValueError(f"each of the file's columns renamed once; got {value}")
+        return value
+
+    @property
+    def file_columns(self) -> list[str] | None:
+        """The columns as the file names them."""
+        return list(self.columns.values()) if isinstance(self.columns, dict) else self.columns
 
 
 class FileParams(TableSourceParams):
@@ -268,12 +335,33 @@ def _check_columns(table, columns: list[str] | None, path: Path):
     return table.select(columns)
 
 
+def _rename_columns(data, mapping: dict[str, str], path: Path):
+    """`data` (an Arrow table, or rows) with the file's columns renamed to alignflow's names
+    (mapping: alignflow's name -> the file's column); each must be there, and no name taken twice."""
+    is_table = hasattr(data, "column_names")
+    names = data.column_names if is_table else list(dict.fromkeys(k for row in data for k in row))
+    for new, old in mapping.items():
+        if old not in names:
+            raise BadInput(str(path), f"columns.{new}", f"a column {old!r} in the file (it has {names})")
+        if new in names and new not in mapping.values():
+            raise BadInput(str(path), f"columns.{new}", f"renaming {old!r} to {new!r}, but the file already has a "
+                           f"column {new!r} (rename it too, or drop it from the file)")
+    rename = {old: new for new, old in mapping.items()}
+    if is_table:
+        _check_columns(data, list(mapping.values()), path)  # no nulls
+        return data.rename_columns([rename.get(c, c) for c in data.column_names])
+    return [{rename.get(k, k): v for k, v in row.items()} for row in data]
+
+
 def _finish_table(data, params: TableSourceParams, ctx: StageContext, file: str, row_labels=None) -> dict[str, float]:
-    """Normalise `data` (an Arrow table, or rows for the preference formats) to `params.format`,
-    keep `params.columns`, write it and return the source's metrics (rows, and rows dropped why)."""
+    """Rename `params.columns` (a mapping), normalise `data` (an Arrow table, or rows for the
+    preference formats) to `params.format`, keep `params.columns` (a list), write it and return
+    the source's metrics (rows, and rows dropped why)."""
     from tasks.tables import write_table
 
     metrics: dict[str, float] = {}
+    if isinstance(params.columns, dict):
+        data = _rename_columns(data, params.columns, Path(file))
     if params.format != "table":
         from tasks.preferences import normalise_preferences
 
@@ -283,7 +371,7 @@ def _finish_table(data, params: TableSourceParams, ctx: StageContext, file: str,
         )
         metrics["rows_read"] = float(rows_read)
         metrics.update({name: float(n) for name, n in dropped.items()})
-    table = _check_columns(data, params.columns, Path(file))
+    table = _check_columns(data, params.columns if isinstance(params.columns, list) else None, Path(file))
     write_table(table, ctx.out)
     return {"rows": float(table.num_rows), **metrics}
 
@@ -310,10 +398,12 @@ def jsonl(ctx: StageContext) -> dict[str, float]:
                 raise BadInput(str(path), f"line {line_number}", f"a JSON object, got {type(row).__name__}")
             if p.format == "table":
                 # Every row needs the requested columns, or else all of the first row's columns.
-                expected = p.columns or (list(rows[0]) if rows else list(row))
+                expected = p.file_columns or (list(rows[0]) if rows else list(row))
                 for column in expected:
                     if row.get(column) is None:
-                        raise BadInput(str(path), f"line {line_number}", f"a value for {column!r}")
+                        named = {old: new for new, old in p.columns.items()} if isinstance(p.columns, dict) else {}
+                        via = f" (columns.{named[column]})" if column in named else ""
+                        raise BadInput(str(path), f"line {line_number}", f"a value for {column!r}{via}")
             rows.append(row)
             line_numbers.append(line_number)
     if not rows:

@@ -320,6 +320,7 @@ def sample_responses(
     scratch: Path | None = None,
     stats: dict | None = None,
     row_ids: list | None = None,
+    max_prompt_length: int | None = None,
 ) -> list[list[str]]:
     """tasks.models.sample_responses' contract (n responses per prompt, as text) through vLLM, for
     the model artifact in `model_dir`. `stats`, when given, receives the child's numbers
@@ -329,7 +330,7 @@ def sample_responses(
 
     tokenizer = load_tokenizer(model_dir)  # as load_causal_lm loads it for the hf backend
     started = time.perf_counter()
-    prompt_ids = encode_prompts(tokenizer, list(prompts))
+    prompt_ids = encode_prompts(tokenizer, list(prompts), max_prompt_length)
     encoded = time.perf_counter()
     token_ids, result = sample_token_ids(
         model_dir, prompt_ids, tokenizer.eos_token_id, n=n, temperature=temperature, top_p=top_p,

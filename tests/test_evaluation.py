@@ -30,9 +30,9 @@ def rows(folder):
 def test_evaluate_takes_exactly_one_judge():
     params = load_stage_kinds()["evaluate"].params
     base = {"kind": "evaluate", "policy": "p", "baseline": "b", "prompts": "x"}
-    assert params.model_validate(base).judge == "demo_gold"  # the default, as before
+    assert params.model_validate({**base, "judge": "demo_gold"}).judge == "demo_gold"
     assert params.model_validate({**base, "judge_lm": "j"}).judge is None
-    for bad in ({"judge": "demo_gold", "judge_model": "rm"}, {"judge_model": "rm", "judge_lm": "j"}, {"judge": "nope"}):
+    for bad in ({}, {"judge": "demo_gold", "judge_model": "rm"}, {"judge_model": "rm", "judge_lm": "j"}, {"judge": "nope"}):
         with pytest.raises(ValidationError):
             params.model_validate({**base, **bad})
 
@@ -94,7 +94,8 @@ def test_evaluate_with_an_lm_judge_biased_to_position_a_ties(tmp_path, tiny_sft_
 
 def test_evaluate_kl_is_zero_when_policy_is_the_reference(tiny_sft_model, demo_table, run_stage):
     _, metrics = run_stage(
-        {"kind": "evaluate", "policy": "p", "baseline": "b", "prompts": "x", "reference": "r", "max_new_tokens": 12},
+        {"kind": "evaluate", "policy": "p", "baseline": "b", "prompts": "x", "reference": "r", "max_new_tokens": 12,
+         "judge": "demo_gold"},
         {"policy": tiny_sft_model, "baseline": tiny_sft_model, "reference": tiny_sft_model, "prompts": demo_table("eval_prompts", 30)},
     )
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -209,7 +209,7 @@ def test_evaluate_refuses_before_loading_a_model(tiny_demo_model, demo_table, ru
     monkeypatch.setattr(tasks.models, "load_tokenizer", no_loading)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BadInput, match="evaluate stage: backend: .*CUDA GPU"):
-        run_stage({"kind": "evaluate", "policy": "p", "baseline": "b", "prompts": "x", "backend": "vllm"},
+        run_stage({"kind": "evaluate", "policy": "p", "baseline": "b", "prompts": "x", "backend": "vllm", "judge": "demo_gold"},
                   {"policy": tiny_demo_model, "baseline": tiny_demo_model, "prompts": demo_table("eval_prompts", 4)})
 
 
@@ -338,7 +338,7 @@ def test_evaluate_greedy_matches_the_hf_backend(tiny_demo_model, demo_table, run
     """In process (the child's path is covered above)."""
     import tasks.vllm_backend as backend
 
-    params = {"kind": "evaluate", "policy": "p", "baseline": "b", "prompts": "x", "temperature": 0,
+    params = {"kind": "evaluate", "policy": "p", "baseline": "b", "prompts": "x", "temperature": 0, "judge": "demo_gold",
               "max_new_tokens": 6, "batch_size": 8}
     inputs = {"policy": tiny_demo_model, "baseline": tiny_demo_model, "prompts": demo_table("eval_prompts", 6)}
     monkeypatch.setattr(backend, "run_in_child", lambda request, workdir: backend.run_request(request))

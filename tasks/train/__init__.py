@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.base import OptionalRef, Ref, SpecPath, StageParams
+from tasks.rewards import RewardFnName, reward_code_files
 
 
 class LoraParams(BaseModel):
@@ -122,8 +123,10 @@ class OnlineParams(OptimParams):
     policy: Ref("model")
     prompts: Ref("table")  # a prompt column (text, or a list of chat messages)
     reward_model: OptionalRef("reward_model") = Field(None, description="scores the samples; or reward_fn")
-    reward_fn: str | None = Field(None, description="a named programmatic reward (tasks/rewards.py); or reward_model")
-    monitor_reward_fn: str | None = Field(
+    reward_fn: RewardFnName | None = Field(
+        None, description='a programmatic reward: a built-in name (tasks/rewards.py) or "module:function"; or reward_model'
+    )
+    monitor_reward_fn: RewardFnName | None = Field(
         None, description="a named reward logged beside the trained one, never trained on (e.g. a gold reward)"
     )
     reference: OptionalRef("model") = Field(None, description="the KL term's reference; default: the policy as it starts")
@@ -146,16 +149,13 @@ class OnlineParams(OptimParams):
 
     not_in_key = frozenset({"checkpoint_every", "micro_batch_size"})
 
+    def code_files(self):
+        return reward_code_files([self.reward_fn, self.monitor_reward_fn], self.spec_dir)
+
     @model_validator(mode="after")
     def _check(self):
-        from tasks.rewards import REWARD_FNS
-
         if (self.reward_model is None) == (self.reward_fn is None):
             raise ValueError("give exactly one of reward_model (a reward_model artifact) and reward_fn (a named reward)")
-        for name in ("reward_fn", "monitor_reward_fn"):
-            value = getattr(self, name)
-            if value is not None and value not in REWARD_FNS:
-                raise ValueError(f"{name}: unknown reward function {value!r}; known: {', '.join(sorted(REWARD_FNS))}")
         if self.max_new_tokens >= self.max_length:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be below max_length ({self.max_length})")
         if (self.batch_size * self.samples_per_prompt) % self.minibatches:

