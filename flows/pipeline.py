@@ -289,6 +289,8 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str) -> di
     tags = {"alignflow.cache": "hit" if hit else "miss", "alignflow.uri": ref["uri"]}
     if hit and ref.get("mlflow_run_id"):  # the run that computed it holds the step curves
         tags["alignflow.original_run_id"] = ref["mlflow_run_id"]
+    if ref["metrics"].get("logps_fallback"):  # a log-prob fast path failed its check: see tasks/logps.py
+        tags["alignflow.logps_fallback"] = "plain full-logits path"
     params = {"kind": node.kind, "seed": node.recipe["seed"], **node.recipe["config"],
               **{f"input.{p}": refs[i]["key"] for p, i in node.inputs.items()}}
     tracker.log(run_id, metrics=ref["metrics"], params=params, tags=tags, step=ref.get("final_step", 0))

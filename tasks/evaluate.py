@@ -163,7 +163,8 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.models import batched_logps, load_causal_lm, sample_responses
+    from tasks.logps import batched_logps
+    from tasks.models import load_causal_lm, sample_responses
     from tasks.tables import read_table
 
     p: EvaluateParams = ctx.params

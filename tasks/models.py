@@ -1,7 +1,7 @@
 """Plain functions over causal LMs: build, load, save, tokenize, score and sample.
 
 Every stage formats an example the same way, so the log-probs computed in one stage (pairs)
-match those computed in another (dpo):
+match those computed in another (dpo; both through tasks/logps.py):
 
     input  = [bos] + tokens(prompt) + tokens(response) + [eos]
     labels = [-100] * (1 + len(tokens(prompt))) + tokens(response) + [eos]
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import (
     AutoModelForCausalLM,
@@ -269,136 +268,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-# ---- scoring --------------------------------------------------------------------------------
-
-
-def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of the labelled (response) tokens of each sequence, and how many there are.
-
-    Only the labelled positions go through the output layer: the (batch, length, vocabulary)
-    logits are never built. With a 49k vocabulary they are most of a step's memory, and the prompt
-    and padding positions would be thrown away anyway. Even those of the labelled positions are
-    not kept when they are large (see head_logps).
-    """
-    targets = labels[:, 1:]  # token t is predicted from tokens < t
-    mask = targets != IGNORE
-    split = _body_and_head(model)
-    if split is None:  # a model whose head does more than a linear map: the plain way
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
-        token_logps = -F.cross_entropy(logits.float(), targets[mask], reduction="none")
-    else:
-        body, head = split
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        token_logps = head_logps(head, hidden[:, :-1][mask], targets[mask])
-    rows = mask.nonzero()[:, 0]
-    sums = token_logps.new_zeros(len(input_ids)).index_add(0, rows, token_logps)
-    return sums, mask.sum(-1)
-
-
-HEAD_CHUNK_BYTES = 64 * 2**20  # float32 logits computed at once by head_logps
-
-
-def head_logps(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for each row of `hidden` (N, H) under the output layer `head`, as float32 (N,).
-
-    The same values as log_softmax(head(hidden)) at the targets. When the float32 logits would take
-    more than HEAD_CHUNK_BYTES, they are never kept: they are computed in chunks of rows, reduced to
-    the target's logit and the log-sum-exp, and recomputed chunk by chunk in backward. That costs
-    one more output-layer matmul and saves the logits, their log-softmax and its gradient (with a
-    49k vocabulary and 1000 response tokens: one matmul of 57 GFLOP, about 5% of a SmolLM2-135M
-    step, for 600 MB, of which ~260 MB at the step's peak, measured on CPU).
-    """
-    rows = max(1, HEAD_CHUNK_BYTES // (4 * head.out_features))
-    if len(hidden) <= rows:  # small logits: keep them, no recompute
-        return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
-    return _ChunkedHeadLogps.apply(hidden, head.weight, head.bias, targets, rows)
-
-
-class _ChunkedHeadLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
-        device = hidden.device.type  # under autocast (bf16 on GPUs) the matmuls run in its dtype
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
-        with torch.autocast(device, enabled=False):
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for start in range(0, len(hidden), rows):
-                logits = F.linear(hidden[start : start + rows].to(dtype), w, b).float()
-                lse[start : start + rows] = logits.logsumexp(-1)
-                out[start : start + rows] = logits.gather(1, targets[start : start + rows, None])[:, 0]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.rows, ctx.dtype = rows, dtype
-        return out - lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dtype, rows = ctx.dtype, ctx.rows
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for start in range(0, len(hidden), rows):
-                h, g = hidden[start : start + rows].to(dtype), grad[start : start + rows, None]
-                logits = F.linear(h, w, b).float()
-                # d log p(t) / d logits = onehot(t) - softmax(logits)
-                d_logits = logits.sub_(lse[start : start + rows, None]).exp_().mul_(-g)
-                d_logits.scatter_add_(1, targets[start : start + rows, None], g)
-                if need_bias:
-                    grad_bias += d_logits.sum(0)
-                d_logits = d_logits.to(dtype)
-                if need_hidden:
-                    grad_hidden[start : start + rows] = d_logits @ w
-                if need_weight and dtype == torch.float32:
-                    grad_weight.addmm_(d_logits.t(), h)
-                elif need_weight:
-                    grad_weight += (d_logits.t() @ h).float()
-        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
-        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-# Config fields of heads that scale or cap logits after the linear layer (Gemma 2, Cohere, Granite).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def _body_and_head(model):
-    """(transformer body, output layer) of a causal LM, or None when its logits are not head(hidden).
-
-    Not for a DDP-wrapped model: calling its inner modules would bypass gradient synchronisation.
-    """
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return None
-    if hasattr(model, "get_base_model"):  # peft: the adapters live inside the base model's layers
-        model = model.get_base_model()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = getattr(model, "base_model", None)
-    config = getattr(model, "config", None)
-    if head is None or body is None or body is model or not isinstance(head, torch.nn.Linear):
-        return None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None
-    return body, head
-
-
-@torch.no_grad()
-def batched_logps(model, tokenizer, prompts, responses, max_length: int, batch_size: int, on_batch=None):
-    """sequence_logps over a whole list, in batches. Returns (logps, token counts) as lists."""
-    model.eval()
-    device = next(model.parameters()).device
-    examples = encode_examples(tokenizer, prompts, responses, max_length)
-    logps, counts = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], tokenizer.pad_token_id).items()}
-        lp, n = sequence_logps(model, **batch)
-        logps += lp.tolist()
-        counts += n.tolist()
-        if on_batch:
-            on_batch()
-    return logps, counts
+# ---- scoring (log-probs: tasks/logps.py) ---------------------------------------------------
 
 
 @torch.no_grad()

@@ -114,21 +114,21 @@ def build_pairs(prompt_keys: list, rewards: list[float], strategy: str = "best_v
     return pairs, dropped
 
 
-def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch_size: int, progress) -> None:
+def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch_size: int, progress) -> dict[str, float]:
     """Add ref_chosen_logp, ref_rejected_logp, chosen_tokens, rejected_tokens to `rows` (columns
     prompt, chosen, rejected): the reference model's summed response-token log-probs and how many
-    tokens they cover. `reference` is a model artifact folder. Shared by `pairs` and `ref_logps`."""
-    import math
-
-    from tasks.models import batched_logps, load_causal_lm
+    tokens they cover. `reference` is a model artifact folder. Shared by `pairs` and `ref_logps`;
+    the log-probs are tasks.logps.reference_logps', as dpo's own. Returns metrics to report."""
+    from tasks.logps import encode_pairs, fallback_metrics, reference_logps, response_tokens
+    from tasks.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(reference)
-    n_batches = 2 * math.ceil(len(rows["prompt"]) / batch_size)
-    with progress("reference log-probs", total=n_batches) as bar:
-        for side in ("chosen", "rejected"):
-            logps, counts = batched_logps(model, tokenizer, rows["prompt"], rows[side], max_length, batch_size, bar.advance)
-            rows[f"ref_{side}_logp"] = logps
-            rows[f"{side}_tokens"] = counts
+    examples = encode_pairs(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"], max_length)
+    reference_logps(model, examples, tokenizer.pad_token_id, batch_size, progress)
+    for side in ("chosen", "rejected"):
+        rows[f"ref_{side}_logp"] = [e[f"ref_{side}"] for e in examples]
+        rows[f"{side}_tokens"] = [response_tokens(e[side]) for e in examples]
+    return fallback_metrics(model)
 
 
 @stage_kind("pairs", PairsParams, output="table")
@@ -156,9 +156,11 @@ def pairs(ctx: StageContext) -> dict[str, float]:
         raise ValueError(f"no pairs left: {dropped['dropped_single']} prompts with one candidate, {dropped['dropped_ties']} ties, "
                          f"{dropped['dropped_min_margin']} under min_margin={p.min_margin}")
 
+    logps_metrics = {}
     if p.reference is not None:
-        add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress)
+        logps_metrics = add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress)
 
     write_table(rows, ctx.out)
     n = len(rows["prompt"])
-    return {"pairs": float(n), **{k: float(v) for k, v in dropped.items()}, "mean_margin": sum(rows["margin"]) / n}
+    return {"pairs": float(n), **{k: float(v) for k, v in dropped.items()}, "mean_margin": sum(rows["margin"]) / n,
+            **logps_metrics}

@@ -32,11 +32,12 @@ def ref_logps(ctx: StageContext) -> dict[str, float]:
     rows = read_table(ctx.inputs["pairs"], ["prompt", "chosen", "rejected"], what="pairs table").to_pydict()
     if not rows["prompt"]:
         raise BadInput(str(ctx.inputs["pairs"] / "data.parquet"), "rows", "at least one pair")
-    add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress)
+    logps_metrics = add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress)
     write_table(rows, ctx.out)
     n = len(rows["prompt"])
     return {
         "pairs": float(n),
         "mean_ref_chosen_logp": sum(rows["ref_chosen_logp"]) / n,
         "mean_ref_rejected_logp": sum(rows["ref_rejected_logp"]) / n,
+        **logps_metrics,
     }

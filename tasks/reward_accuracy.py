@@ -97,7 +97,8 @@ def reward_accuracy(ctx: StageContext) -> dict[str, float]:
                         model, tokenizer, t["prompt"], t[side], p.max_length, p.batch_size, bar.advance)
             del model
         if p.dporm_policy is not None:
-            from tasks.models import batched_logps, load_causal_lm
+            from tasks.logps import batched_logps
+            from tasks.models import load_causal_lm
 
             logps = {}
             for role in ("dporm_policy", "dporm_reference"):

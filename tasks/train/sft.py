@@ -17,7 +17,7 @@ class SFTParams(TrainParams):
 
 def sft_loss(model, batch):
     """Mean NLL over the batch's response tokens (prompt and padding are labelled -100)."""
-    from tasks.models import sequence_logps
+    from tasks.logps import sequence_logps
 
     logps, n_tokens = sequence_logps(model, **batch)
     return -logps.sum() / n_tokens.sum().clamp(min=1), {}
