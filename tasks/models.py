@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from tasks.base import BadInput
+
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 # Stages report progress through ctx.progress; transformers' own bars (loading weights...) are noise.
@@ -203,6 +205,45 @@ def chat_response_ids(tokenizer, prompt_messages, response) -> list[int]:
         specials = _special_ids(tokenizer)
         ends = [i for i, token in enumerate(ids) if token in specials]
     return ids[: ends[-1] + 1] if ends else ids + [tokenizer.eos_token_id]
+
+
+UNK_WARNING_FRACTION = 0.05  # more unknown tokens than this: the tokenizer does not fit the data
+
+
+def screen_texts(tokenizer, columns: dict[str, list], file: str, strict: bool) -> tuple[list[int], dict[str, float]]:
+    """Rows of `columns` (name -> values: text, or chat messages) whose every value has tokens.
+
+    A value that tokenizes to nothing (an empty text, or a tokenizer that does not fit the data)
+    would be scored as eos alone: its row is dropped and counted (`dropped_no_tokens`), or, with
+    `strict`, it is an error naming the row. `unk_fraction` is the share of the unknown token among
+    all the tokens; above UNK_WARNING_FRACTION it is logged as a warning.
+    """
+    import logging
+
+    n_rows = len(next(iter(columns.values()))) if columns else 0
+    empty: set[int] = set()
+    unk, total = 0, 0
+    for name, values in columns.items():
+        texts = [" ".join(str(m.get("content", "")) for m in v) if is_chat(v) else str(v or "") for v in values]
+        for row, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if not ids:
+                if strict:
+                    raise BadInput(file, f"row {row + 1}: {name}",
+                                     f"text that tokenizes to at least one token, got {values[row]!r}")
+                empty.add(row)
+            unk += sum(t == tokenizer.unk_token_id for t in ids) if tokenizer.unk_token_id is not None else 0
+            total += len(ids)
+    metrics = {"dropped_no_tokens": float(len(empty))}
+    if tokenizer.unk_token_id is not None:
+        metrics["unk_fraction"] = unk / max(1, total)
+        if metrics["unk_fraction"] > UNK_WARNING_FRACTION:
+            logging.getLogger(__name__).warning(
+                "%s: %.1f%% of the tokens are the unknown token %r: the tokenizer does not fit this data",
+                file, 100 * metrics["unk_fraction"], tokenizer.unk_token)
+    if empty:
+        logging.getLogger(__name__).warning("%s: %d rows dropped: a value tokenizes to nothing (first: row %d)",
+                                            file, len(empty), min(empty) + 1)
+    return [i for i in range(n_rows) if i not in empty], metrics
 
 
 def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:

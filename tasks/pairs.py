@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+from tasks.base import BadInput, OptionalRef, Ref, StageContext, StageParams, stage_kind
 
 PairStrategy = Literal["best_vs_worst", "best_vs_random", "all_pairs", "tournament"]
 
@@ -38,6 +38,7 @@ class PairsParams(StageParams):
     )
     batch_size: int = Field(64, ge=1, description="for the reference log-probs")
     max_length: int = Field(512, ge=2, description="must match the trainer's max_length")
+    strict: bool = Field(False, description="a text that tokenizes to nothing is an error, not a dropped pair")
 
 
 def group_rows(keys: list) -> list[list[int]]:
@@ -114,21 +115,29 @@ def build_pairs(prompt_keys: list, rewards: list[float], strategy: str = "best_v
     return pairs, dropped
 
 
-def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch_size: int, progress) -> dict[str, float]:
+def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch_size: int, progress,
+                        file: str = "pairs", strict: bool = False) -> dict[str, float]:
     """Add ref_chosen_logp, ref_rejected_logp, chosen_tokens, rejected_tokens to `rows` (columns
     prompt, chosen, rejected): the reference model's summed response-token log-probs and how many
     tokens they cover. `reference` is a model artifact folder. Shared by `pairs` and `ref_logps`;
-    the log-probs are tasks.logps.reference_logps', as dpo's own. Returns metrics to report."""
+    the log-probs are tasks.logps.reference_logps', as dpo's own. Rows with a text that tokenizes
+    to nothing are dropped from every column (strict: an error; see screen_texts). Returns metrics."""
     from tasks.logps import encode_pairs, fallback_metrics, reference_logps, response_tokens
-    from tasks.models import load_causal_lm
+    from tasks.models import load_causal_lm, screen_texts
 
     model, tokenizer = load_causal_lm(reference)
+    keep, metrics = screen_texts(tokenizer, {c: rows[c] for c in ("prompt", "chosen", "rejected")}, file, strict)
+    if len(keep) < len(rows["prompt"]):
+        for column in rows:
+            rows[column] = [rows[column][i] for i in keep]
+    if not keep:
+        raise BadInput(file, "rows", "at least one pair whose texts have tokens under the reference's tokenizer")
     examples = encode_pairs(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"], max_length)
     reference_logps(model, examples, tokenizer.pad_token_id, batch_size, progress)
     for side in ("chosen", "rejected"):
         rows[f"ref_{side}_logp"] = [e[f"ref_{side}"] for e in examples]
         rows[f"{side}_tokens"] = [response_tokens(e[side]) for e in examples]
-    return fallback_metrics(model)
+    return {**metrics, **fallback_metrics(model)}
 
 
 @stage_kind("pairs", PairsParams, output="table")
@@ -158,7 +167,8 @@ def pairs(ctx: StageContext) -> dict[str, float]:
 
     logps_metrics = {}
     if p.reference is not None:
-        logps_metrics = add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress)
+        logps_metrics = add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress,
+                                            str(ctx.inputs["scored"] / "data.parquet"), p.strict)
 
     write_table(rows, ctx.out)
     n = len(rows["prompt"])

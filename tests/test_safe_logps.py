@@ -158,3 +158,36 @@ def test_reference_and_trainer_max_length_must_agree(tmp_path):
     spec["stages"]["train"]["max_length"] = 128
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     load_spec(tmp_path / "spec.yaml")
+
+
+# ---- token sanity -------------------------------------------------------------------------------
+
+
+def test_texts_that_tokenize_to_nothing_are_dropped_or_refused(tmp_path, run_stage, tiny_demo_model, caplog):
+    """Never scored as eos alone: a pair whose text has no tokens is dropped and counted, or under
+    strict an error naming the row; a table of mostly unknown words warns and reports unk_fraction."""
+    import pyarrow as pa
+
+    from tasks.base import BadInput
+    from tasks.tables import write_table
+
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    write_table(pa.table({"prompt": ["animals cat :", "  ", "tools saw :"],
+                          "chosen": ["good cat", "good dog", "zzz qqq www"],
+                          "rejected": ["bad cat", "bad dog", ""]}), prefs)
+    with caplog.at_level("WARNING"):
+        out, metrics = run_stage({"kind": "ref_logps", "pairs": "p", "reference": "m"},
+                                 {"pairs": prefs, "reference": tiny_demo_model})
+    assert metrics["dropped_no_tokens"] == 2 and metrics["pairs"] == 1
+    assert pq.read_table(out / "data.parquet").column("prompt").to_pylist() == ["animals cat :"]
+    with pytest.raises(BadInput, match=r"row 2: prompt: text that tokenizes to at least one token"):
+        run_stage({"kind": "ref_logps", "pairs": "p", "reference": "m", "strict": True},
+                  {"pairs": prefs, "reference": tiny_demo_model})
+
+    write_table(pa.table({"prompt": ["hh format : human says hello"], "chosen": ["assistant answers politely"],
+                          "rejected": ["cat"]}), prefs)
+    with caplog.at_level("WARNING"):
+        _, metrics = run_stage({"kind": "ref_logps", "pairs": "p", "reference": "m"},
+                               {"pairs": prefs, "reference": tiny_demo_model})
+    assert metrics["unk_fraction"] > 0.5 and "unknown token" in caplog.text

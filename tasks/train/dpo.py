@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.base import OptionalRef, Ref, StageContext, stage_kind
+from tasks.base import BadInput, OptionalRef, Ref, StageContext, stage_kind
 from tasks.train import TrainParams
 from tasks.train.launch import multiprocess
 
@@ -39,6 +39,7 @@ class DPOParams(TrainParams):
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(16, ge=1, description="pairs per step")
     max_length: int = Field(512, ge=2, description="must match the pairs stage's max_length")
+    strict: bool = Field(False, description="a text that tokenizes to nothing is an error, not a dropped pair")
 
     @model_validator(mode="after")
     def _loss_specific_params(self):
@@ -126,7 +127,7 @@ def dpo(ctx: StageContext) -> dict[str, float]:
     from functools import partial
 
     from tasks.logps import collate_pairs, collate_shared_prompt, fallback_metrics, fast_paths, packed_length, reference_logps
-    from tasks.models import load_causal_lm
+    from tasks.models import load_causal_lm, screen_texts
     from tasks.tables import read_table
     from tasks.train.lora import add_lora, save_trained
     from tasks.train.loop import fit_to_length, is_main_process, train, truncate
@@ -139,6 +140,11 @@ def dpo(ctx: StageContext) -> dict[str, float]:
     has_reference = all(c in table.column_names for c in REF_COLUMNS)
     needs_reference = p.loss not in REFERENCE_FREE
     model, tokenizer = load_causal_lm(ctx.inputs["policy"])
+    columns = {c: table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")}
+    kept_rows, screen_metrics = screen_texts(tokenizer, columns, str(ctx.inputs["pairs"] / "data.parquet"), p.strict)
+    table = table.take(kept_rows)
+    if not table.num_rows:
+        raise BadInput(str(ctx.inputs["pairs"] / "data.parquet"), "rows", "pairs whose texts have tokens under the policy's tokenizer")
 
     full = pair_examples(tokenizer, table, None)
     lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in full]
@@ -171,7 +177,7 @@ def dpo(ctx: StageContext) -> dict[str, float]:
         log_metrics=ctx.log_metrics, progress=ctx.progress,
         checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
-    metrics.update(data_metrics, pairs=float(len(examples)), **fallback_metrics(model))
+    metrics.update(data_metrics, pairs=float(len(examples)), **screen_metrics, **fallback_metrics(model))
     if is_main_process():
         metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
     return metrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 
-from tasks.base import Ref, StageContext, stage_kind
+from tasks.base import BadInput, Ref, StageContext, stage_kind
 from tasks.train import TrainParams
 from tasks.train.launch import multiprocess
 
@@ -36,7 +36,7 @@ def sft(ctx: StageContext) -> dict[str, float]:
     import sys
     from functools import partial
 
-    from tasks.models import collate, encode_examples, load_causal_lm
+    from tasks.models import collate, encode_examples, load_causal_lm, screen_texts
     from tasks.tables import read_table
     from tasks.train.lora import add_lora, save_trained
     from tasks.train.loop import fit_to_length, is_main_process, train, truncate
@@ -44,7 +44,11 @@ def sft(ctx: StageContext) -> dict[str, float]:
     p: SFTParams = ctx.params
     table = read_table(ctx.inputs["data"], ["prompt", "response"], what="sft data")
     model, tokenizer = load_causal_lm(ctx.inputs["model"])
-    full = encode_examples(tokenizer, table.column("prompt").to_pylist(), table.column("response").to_pylist(), sys.maxsize)
+    columns = {c: table.column(c).to_pylist() for c in ("prompt", "response")}
+    rows, screen_metrics = screen_texts(tokenizer, columns, str(ctx.inputs["data"]), strict=False)  # see screen_texts
+    if not rows:
+        raise BadInput(str(ctx.inputs["data"]), "rows", "examples whose texts have tokens under the model's tokenizer")
+    full = encode_examples(tokenizer, [columns["prompt"][i] for i in rows], [columns["response"][i] for i in rows], sys.maxsize)
     lengths = [len(e["input_ids"]) for e in full]
     keep, data_metrics = fit_to_length(lengths, p.max_length, p.too_long, str(ctx.inputs["data"]))
     examples = [truncate(full[i], p.max_length) for i in keep]
@@ -59,7 +63,7 @@ def sft(ctx: StageContext) -> dict[str, float]:
         log_metrics=ctx.log_metrics, progress=ctx.progress, batch_weight=response_tokens,
         checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
-    metrics.update(data_metrics)
+    metrics.update(data_metrics, **screen_metrics)
     if is_main_process():
         metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["model"]))
     return metrics
