@@ -92,7 +92,9 @@ class PretrainedParams(StageParams):
         description="local folder or hub id (relative to the spec's folder, or to `package`'s folder when given)",
     )
     gguf_file: str | None = Field(None, description="a GGUF file inside `path` to load from")
-    revision: str | None = Field(None, description="hub revision (pin it: the key cannot hash a hub model)")
+    revision: str | None = Field(
+        None, validate_default=True, description="hub id: required, the commit sha (or tag) to load; the key cannot hash a hub model"
+    )
 
     @field_validator("package")
     @classmethod
@@ -123,6 +125,18 @@ class PretrainedParams(StageParams):
         path = info.data.get("path")
         if value is not None and path is not None and Path(path).is_dir() and not (Path(path) / value).is_file():
             raise ValueError(f"a GGUF file inside {path}; {value!r} is not there")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _hub_needs_revision(cls, value: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("path")
+        if value is None and path is not None and not _is_local(path):
+            raise ValueError(
+                f"a revision (commit sha or tag) for hub model {path!r}, so that the cache key names exactly "
+                f"the weights loaded (if {path!r} is meant as a local folder: it was not found; relative "
+                "paths are relative to the spec's folder)"
+            )
         return value
 
     def source_files(self) -> list[Path]:
