@@ -84,7 +84,7 @@ def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     `inputs` maps each reference parameter to its input artifact's reference; `compute(ctx)`
     replaces the kind's own function (merging shards)."""
     node, store = job.node, Store(job.store_root)
-    if not job.force and store.check(node.kind, node.key) is None:
+    if not job.force and store.check(node.kind, node.key, download=True) is None:  # remote: hashes too
         return reference(store, node, store.manifest(node.kind, node.key), computed=False)
     kind = load_stage_kinds()[node.kind]
     steps = StepLogger(job.tracker, job.mlflow_run_id)
@@ -235,7 +235,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
                 "alignflow.stage": node.name, "alignflow.round": str(node.round),
                 "alignflow.key": node.key, "alignflow.kind": node.kind,
             }, parent=parent)
-            damaged = store.check(node.kind, node.key) is not None  # never trust a cached reference to it
+            damaged = store.check(node.kind, node.key, download=True) is not None  # never trust a cached reference to it
             name = node.label.replace(" ", "-")
             job = StageJob(node=node, store_root=str(store.root), force=node.id in forced,
                            tracker=tracker, mlflow_run_id=run_ids[node.id])

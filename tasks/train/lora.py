@@ -62,12 +62,35 @@ def save_trained(model, tokenizer, out: Path, lora: LoraParams | None, base: Pat
     else:
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-        # peft records the base by path; make it the input artifact's absolute path.
+        # peft records the base by path; a path is this machine's: name the base by its store key.
         config_path = out / "adapter_config.json"
         config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = str(Path(base).resolve())
+        config["base_model_name_or_path"] = base_reference(Path(base))
         config_path.write_text(json.dumps(config, indent=2))
     return {"trainable_parameters": trainable}
+
+
+STORE_SCHEME = "alignflow-store:"  # an artifact named by <kind>/<key> in the store that holds the adapter
+
+
+def base_reference(base: Path) -> str:
+    """How an adapter artifact names its base: `alignflow-store:<kind>/<key>` when the base is a
+    store artifact (a folder <kind>/<key> with a manifest), else its absolute path."""
+    manifest = base / "manifest.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("key") == base.name and recorded.get("kind") == base.parent.name:
+            return f"{STORE_SCHEME}{base.parent.name}/{base.name}"
+    return str(base.resolve())
+
+
+def base_folder(folder: Path, reference: str) -> Path:
+    """The base model folder an adapter artifact at `folder` names: by store key, in the same
+    store as the adapter (its sibling folder <root>/<kind>/<key>; a remote store's local cache
+    holds the inputs it downloaded the same way)."""
+    if reference.startswith(STORE_SCHEME):
+        return Path(folder).resolve().parent.parent / reference[len(STORE_SCHEME):]
+    return Path(reference)
 
 
 def is_adapter_artifact(folder: Path) -> bool:
@@ -78,12 +101,19 @@ def load_adapter_merged(folder: Path, model_class, **kwargs) -> torch.nn.Module:
     """An adapter-only artifact loaded onto its base and merged (inference and further training)."""
     from peft import PeftModel
 
-    base_path = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    if not Path(base_path).exists():
-        raise FileNotFoundError(f"{folder}: the adapter's base model {base_path} is gone (was the store moved or swept?)")
-    base = model_class.from_pretrained(base_path, **kwargs)
+    reference = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_path = base_folder(folder, reference)
+    if not base_path.exists():
+        raise FileNotFoundError(f"{folder}: the adapter's base model {reference} is not at {base_path} "
+                                "(rebuild it: it is an input of the stage that trained the adapter)")
+    base = model_class.from_pretrained(str(base_path), **kwargs)
     with _quiet_peft():
-        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+        # peft reads the base's name from the config it loads: give it the folder, not the reference
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(str(folder))
+        config.base_model_name_or_path = str(base_path)
+        return PeftModel.from_pretrained(base, str(folder), config=config).merge_and_unload()
 
 
 @contextlib.contextmanager
