@@ -191,3 +191,25 @@ def test_texts_that_tokenize_to_nothing_are_dropped_or_refused(tmp_path, run_sta
         _, metrics = run_stage({"kind": "ref_logps", "pairs": "p", "reference": "m"},
                                {"pairs": prefs, "reference": tiny_demo_model})
     assert metrics["unk_fraction"] > 0.5 and "unknown token" in caplog.text
+
+
+# ---- one interval method -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcomes", [[1.0] * 49 + [0.0], [1.0] * 40 + [0.5] * 6 + [0.0] * 4, [0.5] * 10])
+def test_win_rate_has_the_wilson_interval_with_ties_half(outcomes):
+    """Not Wald's (which clipped at 1.000): the Wilson bounds solve (p_hat - p)^2 = z^2 p (1 - p) / n,
+    with p_hat = (wins + ties / 2) / n, and stay strictly inside (0, 1)."""
+    from tasks.evaluate import win_rate_of
+    from tasks.reward_accuracy import ranking_accuracy
+
+    m = win_rate_of(outcomes)
+    n, p_hat = len(outcomes), sum(outcomes) / len(outcomes)
+    assert m["win_rate"] == pytest.approx(p_hat)
+    assert 0 < m["win_rate_ci_low"] < p_hat < m["win_rate_ci_high"] < 1
+    for bound in (m["win_rate_ci_low"], m["win_rate_ci_high"]):
+        assert (p_hat - bound) ** 2 == pytest.approx(1.959964**2 * bound * (1 - bound) / n, rel=1e-4)
+    # the accuracies: the same interval for the same proportion
+    chosen = [1.0 if o == 1 else 0.0 if o == 0.5 else -1.0 for o in outcomes]
+    acc = ranking_accuracy(chosen, [0.0] * n)
+    assert (acc["ci_low"], acc["ci_high"]) == pytest.approx((m["win_rate_ci_low"], m["win_rate_ci_high"]))
