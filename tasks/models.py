@@ -213,10 +213,11 @@ UNK_WARNING_FRACTION = 0.05  # more unknown tokens than this: the tokenizer does
 def screen_texts(tokenizer, columns: dict[str, list], file: str, strict: bool) -> tuple[list[int], dict[str, float]]:
     """Rows of `columns` (name -> values: text, or chat messages) whose every value has tokens.
 
-    A value that tokenizes to nothing (an empty text, or a tokenizer that does not fit the data)
+    A text that tokenizes to nothing (a tokenizer that does not fit the data), or a blank prompt,
     would be scored as eos alone: its row is dropped and counted (`dropped_no_tokens`), or, with
-    `strict`, it is an error naming the row. `unk_fraction` is the share of the unknown token among
-    all the tokens; above UNK_WARNING_FRACTION it is logged as a warning.
+    `strict`, it is an error naming the row. (A blank response is what a policy that stops at once
+    generated: eos alone is then the right score.) `unk_fraction` is the share of the unknown
+    token among all the tokens; above UNK_WARNING_FRACTION it is logged as a warning.
     """
     import logging
 
@@ -226,7 +227,7 @@ def screen_texts(tokenizer, columns: dict[str, list], file: str, strict: bool) -
     for name, values in columns.items():
         texts = [" ".join(str(m.get("content", "")) for m in v) if is_chat(v) else str(v or "") for v in values]
         for row, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
-            if not ids:
+            if not ids and (texts[row].strip() or name == "prompt"):
                 if strict:
                     raise BadInput(file, f"row {row + 1}: {name}",
                                      f"text that tokenizes to at least one token, got {values[row]!r}")

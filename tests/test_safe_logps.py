@@ -163,6 +163,23 @@ def test_reference_and_trainer_max_length_must_agree(tmp_path):
 # ---- token sanity -------------------------------------------------------------------------------
 
 
+def test_a_tokenizer_that_does_not_fit_drops_rows():
+    """A tokenizer that turns a text into nothing (another class than the model's, say)."""
+    from tasks.base import BadInput
+    from tasks.models import screen_texts
+
+    class Empty:  # tokenizes anything with an "x" to nothing
+        unk_token_id, unk_token = None, None
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[] if "x" in t else [5] * len(t.split()) for t in texts]}
+
+    columns = {"prompt": ["a b", "x y", "c"], "response": ["d", "e", "xx"]}
+    assert screen_texts(Empty(), columns, "f.parquet", strict=False) == ([0], {"dropped_no_tokens": 2.0})
+    with pytest.raises(BadInput, match="f.parquet: row 2: prompt"):
+        screen_texts(Empty(), columns, "f.parquet", strict=True)
+
+
 def test_texts_that_tokenize_to_nothing_are_dropped_or_refused(tmp_path, run_stage, tiny_demo_model, caplog):
     """Never scored as eos alone: a pair whose text has no tokens is dropped and counted, or under
     strict an error naming the row; a table of mostly unknown words warns and reports unk_fraction."""
@@ -174,13 +191,13 @@ def test_texts_that_tokenize_to_nothing_are_dropped_or_refused(tmp_path, run_sta
     prefs = tmp_path / "prefs"
     prefs.mkdir()
     write_table(pa.table({"prompt": ["animals cat :", "  ", "tools saw :"],
-                          "chosen": ["good cat", "good dog", "zzz qqq www"],
-                          "rejected": ["bad cat", "bad dog", ""]}), prefs)
+                          "chosen": ["good cat", "good dog", "fine saw"],
+                          "rejected": ["bad cat", "bad dog", ""]}), prefs)  # a blank response: eos alone is right
     with caplog.at_level("WARNING"):
         out, metrics = run_stage({"kind": "ref_logps", "pairs": "p", "reference": "m"},
                                  {"pairs": prefs, "reference": tiny_demo_model})
-    assert metrics["dropped_no_tokens"] == 2 and metrics["pairs"] == 1
-    assert pq.read_table(out / "data.parquet").column("prompt").to_pylist() == ["animals cat :"]
+    assert metrics["dropped_no_tokens"] == 1 and metrics["pairs"] == 2
+    assert pq.read_table(out / "data.parquet").column("prompt").to_pylist() == ["animals cat :", "tools saw :"]
     with pytest.raises(BadInput, match=r"row 2: prompt: text that tokenizes to at least one token"):
         run_stage({"kind": "ref_logps", "pairs": "p", "reference": "m", "strict": True},
                   {"pairs": prefs, "reference": tiny_demo_model})
