@@ -10,7 +10,7 @@ decay, gradient clipping at 1.0, linear decay) and precision (fp32 on CPU; with 
 peft LoraConfig), for the same number of steps, one after the other in this process.
 
 - alignflow: its own code path, not a re-implementation: tasks/train/dpo.py's pair_examples,
-  precompute_reference (reference log-probs computed once before training, as the pairs stage
+  reference_logps (reference log-probs computed once before training, as the pairs stage
   stores them; with --lora --reference on-the-fly the adapter-disabled base instead),
   collate_shared_prompt (each pair one row, its prompt computed once; collate_pairs where the
   model cannot take it) and dpo_step, trained by tasks/train/loop.py's train with length-grouped
@@ -371,32 +371,39 @@ def run_ours(model_dir: Path, pairs: dict, args, *, name: str = "alignflow", gro
     import pyarrow as pa
 
     from tasks.base import _no_progress
-    from tasks.models import _body_and_head, load_causal_lm
+    import dataclasses
+
+    from tasks import logps
+    from tasks.models import load_causal_lm
     from tasks.train import LoraParams
     from tasks.train import dpo
     from tasks.train.lora import add_lora
     from tasks.train.loop import train, truncate
 
     result, clock = Result(name), StepClock(args.warmup, args.steps)
-    head = _body_and_head if response_only_head else (lambda model: None)  # None: logits for every position
-    supports = dpo.supports_shared_prompt if shared_prompt else (lambda model: False)
-    with peak_memory(result), mock.patch("tasks.models._body_and_head", head), \
-            mock.patch("tasks.train.dpo.supports_shared_prompt", supports):
+    verified = logps.fast_paths
+
+    def fast_paths(model):  # the verified fast paths, less those this run takes away
+        verdict = verified(model)
+        return dataclasses.replace(verdict, head=verdict.head and response_only_head,
+                                   shared_prompt=verdict.shared_prompt and shared_prompt)
+
+    with peak_memory(result), mock.patch("tasks.logps.fast_paths", fast_paths):
         model, tokenizer = load_causal_lm(model_dir)
         full = dpo.pair_examples(tokenizer, pa.table(pairs), None)
         lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in full]
         examples = [{side: truncate(e[side], args.max_length) for side in ("chosen", "rejected")} for e in full]
         if reference == "precomputed":
             started = time.perf_counter()
-            dpo.precompute_reference(model, examples, tokenizer.pad_token_id, args.batch_size, _no_progress)
+            logps.reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, _no_progress)
             result.precompute_s = time.perf_counter() - started
         if args.lora:
             model = add_lora(model, LoraParams(**LORA), SEED)
         P = matmul_parameters(model)
         result.flops_per_token = (4 if args.lora else 6) * P + (2 * P if reference == "on-the-fly" else 0)
-        shared = dpo.supports_shared_prompt(model)
+        shared = logps.fast_paths(model).shared_prompt
         if shared:
-            lengths = [dpo.packed_length(e) for e in examples]
+            lengths = [logps.packed_length(e) for e in examples]
 
         def step(model, batch):
             clock.tick(batch)
@@ -405,7 +412,7 @@ def run_ours(model_dir: Path, pairs: dict, args, *, name: str = "alignflow", gro
 
         n_steps = args.warmup + args.steps + 1
         batches = -(-len(examples) // args.batch_size)
-        collate = dpo.collate_shared_prompt if shared else dpo.collate_pairs
+        collate = logps.collate_shared_prompt if shared else logps.collate_pairs
         train(model, examples, partial(collate, pad_id=tokenizer.pad_token_id), step,
               epochs=n_steps / batches, lr=LR, batch_size=args.batch_size, seed=SEED, warmup_ratio=0.0,
               lengths=lengths if group_by_length else None)

@@ -1,9 +1,12 @@
 """Stage keys: a hash of what determines a stage's output, nothing else.
 
-key = sha256 of canonical JSON {kind, config, inputs' keys, code, seed, source files' content}.
-`code` is the normalised syntax tree of the module that defines the stage kind and of every
-project module it imports (transitively, including imports inside functions): editing a stage or
-a helper it uses changes the key; editing a comment, a docstring or an unrelated module does not.
+key = sha256 of canonical JSON {kind, config, inputs' keys, code, seed, source files' content,
+versions of the packages that change numbers (torch, transformers, peft, accelerate; vllm where it
+generates), as major.minor}. `code` is the normalised syntax tree of the definitions the stage's
+run function reaches through the names it uses, transitively (including imports inside
+functions), file by file: editing a stage or a helper it calls changes the key; editing a
+comment, a docstring, an unrelated function or an unrelated module does not. A kind whose
+executions can be sharded also hashes the flows/ functions that split and merge its shards.
 Inputs enter by their keys, so keys chain: a change upstream changes everything downstream.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ import functools
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from flows.graph import Node, expand
@@ -43,51 +47,154 @@ def _module_file(module: str, packages: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+def _import_bindings(nodes, module: str, is_package: bool) -> dict[str, tuple[str, str | None]]:
+    """Names bound by the import statements among `nodes`: name -> (module, attribute), or
+    (module, None) where the name is a module itself."""
     package = module if is_package else module.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(tree):
+    bound = {}
+    for node in nodes:
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+            for alias in node.names:
+                if alias.asname:
+                    bound[alias.asname] = (alias.name, None)
+                else:
+                    bound[alias.name.split(".")[0]] = (alias.name.split(".")[0], None)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
                 parent = ".".join(parts[: len(parts) - node.level + 1])
                 base = f"{parent}.{base}" if base else parent
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # submodules, if any
-    return found
+            for alias in node.names:
+                bound[alias.asname or alias.name] = (base, alias.name)
+    return bound
 
 
-def _normalised(tree: ast.Module) -> str:
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):  # docstrings say why, they do not change results
         body = getattr(node, "body", None)
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body:
             first = body[0]
             if isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant) and isinstance(first.value.value, str):
                 node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+    return tree
+
+
+def _normalised(tree: ast.AST) -> str:
+    return ast.dump(_strip_docstrings(tree), annotate_fields=False, include_attributes=False)
+
+
+@dataclass
+class _Module:
+    rel: str  # the file, project-relative
+    definitions: dict[str, ast.AST]  # top-level name -> its def, class or assignment
+    imports: dict[str, tuple[str, str | None]]  # top-level import bindings
+    preamble: list[ast.AST]  # top-level statements that run on import and bind no name (calls...)
 
 
 @functools.lru_cache(maxsize=None)
-def code_version(module: str) -> tuple[tuple[str, str], ...]:
-    """(project-relative file, hash of its normalised code) for the module and all it imports."""
-    packages = (*PROJECT_PACKAGES, module.split(".")[0])  # a plugin's own package counts too
-    seen: dict[str, str] = {}
-    todo = [module]
+def _parse(module: str, packages: tuple[str, ...]) -> _Module | None:
+    path = _module_file(module, packages)
+    if path is None:
+        return None
+    tree = _strip_docstrings(ast.parse(path.read_text(), filename=str(path)))
+    definitions, preamble = {}, []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            definitions[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+            for name in names:
+                definitions[name] = node
+            if not names:
+                preamble.append(node)
+        elif not isinstance(node, (ast.Import, ast.ImportFrom)):
+            preamble.append(node)
+    imports = _import_bindings([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))],
+                               module, path.name == "__init__.py")
+    rel = path.relative_to(PROJECT_ROOT).as_posix() if path.is_relative_to(PROJECT_ROOT) else str(path)
+    return _Module(rel, definitions, imports, preamble)
+
+
+def _uses(node: ast.AST, module: str, packages) -> set[tuple[str, str | None]]:
+    """The project definitions `node` (a top-level definition of `module`) refers to, as
+    (module, name); (module, None) for a module used as a whole."""
+    parsed = _parse(module, packages)
+    local = _import_bindings([n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))],
+                             module, parsed.rel.endswith("__init__.py"))
+
+    def resolve(name: str):
+        """(module, attribute or None) that `name` means in this definition, or None (a builtin...)."""
+        if name in local:
+            return local[name]
+        if name in parsed.definitions:
+            return (module, name)
+        return parsed.imports.get(name)
+
+    def as_module(target):  # (module, attribute) -> the module it names, if it is one
+        if target is None:
+            return None
+        mod, attr = target
+        if attr is None:
+            return mod
+        return f"{mod}.{attr}" if _module_file(f"{mod}.{attr}", packages) else None
+
+    found = set()
+    attribute_bases = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Attribute):
+            chain, base = [sub.attr], sub.value
+            while isinstance(base, ast.Attribute):
+                chain.append(base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and (mod := as_module(resolve(base.id))):
+                attribute_bases.add(id(base))
+                for attr in reversed(chain):  # tasks.train.lora.add_lora: walk down the modules
+                    if _module_file(f"{mod}.{attr}", packages):
+                        mod = f"{mod}.{attr}"
+                        continue
+                    found.add((mod, attr))
+                    break
+                else:
+                    found.add((mod, None))
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name) and id(sub) not in attribute_bases:
+            target = resolve(sub.id)
+            if target is None:
+                continue
+            mod = as_module(target)
+            found.add((mod, None) if mod else target)
+    for mod, attr in local.values():  # importing a module runs its top-level code (registration...)
+        found.add((f"{mod}.{attr}", "") if attr and _module_file(f"{mod}.{attr}", packages) else (mod, ""))
+    return {(m, n) for m, n in found if m.split(".")[0] in packages}
+
+
+def code_closure(entries: list[tuple[str, str]], packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(project-relative file, hash of the code it contributes) for every file holding a definition
+    that `entries` ((module, name) pairs) reach through the names they use, transitively: a
+    function, class or constant counts where it is used, not every module its file imports."""
+    reached: dict[str, dict[str, str]] = {}  # file -> {definition: normalised code}
+    todo, seen = list(entries), set()
     while todo:
-        name = todo.pop()
-        path = _module_file(name, packages)
-        if path is None:
+        mod, name = todo.pop()
+        if (mod, name) in seen:
             continue
-        rel = path.relative_to(PROJECT_ROOT).as_posix() if path.is_relative_to(PROJECT_ROOT) else str(path)
-        if rel in seen:
+        seen.add((mod, name))
+        parsed = _parse(mod, packages)
+        if parsed is None:
             continue
-        tree = ast.parse(path.read_text(), filename=str(path))
-        seen[rel] = sha256(_normalised(tree))[:16]
-        todo.extend(_imported_modules(tree, name, path.name == "__init__.py"))
-    return tuple(sorted(seen.items()))
+        code = reached.setdefault(parsed.rel, {"": "".join(map(_normalised, parsed.preamble))})
+        names = list(parsed.definitions) if name is None else [name] if name else []
+        if name and name not in parsed.definitions:
+            if name in parsed.imports:  # a name the module imports (a re-export): follow it
+                todo.append(parsed.imports[name])
+            continue
+        for n in names:
+            node = parsed.definitions[n]
+            code[n] = _normalised(node)
+            todo.extend(_uses(node, mod, packages))
+    return tuple(sorted((rel, sha256(canonical(defs))[:16]) for rel, defs in reached.items()))
 
 
 def user_code(params) -> dict[str, str]:
@@ -96,8 +203,38 @@ def user_code(params) -> dict[str, str]:
             for label, path in params.code_files().items()}
 
 
-def stage_module(kind: str) -> str:
-    return load_stage_kinds()[kind].run.__module__
+def code_version(kind: str) -> tuple[tuple[str, str], ...]:
+    """The code a stage kind's result depends on: the closure of its run function (and for a kind
+    whose executions can be sharded, of the flows/ functions that split and merge them)."""
+    stage = load_stage_kinds()[kind]
+    run = getattr(stage.run, "__wrapped__", stage.run)
+    packages = (*PROJECT_PACKAGES, run.__module__.split(".")[0])  # a plugin's own package counts too
+    entries = [(run.__module__, run.__name__)]
+    if stage.shard_input is not None:
+        entries += [("flows.pipeline", name) for name in SHARD_CODE]
+        packages = (*packages, "flows")
+        return _cached_closure(tuple(entries), packages, shallow=("flows",))
+    return _cached_closure(tuple(entries), packages)
+
+
+# flows/ code that shapes a sharded stage's table: where shards split, how they merge.
+SHARD_CODE = ("shard_ranges", "shard_job", "run_shard", "merge_shards")
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_closure(entries, packages, shallow=()) -> tuple[tuple[str, str], ...]:
+    """code_closure, where a definition in a `shallow` package counts by its own code only (the
+    engine's plumbing that the merge calls does not shape the table)."""
+    deep = tuple(p for p in packages if p not in shallow)
+    own = [(m, n) for m, n in entries if m.split(".")[0] in shallow]
+    result = dict(code_closure([e for e in entries if e not in own], deep))
+    for mod, name in own:
+        parsed = _parse(mod, packages)
+        rel = f"{parsed.rel}:{name}"
+        result[rel] = sha256(_normalised(parsed.definitions[name]))[:16]
+        tables = code_closure([u for u in _uses(parsed.definitions[name], mod, packages) if u[0].split(".")[0] in deep], deep)
+        result.update(tables)
+    return tuple(sorted(result.items()))
 
 
 def file_fingerprint(path: Path) -> str:
@@ -111,6 +248,26 @@ def file_fingerprint(path: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+# Packages whose upgrades change numbers; major.minor enters every key (vllm only where it runs).
+NUMERIC_PACKAGES = ("torch", "transformers", "peft", "accelerate")
+
+
+@functools.lru_cache(maxsize=None)
+def package_version(name: str) -> str | None:
+    """major.minor of an installed package, or None."""
+    from importlib import metadata
+
+    try:
+        return ".".join(metadata.version(name).split(".")[:2])
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions(config: dict) -> dict[str, str | None]:
+    names = (*NUMERIC_PACKAGES, "vllm") if config.get("backend") == "vllm" else NUMERIC_PACKAGES
+    return {name: package_version(name) for name in names}
 
 
 def stage_config(node: Node) -> dict:
@@ -128,10 +285,11 @@ def assign_keys(nodes: list[Node], spec_seed: int) -> None:
             "kind": node.kind,
             "config": stage_config(node),
             "inputs": {param: keys[i] for param, i in sorted(node.inputs.items())},
-            "code": {**dict(code_version(stage_module(node.kind))), **user_code(node.params)},
+            "code": {**dict(code_version(node.kind)), **user_code(node.params)},
             "seed": seed,
             "sources": {str(p): file_fingerprint(p) for p in node.params.source_files()},
         }
+        node.recipe["versions"] = package_versions(node.recipe["config"])
         node.key = sha256(canonical(node.recipe))[:24]
         keys[node.id] = node.key
 
@@ -161,6 +319,11 @@ def explain_change(old: dict, new: dict, input_labels: dict[str, str]) -> list[s
     changed = sorted(f for f in set(old_code) | set(new["code"]) if old_code.get(f) != new["code"].get(f))
     if changed:
         reasons.append("code changed: " + ", ".join(changed))
+    old_versions = old.get("versions", {})
+    for name in sorted(set(old_versions) | set(new.get("versions", {}))):
+        before, after = old_versions.get(name), new.get("versions", {}).get(name)
+        if before != after:
+            reasons.append(f"{name} {before or 'absent'} -> {after or 'absent'}")
     if old.get("sources") != new["sources"]:
         reasons.append("source file content changed")
     return reasons or ["key changed"]

@@ -84,7 +84,7 @@ def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     `inputs` maps each reference parameter to its input artifact's reference; `compute(ctx)`
     replaces the kind's own function (merging shards)."""
     node, store = job.node, Store(job.store_root)
-    if not job.force and store.check(node.kind, node.key) is None:
+    if not job.force and store.check(node.kind, node.key, download=True) is None:  # remote: hashes too
         return reference(store, node, store.manifest(node.kind, node.key), computed=False)
     kind = load_stage_kinds()[node.kind]
     steps = StepLogger(job.tracker, job.mlflow_run_id)
@@ -235,7 +235,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
                 "alignflow.stage": node.name, "alignflow.round": str(node.round),
                 "alignflow.key": node.key, "alignflow.kind": node.kind,
             }, parent=parent)
-            damaged = store.check(node.kind, node.key) is not None  # never trust a cached reference to it
+            damaged = store.check(node.kind, node.key, download=True) is not None  # never trust a cached reference to it
             name = node.label.replace(" ", "-")
             job = StageJob(node=node, store_root=str(store.root), force=node.id in forced,
                            tracker=tracker, mlflow_run_id=run_ids[node.id])
@@ -289,6 +289,8 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str) -> di
     tags = {"alignflow.cache": "hit" if hit else "miss", "alignflow.uri": ref["uri"]}
     if hit and ref.get("mlflow_run_id"):  # the run that computed it holds the step curves
         tags["alignflow.original_run_id"] = ref["mlflow_run_id"]
+    if ref["metrics"].get("logps_fallback"):  # a log-prob fast path failed its check: see tasks/logps.py
+        tags["alignflow.logps_fallback"] = "plain full-logits path"
     params = {"kind": node.kind, "seed": node.recipe["seed"], **node.recipe["config"],
               **{f"input.{p}": refs[i]["key"] for p, i in node.inputs.items()}}
     tracker.log(run_id, metrics=ref["metrics"], params=params, tags=tags, step=ref.get("final_step", 0))

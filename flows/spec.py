@@ -193,6 +193,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
         problems.append(Problem(file, "runner.kind", "'ray' needs prefect-ray and ray: pip install 'alignflow[ray]'"))
     nodes = _validate_nodes(top, file, p.parent, overridden, problems)
     _check_names_and_refs(top, nodes, file, problems)
+    _check_reference_lengths(nodes, file, problems)
     if not problems:
         _check_cycles(top, nodes, file, problems)
     if problems:
@@ -308,6 +309,21 @@ def _check_names_and_refs(top: SpecFile, nodes: dict[str, NodeDef], file, proble
                 problems.append(Problem(file, where, f"'{target}' outputs a {out}; expected a {' or '.join(accepted[param])}"))
             if target in repeated and node.name not in repeated:
                 problems.append(Problem(file, where, f"'{target}' repeats every round, '{node.name}' does not; a one-off stage cannot pick one round's output"))
+
+
+def _check_reference_lengths(nodes: dict[str, NodeDef], file, problems) -> None:
+    """A trainer that reads a table's reference log-probs must cut sequences where they were cut:
+    its max_length equals that of the pairs / ref_logps stage that computed them."""
+    for node in nodes.values():
+        target = nodes.get(node.refs.get("pairs", ""))
+        if target is None or not hasattr(node.params, "max_length") or getattr(node.params, "loss", "dpo") in ("slic", "rrhf"):
+            continue
+        computes = target.kind == "ref_logps" or (target.kind == "pairs" and target.params.reference is not None)
+        if computes and target.params.max_length != node.params.max_length:
+            problems.append(Problem(file, f"{node.section}.{node.name}.max_length",
+                                    f"{node.params.max_length} differs from {target.section}.{target.name}.max_length "
+                                    f"({target.params.max_length}), which computed the reference log-probs it reads; "
+                                    "expected the same value"))
 
 
 def _check_cycles(top: SpecFile, nodes: dict[str, NodeDef], file, problems) -> None:

@@ -31,7 +31,9 @@ from typing import Iterator
 from flows.home import home
 
 MANIFEST = "manifest.json"
-HASH_LIMIT = 256 << 20  # files above this are checked by size only (hashing them each run costs)
+HASH_LIMIT = 256 << 20  # files above this get a sampled hash on each check (hashing them whole each run costs)
+SAMPLE_BLOCK = 64 << 10  # a sampled hash reads SAMPLE_BLOCKS blocks of this size (16 MiB)
+SAMPLE_BLOCKS = 256
 
 
 class StoreUnavailable(Exception):
@@ -58,6 +60,51 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sample_blocks(size: int) -> list[int]:
+    """The blocks (indices of SAMPLE_BLOCK-byte blocks) a sampled hash reads: evenly spaced, first
+    and last included. Fixed by the size, and listed in the manifest."""
+    n = -(-size // SAMPLE_BLOCK)
+    if n <= SAMPLE_BLOCKS:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (SAMPLE_BLOCKS - 1)) for i in range(SAMPLE_BLOCKS)})
+
+
+def sampled_sha256(path: Path, blocks: list[int], block_size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in blocks:
+            handle.seek(block * block_size)
+            digest.update(handle.read(block_size))
+    return digest.hexdigest()
+
+
+def file_record(f: Path) -> dict:
+    """A file's manifest entry: size and hash, and for a large file a sampled hash to check it by."""
+    record = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    if record["size"] > HASH_LIMIT:
+        blocks = sample_blocks(record["size"])
+        record["sample"] = {"block_size": SAMPLE_BLOCK, "blocks": blocks, "sha256": sampled_sha256(f, blocks, SAMPLE_BLOCK)}
+    return record
+
+
+def file_problem(f: Path, rel: str, meta: dict, sealed: float | None) -> str | None:
+    """What is wrong with file `f` against its manifest entry, or None. A large file is checked by
+    its sampled blocks, and hashed whole when it changed after the manifest was written (`sealed`:
+    its creation time): a same-size change anywhere is caught either way when made in place."""
+    if not f.is_file():
+        return f"damaged: {rel} is missing"
+    stat = f.stat()
+    if stat.st_size != meta["size"]:
+        return f"damaged: {rel} has {stat.st_size} bytes, expected {meta['size']}"
+    sample = meta.get("sample")
+    whole = meta["size"] <= HASH_LIMIT or sample is None or sealed is None or stat.st_mtime > sealed
+    if whole and file_sha256(f) != meta["sha256"]:
+        return f"damaged: {rel} does not match its hash"
+    if not whole and sampled_sha256(f, sample["blocks"], sample["block_size"]) != sample["sha256"]:
+        return f"damaged: {rel} does not match its sampled hash (blocks listed in the manifest)"
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -79,7 +126,7 @@ def seal(tmp: Path, kind: str, key: str, manifest: dict) -> dict:
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = f.relative_to(tmp).as_posix()
-        files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+        files[rel] = file_record(f)
     fingerprint = hashlib.sha256(
         json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True).encode()
     ).hexdigest()
@@ -128,8 +175,9 @@ class Store:
         except (OSError, ValueError):
             return None
 
-    def check(self, kind: str, key: str) -> str | None:
-        """None if the artifact is present and whole, else what is wrong with it."""
+    def check(self, kind: str, key: str, download: bool = False) -> str | None:
+        """None if the artifact is present and whole, else what is wrong with it. (`download`:
+        for a remote store, see RemoteStore.check; a local artifact is checked where it is.)"""
         folder = self.path(kind, key)
         if not folder.exists():
             return "not built" 
@@ -137,13 +185,9 @@ class Store:
         if manifest is None or manifest.get("key") != key:
             return "no valid manifest (incomplete or damaged)"
         for rel, meta in manifest["files"].items():
-            f = folder / rel
-            if not f.is_file():
-                return f"damaged: {rel} is missing"
-            if f.stat().st_size != meta["size"]:
-                return f"damaged: {rel} has {f.stat().st_size} bytes, expected {meta['size']}"
-            if meta["size"] <= HASH_LIMIT and file_sha256(f) != meta["sha256"]:
-                return f"damaged: {rel} does not match its hash"
+            problem = file_problem(folder / rel, rel, meta, manifest.get("created"))
+            if problem:
+                return problem
         return None
 
     @contextlib.contextmanager
@@ -237,9 +281,10 @@ class RemoteStore(Store):
       manifest just before a rebuild may download new files: their hashes do not match, and the
       download fails naming the file (never used). The layout stays `<kind>/<key>/<file>`, as on
       a local store.
-    - Check: the manifest and a listing of the folder (every file present, with its size). Hashes
-      are not checked there: that would download the whole artifact on every run. They are
-      checked on every download.
+    - Check: the manifest and a listing of the folder (every file present, with its size). A
+      stage about to reuse an artifact also checks it with `download=True`: it is fetched into the
+      local cache (once per machine) and its hashes checked, so a damaged one is recomputed, like
+      a damaged local artifact. `plan` lists only. Every download checks the hashes.
     - Inputs: a stage reads a verified local copy, `$ALIGNFLOW_HOME/cache/<kind>/<key>/` (itself a
       local store: downloaded into a temporary folder, renamed into place), reused while it is
       whole and has the store's fingerprint. A stage's own output is kept there too when it is
@@ -314,7 +359,19 @@ class RemoteStore(Store):
         return {name[len(folder) + 1:]: info["size"] for name, info in found.items()
                 if info.get("type") != "directory"}
 
-    def check(self, kind: str, key: str) -> str | None:
+    def check(self, kind: str, key: str, download: bool = False) -> str | None:
+        """As Store.check, from a listing (sizes). With `download`, the artifact is also fetched
+        into the local cache and its hashes checked (once per machine: a whole cached copy is not
+        fetched again), so a damaged remote artifact is recomputed rather than failing its reader."""
+        problem = self._listed_problem(kind, key)
+        if problem is None and download:
+            try:
+                self.local_path(kind, key)
+            except DamagedArtifact as exc:
+                return f"damaged: {exc}"
+        return problem
+
+    def _listed_problem(self, kind: str, key: str) -> str | None:
         listing = self._listing(self._path(kind, key))
         if not listing:
             return "not built"
@@ -375,6 +432,10 @@ class RemoteStore(Store):
                     raise DamagedArtifact(f"{self.path(kind, key)}/{rel}: the downloaded file "
                                           f"({size} bytes) does not match the manifest "
                                           f"({meta['size']} bytes, sha256 {meta['sha256'][:12]}...)")
+            created = manifest.get("created")
+            if created is not None:  # verified as of the manifest: its sampled hash stands for it
+                for rel in files:
+                    os.utime(tmp / rel, (created, created))
             write_json_atomic(tmp / MANIFEST, manifest)
             try:
                 self.cache.install(tmp, kind, key)

@@ -118,18 +118,14 @@ def judge_template_tail(template: str) -> str:
 
 
 def win_rate_of(outcomes: list[float]) -> dict[str, float]:
-    """Mean per-prompt outcome (win 1, tie 0.5, loss 0) with a 95% normal (Wald) interval.
-
-    The interval is mean +- 1.96 * sample std / sqrt(n) over the outcomes in {0, 0.5, 1},
-    clipped to [0, 1]; all ties give the zero-width interval [0.5, 0.5].
-    """
-    import math
+    """Mean per-prompt outcome (win 1, tie 0.5, loss 0) with its 95% Wilson interval (ties count
+    half: tasks.reward_accuracy.wilson_interval, as for the reward accuracies)."""
+    from tasks.reward_accuracy import wilson_interval
 
     n = len(outcomes)
-    mean = sum(outcomes) / n
-    std = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1)) if n > 1 else 0.0
-    half = 1.96 * std / math.sqrt(n)
-    return {"win_rate": mean, "win_rate_ci_low": max(0.0, mean - half), "win_rate_ci_high": min(1.0, mean + half)}
+    wins = sum(outcomes)
+    low, high = wilson_interval(wins, n)
+    return {"win_rate": wins / n, "win_rate_ci_low": low, "win_rate_ci_high": high}
 
 
 def win_rate(policy_rewards: list[float], baseline_rewards: list[float]) -> dict:
@@ -205,7 +201,8 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.models import batched_logps, load_causal_lm, sample_responses
+    from tasks.logps import batched_logps
+    from tasks.models import load_causal_lm, sample_responses
     from tasks.tables import read_table
 
     p: EvaluateParams = ctx.params

@@ -1,7 +1,7 @@
 """Plain functions over causal LMs: build, load, save, tokenize, score and sample.
 
 Every stage formats an example the same way, so the log-probs computed in one stage (pairs)
-match those computed in another (dpo):
+match those computed in another (dpo; both through tasks/logps.py):
 
     input  = [bos] + tokens(prompt) + tokens(response) + [eos]
     labels = [-100] * (1 + len(tokens(prompt))) + tokens(response) + [eos]
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import (
     AutoModelForCausalLM,
@@ -26,6 +25,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+
+from tasks.base import BadInput
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -126,7 +127,7 @@ def stored_dtype(folder: str | Path) -> torch.dtype:
 
     folder = Path(folder)
     if is_adapter_artifact(folder):
-        folder = Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+        folder = base_folder(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -181,18 +182,50 @@ def is_adapter_artifact(folder: str | Path) -> bool:
     return (Path(folder) / "adapter_config.json").exists() and not (Path(folder) / "config.json").exists()
 
 
-def load_adapter_merged(folder: str | Path, model_class, **kwargs) -> torch.nn.Module:
-    """An adapter-only artifact loaded onto its base and merged (inference and further training)."""
+STORE_SCHEME = "alignflow-store:"  # an artifact named by <kind>/<key> in the store that holds the adapter
+
+
+def base_reference(base: Path) -> str:
+    """How an adapter artifact names its base: `alignflow-store:<kind>/<key>` when the base is a
+    store artifact (a folder <kind>/<key> with a manifest), else its absolute path. A path is one
+    machine's; a store key holds wherever the store is."""
     import json
 
-    from peft import PeftModel
+    manifest = base / "manifest.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("key") == base.name and recorded.get("kind") == base.parent.name:
+            return f"{STORE_SCHEME}{base.parent.name}/{base.name}"
+    return str(base.resolve())
 
-    base_path = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    if not Path(base_path).exists():
-        raise FileNotFoundError(f"{folder}: the adapter's base model {base_path} is gone (was the store moved or swept?)")
-    base = model_class.from_pretrained(base_path, **kwargs)
+
+def base_folder(folder: str | Path, reference: str | None = None) -> Path:
+    """The base model folder an adapter artifact at `folder` names: by store key, in the same
+    store as the adapter (its sibling folder <root>/<kind>/<key>; a remote store's local cache
+    holds the inputs it downloaded the same way)."""
+    import json
+
+    if reference is None:
+        reference = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if reference.startswith(STORE_SCHEME):
+        return Path(folder).resolve().parent.parent / reference[len(STORE_SCHEME):]
+    return Path(reference)
+
+
+def load_adapter_merged(folder: str | Path, model_class, **kwargs) -> torch.nn.Module:
+    """An adapter-only artifact loaded onto its base and merged (inference and further training)."""
+    from peft import PeftConfig, PeftModel
+
+    base_path = base_folder(folder)
+    if not base_path.exists():
+        raise FileNotFoundError(f"{folder}: the adapter's base model is not at {base_path} "
+                                "(rebuild it: it is an input of the stage that trained the adapter)")
+    base = model_class.from_pretrained(str(base_path), **kwargs)
     with quiet_peft():
-        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+        # peft reads the base's name from the config it loads: give it the folder, not the reference
+        config = PeftConfig.from_pretrained(str(folder))
+        config.base_model_name_or_path = str(base_path)
+        return PeftModel.from_pretrained(base, str(folder), config=config).merge_and_unload()
 
 
 @contextlib.contextmanager
@@ -259,6 +292,46 @@ def chat_response_ids(tokenizer, prompt_messages, response) -> list[int]:
         specials = _special_ids(tokenizer)
         ends = [i for i, token in enumerate(ids) if token in specials]
     return ids[: ends[-1] + 1] if ends else ids + [tokenizer.eos_token_id]
+
+
+UNK_WARNING_FRACTION = 0.05  # more unknown tokens than this: the tokenizer does not fit the data
+
+
+def screen_texts(tokenizer, columns: dict[str, list], file: str, strict: bool) -> tuple[list[int], dict[str, float]]:
+    """Rows of `columns` (name -> values: text, or chat messages) whose every value has tokens.
+
+    A text that tokenizes to nothing (a tokenizer that does not fit the data), or a blank prompt,
+    would be scored as eos alone: its row is dropped and counted (`dropped_no_tokens`), or, with
+    `strict`, it is an error naming the row. (A blank response is what a policy that stops at once
+    generated: eos alone is then the right score.) `unk_fraction` is the share of the unknown
+    token among all the tokens; above UNK_WARNING_FRACTION it is logged as a warning.
+    """
+    import logging
+
+    n_rows = len(next(iter(columns.values()))) if columns else 0
+    empty: set[int] = set()
+    unk, total = 0, 0
+    for name, values in columns.items():
+        texts = [" ".join(str(m.get("content", "")) for m in v) if is_chat(v) else str(v or "") for v in values]
+        for row, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if not ids and (texts[row].strip() or name == "prompt"):
+                if strict:
+                    raise BadInput(file, f"row {row + 1}: {name}",
+                                     f"text that tokenizes to at least one token, got {values[row]!r}")
+                empty.add(row)
+            unk += sum(t == tokenizer.unk_token_id for t in ids) if tokenizer.unk_token_id is not None else 0
+            total += len(ids)
+    metrics = {"dropped_no_tokens": float(len(empty))}
+    if tokenizer.unk_token_id is not None:
+        metrics["unk_fraction"] = unk / max(1, total)
+        if metrics["unk_fraction"] > UNK_WARNING_FRACTION:
+            logging.getLogger(__name__).warning(
+                "%s: %.1f%% of the tokens are the unknown token %r: the tokenizer does not fit this data",
+                file, 100 * metrics["unk_fraction"], tokenizer.unk_token)
+    if empty:
+        logging.getLogger(__name__).warning("%s: %d rows dropped: a value tokenizes to nothing (first: row %d)",
+                                            file, len(empty), min(empty) + 1)
+    return [i for i in range(n_rows) if i not in empty], metrics
 
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int | None = None) -> list[list[int]]:
@@ -337,137 +410,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-# ---- scoring --------------------------------------------------------------------------------
-
-
-def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of the labelled (response) tokens of each sequence, and how many there are.
-
-    Only the labelled positions go through the output layer: the (batch, length, vocabulary)
-    logits are never built. With a 49k vocabulary they are most of a step's memory, and the prompt
-    and padding positions would be thrown away anyway. Even those of the labelled positions are
-    not kept when they are large (see head_logps).
-    """
-    targets = labels[:, 1:]  # token t is predicted from tokens < t
-    mask = targets != IGNORE
-    split = _body_and_head(model)
-    if split is None:  # a model whose head does more than a linear map: the plain way
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
-        token_logps = -F.cross_entropy(logits.float(), targets[mask], reduction="none")
-    else:
-        body, head = split
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        token_logps = head_logps(head, hidden[:, :-1][mask], targets[mask])
-    rows = mask.nonzero()[:, 0]
-    sums = token_logps.new_zeros(len(input_ids)).index_add(0, rows, token_logps)
-    return sums, mask.sum(-1)
-
-
-HEAD_CHUNK_BYTES = 64 * 2**20  # float32 logits computed at once by head_logps
-
-
-def head_logps(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for each row of `hidden` (N, H) under the output layer `head`, as float32 (N,).
-
-    The same values as log_softmax(head(hidden)) at the targets. When the float32 logits would take
-    more than HEAD_CHUNK_BYTES, they are never kept: they are computed in chunks of rows, reduced to
-    the target's logit and the log-sum-exp, and recomputed chunk by chunk in backward. That costs
-    one more output-layer matmul and saves the logits, their log-softmax and its gradient (with a
-    49k vocabulary and 1000 response tokens: one matmul of 57 GFLOP, about 5% of a SmolLM2-135M
-    step, for 600 MB, of which ~260 MB at the step's peak, measured on CPU).
-    """
-    rows = max(1, HEAD_CHUNK_BYTES // (4 * head.out_features))
-    if len(hidden) <= rows:  # small logits: keep them, no recompute
-        return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
-    return _ChunkedHeadLogps.apply(hidden, head.weight, head.bias, targets, rows)
-
-
-class _ChunkedHeadLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
-        device = hidden.device.type  # under autocast (bf16 on GPUs) the matmuls run in its dtype
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
-        with torch.autocast(device, enabled=False):
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for start in range(0, len(hidden), rows):
-                logits = F.linear(hidden[start : start + rows].to(dtype), w, b).float()
-                lse[start : start + rows] = logits.logsumexp(-1)
-                out[start : start + rows] = logits.gather(1, targets[start : start + rows, None])[:, 0]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.rows, ctx.dtype = rows, dtype
-        return out - lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dtype, rows = ctx.dtype, ctx.rows
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for start in range(0, len(hidden), rows):
-                h, g = hidden[start : start + rows].to(dtype), grad[start : start + rows, None]
-                logits = F.linear(h, w, b).float()
-                # d log p(t) / d logits = onehot(t) - softmax(logits)
-                d_logits = logits.sub_(lse[start : start + rows, None]).exp_().mul_(-g)
-                d_logits.scatter_add_(1, targets[start : start + rows, None], g)
-                if need_bias:
-                    grad_bias += d_logits.sum(0)
-                d_logits = d_logits.to(dtype)
-                if need_hidden:
-                    grad_hidden[start : start + rows] = d_logits @ w
-                if need_weight and dtype == torch.float32:
-                    grad_weight.addmm_(d_logits.t(), h)
-                elif need_weight:
-                    grad_weight += (d_logits.t() @ h).float()
-        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
-        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-# Config fields of heads that scale or cap logits after the linear layer (Gemma 2, Cohere, Granite).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def _body_and_head(model):
-    """(transformer body, output layer) of a causal LM, or None when its logits are not head(hidden).
-
-    Not for a DDP-wrapped model: calling its inner modules would bypass gradient synchronisation.
-    """
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return None
-    if hasattr(model, "get_base_model"):  # peft: the adapters live inside the base model's layers
-        model = model.get_base_model()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = getattr(model, "base_model", None)
-    config = getattr(model, "config", None)
-    if head is None or body is None or body is model or not isinstance(head, torch.nn.Linear):
-        return None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None
-    return body, head
-
-
-@torch.no_grad()
-def batched_logps(model, tokenizer, prompts, responses, max_length: int, batch_size: int, on_batch=None,
-                  max_prompt_length: int | None = None):
-    """sequence_logps over a whole list, in batches. Returns (logps, token counts) as lists."""
-    model.eval()
-    device = next(model.parameters()).device
-    examples = encode_examples(tokenizer, prompts, responses, max_length, max_prompt_length)
-    logps, counts = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], tokenizer.pad_token_id).items()}
-        lp, n = sequence_logps(model, **batch)
-        logps += lp.tolist()
-        counts += n.tolist()
-        if on_batch:
-            on_batch()
-    return logps, counts
+# ---- scoring (log-probs: tasks/logps.py) ---------------------------------------------------
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+from tasks.base import BadInput, OptionalRef, Ref, StageContext, StageParams, stage_kind
 
 PairStrategy = Literal["best_vs_worst", "best_vs_random", "all_pairs", "tournament"]
 
@@ -41,6 +41,7 @@ class PairsParams(StageParams):
     max_prompt_length: int | None = Field(
         None, ge=1, description="prompts longer than this lose their beginning (bos kept); must match the trainer's"
     )
+    strict: bool = Field(False, description="a text that tokenizes to nothing is an error, not a dropped pair")
 
 
 def group_rows(keys: list) -> list[list[int]]:
@@ -118,22 +119,30 @@ def build_pairs(prompt_keys: list, rewards: list[float], strategy: str = "best_v
 
 
 def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch_size: int, progress,
-                        max_prompt_length: int | None = None) -> None:
+                        file: str = "pairs", strict: bool = False,
+                        max_prompt_length: int | None = None) -> dict[str, float]:
     """Add ref_chosen_logp, ref_rejected_logp, chosen_tokens, rejected_tokens to `rows` (columns
     prompt, chosen, rejected): the reference model's summed response-token log-probs and how many
-    tokens they cover. `reference` is a model artifact folder. Shared by `pairs` and `ref_logps`."""
-    import math
-
-    from tasks.models import batched_logps, load_causal_lm
+    tokens they cover. `reference` is a model artifact folder. Shared by `pairs` and `ref_logps`;
+    the log-probs are tasks.logps.reference_logps', as dpo's own. Rows with a text that tokenizes
+    to nothing are dropped from every column (strict: an error; see screen_texts). Returns metrics."""
+    from tasks.logps import encode_pairs, fallback_metrics, reference_logps, response_tokens
+    from tasks.models import load_causal_lm, screen_texts
 
     model, tokenizer = load_causal_lm(reference)
-    n_batches = 2 * math.ceil(len(rows["prompt"]) / batch_size)
-    with progress("reference log-probs", total=n_batches) as bar:
-        for side in ("chosen", "rejected"):
-            logps, counts = batched_logps(model, tokenizer, rows["prompt"], rows[side], max_length, batch_size, bar.advance,
-                                          max_prompt_length)
-            rows[f"ref_{side}_logp"] = logps
-            rows[f"{side}_tokens"] = counts
+    keep, metrics = screen_texts(tokenizer, {c: rows[c] for c in ("prompt", "chosen", "rejected")}, file, strict)
+    if len(keep) < len(rows["prompt"]):
+        for column in rows:
+            rows[column] = [rows[column][i] for i in keep]
+    if not keep:
+        raise BadInput(file, "rows", "at least one pair whose texts have tokens under the reference's tokenizer")
+    examples = encode_pairs(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"], max_length,
+                            max_prompt_length)
+    reference_logps(model, examples, tokenizer.pad_token_id, batch_size, progress)
+    for side in ("chosen", "rejected"):
+        rows[f"ref_{side}_logp"] = [e[f"ref_{side}"] for e in examples]
+        rows[f"{side}_tokens"] = [response_tokens(e[side]) for e in examples]
+    return {**metrics, **fallback_metrics(model)}
 
 
 @stage_kind("pairs", PairsParams, output="table")
@@ -161,9 +170,12 @@ def pairs(ctx: StageContext) -> dict[str, float]:
         raise ValueError(f"no pairs left: {dropped['dropped_single']} prompts with one candidate, {dropped['dropped_ties']} ties, "
                          f"{dropped['dropped_min_margin']} under min_margin={p.min_margin}")
 
+    logps_metrics = {}
     if p.reference is not None:
-        add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress, p.max_prompt_length)
+        logps_metrics = add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress,
+                                            str(ctx.inputs["scored"] / "data.parquet"), p.strict, p.max_prompt_length)
 
     write_table(rows, ctx.out)
     n = len(rows["prompt"])
-    return {"pairs": float(n), **{k: float(v) for k, v in dropped.items()}, "mean_margin": sum(rows["margin"]) / n}
+    return {"pairs": float(n), **{k: float(v) for k, v in dropped.items()}, "mean_margin": sum(rows["margin"]) / n,
+            **logps_metrics}

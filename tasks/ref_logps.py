@@ -22,6 +22,7 @@ class RefLogpsParams(StageParams):
     reference: Ref("model")
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(512, ge=2, description="must match the trainer's max_length")
+    strict: bool = Field(False, description="a text that tokenizes to nothing is an error, not a dropped pair")
 
 
 @stage_kind("ref_logps", RefLogpsParams, output="table")
@@ -32,11 +33,13 @@ def ref_logps(ctx: StageContext) -> dict[str, float]:
     rows = read_table(ctx.inputs["pairs"], ["prompt", "chosen", "rejected"], what="pairs table").to_pydict()
     if not rows["prompt"]:
         raise BadInput(str(ctx.inputs["pairs"] / "data.parquet"), "rows", "at least one pair")
-    add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress)
+    logps_metrics = add_reference_logps(rows, ctx.inputs["reference"], p.max_length, p.batch_size, ctx.progress,
+                                        str(ctx.inputs["pairs"] / "data.parquet"), p.strict)
     write_table(rows, ctx.out)
     n = len(rows["prompt"])
     return {
         "pairs": float(n),
         "mean_ref_chosen_logp": sum(rows["ref_chosen_logp"]) / n,
         "mean_ref_rejected_logp": sum(rows["ref_rejected_logp"]) / n,
+        **logps_metrics,
     }

@@ -40,18 +40,19 @@ class RewardAccuracyParams(StageParams):
         return self
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval for a proportion (successes may be fractional: ties count half).
+def wilson_interval(successes: float, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """The 95% Wilson score interval for a proportion (statsmodels' proportion_confint), the one
+    interval alignflow reports: reward accuracies and the win rate. Successes may be fractional:
+    a tie counts half.
 
-    Wilson rather than the normal (Wald) interval: it stays inside [0, 1] and keeps its coverage
-    near 0 and 1, where reward accuracies on easy pairs live.
+    Wilson rather than the normal (Wald) interval: it stays inside [0, 1] without clipping and
+    keeps its coverage near 0 and 1, where accuracies on easy pairs and good win rates live
+    (Brown, Cai and DasGupta 2001, "Interval Estimation for a Binomial Proportion").
     """
-    import math
+    from statsmodels.stats.proportion import proportion_confint
 
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low, high = proportion_confint(successes, n, alpha=alpha, method="wilson")
+    return float(low), float(high)
 
 
 def ranking_accuracy(chosen: list[float], rejected: list[float]) -> dict[str, float]:
@@ -97,7 +98,8 @@ def reward_accuracy(ctx: StageContext) -> dict[str, float]:
                         model, tokenizer, t["prompt"], t[side], p.max_length, p.batch_size, bar.advance)
             del model
         if p.dporm_policy is not None:
-            from tasks.models import batched_logps, load_causal_lm
+            from tasks.logps import batched_logps
+            from tasks.models import load_causal_lm
 
             logps = {}
             for role in ("dporm_policy", "dporm_reference"):

@@ -92,8 +92,10 @@ class PretrainedParams(StageParams):
         description="local folder or hub id (relative to the spec's folder, or to `package`'s folder when given)",
     )
     gguf_file: str | None = Field(None, description="a GGUF file inside `path` to load from")
-    revision: str | None = Field(None, description="hub revision (pin it: the key cannot hash a hub model)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    revision: str | None = Field(
+        None, validate_default=True, description="hub id: required, the commit sha (or tag) to load; the key cannot hash a hub model"
+    )
+    dtype: Dtype = Field(
         "auto", description="the dtype the weights are stored, and so loaded, in (tasks.models.torch_dtype)"
     )
 
@@ -126,6 +128,18 @@ class PretrainedParams(StageParams):
         path = info.data.get("path")
         if value is not None and path is not None and Path(path).is_dir() and not (Path(path) / value).is_file():
             raise ValueError(f"a GGUF file inside {path}; {value!r} is not there")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _hub_needs_revision(cls, value: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("path")
+        if value is None and path is not None and not _is_local(path):
+            raise ValueError(
+                f"a revision (commit sha or tag) for hub model {path!r}, so that the cache key names exactly "
+                f"the weights loaded (if {path!r} is meant as a local folder: it was not found; relative "
+                "paths are relative to the spec's folder)"
+            )
         return value
 
     def source_files(self) -> list[Path]:
@@ -174,16 +188,7 @@ def pretrained(ctx: StageContext) -> dict[str, float]:
     return {"parameters": float(sum(x.numel() for x in model.parameters()))}
 
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-def resolve_dtype(name: str):
-    """The torch dtype a `dtype` setting names; auto: bfloat16 on a GPU that supports it, else float32."""
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # tasks.models.torch_dtype reads it
 
 
 class PretrainedRewardModelParams(StageParams):
@@ -194,13 +199,24 @@ class PretrainedRewardModelParams(StageParams):
 
     kind: Literal["pretrained_reward_model"] = "pretrained_reward_model"
     path: str = Field(description="local folder (relative to the spec's folder) or hub id")
-    revision: str | None = Field(None, description="hub revision (pin it: the key cannot hash a hub model)")
+    revision: str | None = Field(
+        None, validate_default=True, description="hub id: required, the commit sha (or tag) to load; the key cannot hash a hub model"
+    )
     dtype: Dtype = Field("auto", description="the dtype the weights are stored (and so loaded) in")
 
     @field_validator("path")
     @classmethod
     def _local_relative_to_spec(cls, value: str, info: ValidationInfo) -> str:
         return local_or_hub(value, info)
+
+    @field_validator("revision")
+    @classmethod
+    def _hub_needs_revision(cls, value: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("path")
+        if value is None and path is not None and not _is_local(path):
+            raise ValueError(f"a revision (commit sha or tag) for hub reward model {path!r}, so that the cache key "
+                             "names exactly the weights loaded")
+        return value
 
     def source_files(self) -> list[Path]:
         return [Path(self.path)] if _is_local(self.path) else []
@@ -210,7 +226,7 @@ class PretrainedRewardModelParams(StageParams):
 def pretrained_reward_model(ctx: StageContext) -> dict[str, float]:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from tasks.models import load_tokenizer, save_model
+    from tasks.models import load_tokenizer, save_model, torch_dtype
 
     p: PretrainedRewardModelParams = ctx.params
     local = _is_local(p.path)
@@ -221,7 +237,7 @@ def pretrained_reward_model(ctx: StageContext) -> dict[str, float]:
     config = AutoConfig.from_pretrained(path, **options)
     if config.num_labels != 1:
         raise BadInput(path, "config.json: num_labels", f"a reward model: a sequence classifier with one label; this one has {config.num_labels}")
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(p.dtype), **options)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(p.dtype), **options)
     tokenizer = load_tokenizer(path, **options)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last non-pad token
     save_model(model, tokenizer, ctx.out)

@@ -87,7 +87,7 @@ def test_evaluate_with_an_lm_judge_biased_to_position_a_ties(tmp_path, tiny_sft_
     prefers_a = lm_judge(*load_causal_lm(judge), max_length=512, batch_size=8)
     args = [s["prompt"] for s in samples], [s["policy_response"] for s in samples], [s["baseline_response"] for s in samples]
     assert min(prefers_a(*args)) > 1  # in one order alone, it prefers A (the policy) clearly
-    assert metrics["win_rate"] == 0.5 and metrics["win_rate_ci_low"] == metrics["win_rate_ci_high"] == 0.5
+    assert metrics["win_rate"] == 0.5 and metrics["win_rate_ci_low"] < 0.5 < metrics["win_rate_ci_high"]  # ties count half
     assert "reward_policy" not in metrics  # a pairwise judge gives no rewards
     assert metrics["length_policy"] > 0 and metrics["length_baseline"] > 0
 
@@ -133,7 +133,7 @@ def test_ranking_accuracy_and_wilson_interval_by_hand():
     assert result["ci_low"] == pytest.approx(0.35575, abs=1e-5)
     assert result["ci_high"] == pytest.approx(0.89759, abs=1e-5)
     for bound in (result["ci_low"], result["ci_high"]):
-        assert (0.6875 - bound) ** 2 == pytest.approx(1.96**2 * bound * (1 - bound) / 8)
+        assert (0.6875 - bound) ** 2 == pytest.approx(1.959964**2 * bound * (1 - bound) / 8, rel=1e-5)
 
 
 def test_reward_accuracy_params_need_a_reward():

@@ -71,13 +71,75 @@ def test_code_edits(tmp_path):
     # a comment and a docstring change nothing
     after_comment = _keys_in_copy(tmp_path, "tasks/train/dpo.py", lambda s: "# a new comment\n" + s.replace('"""', '"""Reworded. ', 1))
     assert after_comment == base
+    # an unused definition changes nothing either: keys follow the code a stage really calls
+    after_unused = _keys_in_copy(tmp_path, "tasks/train/dpo.py", lambda s: s + "\n\nUNUSED_CONSTANT = 1\n")
+    assert after_unused == base
     # an edit to the DPO stage's code: dpo and everything downstream of it
-    after_dpo = _keys_in_copy(tmp_path, "tasks/train/dpo.py", lambda s: s + "\n\nUNUSED_CONSTANT = 1\n")
+    after_dpo = _keys_in_copy(tmp_path, "tasks/train/dpo.py", lambda s: s.replace("losses.mean(), metrics", "losses.mean() * 1, metrics"))
     assert changed(base, after_dpo) == changed(keys(), keys("stages.dpo.beta=0.2"))
-    # an edit to a helper the DPO stage imports (the losses) does the same
-    after_losses = _keys_in_copy(tmp_path, "tasks/train/losses.py", lambda s: s + "\n\nHELPER_CONSTANT = 2\n")
+    # an edit to a helper the DPO stage calls (the losses) does the same
+    after_losses = _keys_in_copy(tmp_path, "tasks/train/losses.py", lambda s: _edit_function(s, "preference_loss"))
     assert {"dpo@1", "dpo@3"} <= changed(after_dpo, after_losses)
     assert "sft" not in changed(after_dpo, after_losses)
     # an edit to an unrelated stage (evaluate) leaves the others alone
-    after_eval = _keys_in_copy(tmp_path, "tasks/evaluate.py", lambda s: s + "\n\nOTHER = 3\n")
+    after_eval = _keys_in_copy(tmp_path, "tasks/evaluate.py", lambda s: _edit_function(s, "evaluate"))
     assert changed(after_losses, after_eval) == {"evaluate@1", "evaluate@2", "evaluate@3"}
+
+
+def _edit_function(source: str, name: str) -> str:
+    """`source` with a harmless statement added at the top of function `name`'s body."""
+    import ast
+
+    tree = ast.parse(source)
+    (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    first = node.body[1] if isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) else node.body[0]
+    lines = source.splitlines(keepends=True)
+    indent = lines[first.lineno - 1][: first.col_offset]
+    lines.insert(first.lineno - 1, f"{indent}_edited = 1\n")
+    return "".join(lines)
+
+
+def test_edits_reach_only_the_stages_that_call_the_edited_code(tmp_path):
+    """The synthetic data and the tiny model do not go stale when the rewards or LoRA change."""
+    base = _keys_in_copy(tmp_path)
+    data_and_model = {"base", "sft_data", "rm_pairs", "rm_heldout", "train_prompts", "eval_prompts"}
+    after_rewards = _keys_in_copy(tmp_path, "tasks/rewards.py", lambda s: _edit_function(s, "get_reward_fn"))
+    assert not changed(base, after_rewards) & data_and_model
+    assert {"score@1", "evaluate@1"} <= changed(base, after_rewards)
+    after_lora = _keys_in_copy(tmp_path, "tasks/train/lora.py", lambda s: _edit_function(s, "add_lora"))
+    assert not changed(after_rewards, after_lora) & data_and_model
+    assert {"sft", "dpo@1"} <= changed(after_rewards, after_lora)
+
+
+def test_the_shard_merge_is_in_the_keys_of_the_stages_it_merges(tmp_path):
+    base = _keys_in_copy(tmp_path)
+    after = _keys_in_copy(tmp_path, "flows/pipeline.py", lambda s: _edit_function(s, "merge_shards"))
+    assert {"generate@1", "score@1"} <= changed(base, after)
+    assert not changed(base, after) & {"base", "sft", "reward_model", "sft_data"}
+
+
+def test_package_upgrades_change_keys_and_plan_says_which(monkeypatch):
+    import flows.keys as flows_keys
+
+    before = expand(load_spec(DEMO_SPEC, [], 1))
+    assign_keys(before, 0)
+    real = flows_keys.package_version
+    monkeypatch.setattr(flows_keys, "package_version",
+                        lambda name: "9.99" if name == "transformers" else real(name))
+    after = expand(load_spec(DEMO_SPEC, [], 1))
+    assign_keys(after, 0)
+    assert all(a.key != b.key for a, b in zip(before, after))
+    reasons = flows_keys.explain_change(before[0].recipe, after[0].recipe, {})
+    assert reasons == [f"transformers {real('transformers')} -> 9.99"]
+
+
+def test_a_hub_model_needs_a_pinned_revision(tmp_path):
+    import pytest
+
+    from flows.errors import SpecError
+
+    spec = {"name": "hub", "models": {"m": {"kind": "pretrained", "path": "someone/some-model"}},
+            "stages": {}}
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))
+    with pytest.raises(SpecError, match=r"models.m.revision.*revision \(commit sha or tag\) for hub model 'someone/some-model'"):
+        load_spec(tmp_path / "spec.yaml")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import run_stage_in
-from tasks.models import collate, load_causal_lm, load_reward_model, sequence_logps
+from tasks.logps import sequence_logps
+from tasks.models import collate, load_causal_lm, load_reward_model
 from tasks.train import LoraParams
 from tasks.train.loop import latest_checkpoint
 

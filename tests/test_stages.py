@@ -344,6 +344,7 @@ def test_win_rate_interval():
     result = win_rate([1, 1, 0, 0.5], [0, 0, 1, 0.5])  # win, win, loss, tie
     assert result["win_rate"] == pytest.approx(0.625)
     assert result["outcomes"] == [1.0, 1.0, 0.0, 0.5]
-    std = (sum((o - 0.625) ** 2 for o in [1, 1, 0, 0.5]) / 3) ** 0.5
-    assert result["win_rate_ci_low"] == pytest.approx(max(0.0, 0.625 - 1.96 * std / 2))
-    assert result["win_rate_ci_high"] == pytest.approx(min(1.0, 0.625 + 1.96 * std / 2))
+    # Wilson, the tie counted half: the bounds solve (p_hat - p)^2 = z^2 p (1 - p) / n, p_hat = 2.5 / 4
+    for bound in (result["win_rate_ci_low"], result["win_rate_ci_high"]):
+        assert (0.625 - bound) ** 2 == pytest.approx(1.959964**2 * bound * (1 - bound) / 4, rel=1e-5)
+    assert 0 < result["win_rate_ci_low"] < 0.625 < result["win_rate_ci_high"] < 1

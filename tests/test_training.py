@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tasks.base import BadInput
-from tasks.models import IGNORE, build_tiny_llama, collate, encode_examples, load_causal_lm, sequence_logps
+from tasks.logps import sequence_logps
+from tasks.models import IGNORE, build_tiny_llama, collate, encode_examples, load_causal_lm
 from tasks.train import LoraParams
 from tasks.train.lora import add_lora, reference_context
 from tasks.train.loop import LengthGroupedBatches, fit_to_length
@@ -106,7 +107,7 @@ def test_too_long_examples_truncate_drop_or_stop():
 
 def preference_margins(model_dir, pairs_dir) -> torch.Tensor:
     """log pi(chosen) - log pi(rejected) of every pair in a pairs table, under a model artifact."""
-    from tasks.models import batched_logps
+    from tasks.logps import batched_logps
 
     model, tokenizer = load_causal_lm(model_dir, device="cpu")
     table = pq.read_table(pairs_dir / "data.parquet").to_pydict()
@@ -207,7 +208,8 @@ def test_reward_model_with_lora_trains_head_and_adapters(tiny_demo_model, demo_t
 def test_shared_prompt_rows_give_the_same_logps_and_gradients(tiny_demo_model, attention):
     """collate_shared_prompt (each pair one row: the prompt once, then both responses under a 4D
     mask) against collate_pairs (chosen and rejected as separate padded sequences)."""
-    from tasks.train.dpo import collate_pairs, collate_shared_prompt, pair_examples, pair_logps, supports_shared_prompt
+    from tasks.logps import collate_pairs, collate_shared_prompt, fast_paths, pair_logps
+    from tasks.train.dpo import pair_examples
     import pyarrow as pa
 
     model, tokenizer = load_causal_lm(tiny_demo_model, device="cpu", attn_implementation=attention.split("+")[0])
@@ -216,7 +218,7 @@ def test_shared_prompt_rows_give_the_same_logps_and_gradients(tiny_demo_model, a
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.5)
-    assert supports_shared_prompt(model)
+    assert fast_paths(model).shared_prompt
     table = pa.table({"prompt": ["animals cat dog :", "tools saw :", "food rice soup bread :"],
                       "chosen": ["good cat great dog", "fine saw", "tasty rice"],
                       "rejected": ["bad", "awful hammer old saw broken drill", "x"]})
@@ -238,7 +240,7 @@ def test_shared_prompt_rows_give_the_same_logps_and_gradients(tiny_demo_model, a
 def test_chunked_output_layer_matches_the_plain_one(monkeypatch, bias):
     """head_logps with logits too big to keep (chunked, recomputed in backward) against
     log_softmax(head(hidden)): values and gradients for the hidden states, weight and bias."""
-    import tasks.models as models
+    import tasks.logps as models
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).double()

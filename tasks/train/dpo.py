@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.base import OptionalRef, Ref, StageContext, stage_kind
+from tasks.base import BadInput, OptionalRef, Ref, StageContext, stage_kind
 from tasks.train import TrainParams
 from tasks.train.launch import multiprocess
 
@@ -42,6 +42,7 @@ class DPOParams(TrainParams):
     max_prompt_length: int | None = Field(
         None, ge=1, description="prompts longer than this lose their beginning (bos kept); must match the pairs stage's"
     )
+    strict: bool = Field(False, description="a text that tokenizes to nothing is an error, not a dropped pair")
 
     @model_validator(mode="after")
     def _loss_specific_params(self):
@@ -63,24 +64,17 @@ class DPOParams(TrainParams):
 
 
 def pair_examples(tokenizer, table, max_length: int | None, max_prompt_length: int | None = None) -> list[dict]:
-    """Tokenized pairs, {"chosen": example, "rejected": example} (max_length None: untruncated)."""
-    import sys
+    """Tokenized pairs of a pairs table, {"chosen": example, "rejected": example} (max_length None: untruncated)."""
+    from tasks.logps import encode_pairs
 
-    from tasks.models import encode_examples
-
-    limit = max_length or sys.maxsize
-    prompts = table.column("prompt").to_pylist()
-    chosen = encode_examples(tokenizer, prompts, table.column("chosen").to_pylist(), limit, max_prompt_length)
-    rejected = encode_examples(tokenizer, prompts, table.column("rejected").to_pylist(), limit, max_prompt_length)
-    return [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected)]
-
-
-def response_tokens(example: dict) -> int:
-    return sum(label != -100 for label in example["labels"])
+    columns = [table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")]
+    return encode_pairs(tokenizer, *columns, max_length, max_prompt_length)
 
 
 def attach_reference(examples: list[dict], table, max_length: int) -> None:
     """Copy the table's reference log-probs into each example, checking they cover the same tokens."""
+    from tasks.logps import response_tokens
+
     ref = {c: table.column(c).to_pylist() for c in REF_COLUMNS}
     for i, e in enumerate(examples):
         for side in ("chosen", "rejected"):
@@ -94,173 +88,12 @@ def attach_reference(examples: list[dict], table, max_length: int) -> None:
         e["ref_chosen"], e["ref_rejected"] = ref["ref_chosen_logp"][i], ref["ref_rejected_logp"][i]
 
 
-def collate_pairs(examples: list[dict], pad_id: int) -> dict:
-    """Chosen then rejected stacked into one batch of 2B sequences, plus the reference log-probs."""
-    import torch
-
-    from tasks.models import collate
-
-    batch = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
-    if "ref_chosen" in examples[0]:
-        batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples], dtype=torch.float32)
-        batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples], dtype=torch.float32)
-    return batch
-
-
-def shared_prompt_length(chosen: dict, rejected: dict) -> int:
-    """How many leading tokens a pair's two sequences share as prompt (the same ids, no labels)."""
-    from tasks.models import IGNORE
-
-    n = 0
-    for a, b, label_a, label_b in zip(chosen["input_ids"], rejected["input_ids"], chosen["labels"], rejected["labels"]):
-        if a != b or label_a != IGNORE or label_b != IGNORE:
-            break
-        n += 1
-    return n
-
-
-def packed_length(example: dict) -> int:
-    """Tokens in a pair's collate_shared_prompt row: the prompt once, then both responses."""
-    chosen, rejected = example["chosen"], example["rejected"]
-    return len(chosen["input_ids"]) + len(rejected["input_ids"]) - shared_prompt_length(chosen, rejected)
-
-
-def collate_shared_prompt(examples: list[dict], pad_id: int) -> dict:
-    """Each pair as one row: its prompt once, then the chosen response, then the rejected one.
-
-    The prompt is computed once instead of twice, and the batch is B rows padded to the longest
-    pair instead of 2B rows padded to the longest sequence. A (B, 1, W, W) boolean attention mask
-    lets each response token see the prompt and its own response's earlier tokens, never the other
-    response, and the rejected response's position ids restart where the prompt ends: every token
-    sees what it sees in its own sequence (collate_pairs' layout), so the log-probs are the same.
-    The labelled tokens are listed flat: `logp_index` (row * W + the position whose hidden state
-    predicts the token: for the rejected response's first token, the prompt's last), `logp_target`
-    (the token) and `logp_sequence` (0..B-1: the chosen sequences, B..2B-1: the rejected ones).
-    `sequence_lengths` holds the 2B sequences' token counts, chosen then rejected.
-    """
-    import torch
-
-    from tasks.models import IGNORE, pad
-
-    n_pairs = len(examples)
-    rows, positions, segments, targets, lengths = [], [], [], [], [0] * (2 * n_pairs)
-    for b, e in enumerate(examples):
-        chosen, rejected = e["chosen"], e["rejected"]
-        p = shared_prompt_length(chosen, rejected)
-        n_chosen, n_rejected = len(chosen["input_ids"]), len(rejected["input_ids"])
-        rows.append(chosen["input_ids"] + rejected["input_ids"][p:])
-        positions.append(list(range(n_chosen)) + list(range(p, n_rejected)))
-        segments.append([0] * p + [1] * (n_chosen - p) + [2] * (n_rejected - p))  # prompt, chosen, rejected
-        lengths[b], lengths[n_pairs + b] = n_chosen, n_rejected
-        for k in range(1, n_chosen):  # token k is predicted at position k - 1
-            if chosen["labels"][k] != IGNORE:
-                targets.append((b, k - 1, chosen["labels"][k], b))
-        for k in range(1, n_rejected):  # the rejected response sits after the chosen one in the row
-            if rejected["labels"][k] != IGNORE:
-                targets.append((b, k - 1 if k - 1 < p else n_chosen + k - 1 - p, rejected["labels"][k], n_pairs + b))
-    input_ids = pad(rows, pad_id)
-    width = input_ids.shape[1]
-    segment = pad(segments, -1)
-    query, key = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    # Padding attends to itself only (a row with nothing to attend to would give NaN).
-    mask = (causal & ((key == 0) | (key == query)) & (key != -1)) | torch.eye(width, dtype=torch.bool)
-    flat = torch.tensor(targets, dtype=torch.long).reshape(-1, 4)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": mask[:, None],
-        "position_ids": pad(positions, 0),
-        "logp_index": flat[:, 0] * width + flat[:, 1],
-        "logp_target": flat[:, 2],
-        "logp_sequence": flat[:, 3],
-        "sequence_lengths": torch.tensor(lengths),
-    }
-    if "ref_chosen" in examples[0]:
-        batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples], dtype=torch.float32)
-        batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples], dtype=torch.float32)
-    return batch
-
-
-def supports_shared_prompt(model) -> bool:
-    """Whether `model` can take collate_shared_prompt's rows: a decoder that takes position ids and a
-    4D mask (sdpa or eager attention) and attends in full in every layer (a sliding window, or any
-    other per-layer mask, would be lost under the custom mask)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
-        return False
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return False
-    return "position_ids" in inspect.signature(base.forward).parameters
-
-
-def pair_logps(model, batch: dict):
-    """Summed response log-probs and response token counts of a batch's 2B sequences, chosen then
-    rejected, from either layout (collate_pairs or collate_shared_prompt)."""
-    import torch
-    import torch.nn.functional as F
-
-    from tasks.models import _body_and_head, head_logps, sequence_logps
-
-    if "position_ids" not in batch:
-        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    mask = batch["attention_mask"]
-    config = getattr(getattr(model, "module", model), "config", None)  # module: DDP's wrapped model
-    if getattr(config, "_attn_implementation", None) == "eager":  # eager attention adds the mask to its scores
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
-    split = _body_and_head(model)
-    if split is None:  # all logits, then the labelled positions' (see tasks.models.sequence_logps)
-        logits = model(**inputs).logits
-        logits = logits.reshape(-1, logits.shape[-1])[batch["logp_index"]]
-        token_logps = -F.cross_entropy(logits.float(), batch["logp_target"], reduction="none")
-    else:  # only the labelled positions go through the output layer
-        body, head = split
-        hidden = body(**inputs).last_hidden_state
-        token_logps = head_logps(head, hidden.reshape(-1, hidden.shape[-1])[batch["logp_index"]], batch["logp_target"])
-    n_sequences, sequence = 2 * len(batch["input_ids"]), batch["logp_sequence"]
-    sums = token_logps.new_zeros(n_sequences).index_add(0, sequence, token_logps)
-    return sums, torch.bincount(sequence, minlength=n_sequences)
-
-
-def precompute_reference(model, examples: list[dict], pad_id: int, batch_size: int, progress) -> None:
-    """Reference log-probs of every pair from `model` (before training), stored in the examples."""
-    import math
-
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
-    shared = supports_shared_prompt(model)
-    collate_fn = collate_shared_prompt if shared else collate_pairs
-
-    def length(e: dict) -> int:
-        return packed_length(e) if shared else max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"]))
-
-    # Longest first, in length order: batches of similar lengths, little padding (and any OOM comes first).
-    ordered = sorted(examples, key=length, reverse=True)
-    with progress("reference log-probs", total=math.ceil(len(examples) / batch_size)) as bar:
-        for start in range(0, len(ordered), batch_size):
-            chunk = ordered[start : start + batch_size]
-            batch = collate_fn([{"chosen": e["chosen"], "rejected": e["rejected"]} for e in chunk], pad_id)
-            with torch.no_grad():
-                logps, _ = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
-            for e, c, r in zip(chunk, *logps.float().cpu().chunk(2)):
-                e["ref_chosen"], e["ref_rejected"] = c.item(), r.item()
-            bar.advance()
-
-
 def dpo_step(model, batch, loss: str, loss_params: dict, beta: float, needs_reference: bool):
     """One forward pass over chosen+rejected (either collate layout), the preference loss, and TRL-named metrics."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
+    from tasks.logps import pair_logps
     from tasks.train.lora import reference_context
     from tasks.train.losses import PairLogps, preference_loss
 
@@ -296,10 +129,12 @@ def dpo_step(model, batch, loss: str, loss_params: dict, beta: float, needs_refe
 def dpo(ctx: StageContext) -> dict[str, float]:
     from functools import partial
 
-    from tasks.models import load_causal_lm
+    from tasks.logps import collate_pairs, collate_shared_prompt, fallback_metrics, fast_paths, packed_length, reference_logps
+    from tasks.models import load_causal_lm, screen_texts
     from tasks.tables import read_table
     from tasks.train.lora import add_lora, save_trained
     from tasks.train.loop import fit_to_length, is_main_process, train, truncate
+    from tasks.train.online import disable_dropout
 
     p: DPOParams = ctx.params
     table = read_table(ctx.inputs["pairs"], ["prompt", "chosen", "rejected"], what="pairs table")
@@ -308,6 +143,11 @@ def dpo(ctx: StageContext) -> dict[str, float]:
     has_reference = all(c in table.column_names for c in REF_COLUMNS)
     needs_reference = p.loss not in REFERENCE_FREE
     model, tokenizer = load_causal_lm(ctx.inputs["policy"])
+    columns = {c: table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")}
+    kept_rows, screen_metrics = screen_texts(tokenizer, columns, str(ctx.inputs["pairs"] / "data.parquet"), p.strict)
+    table = table.take(kept_rows)
+    if not table.num_rows:
+        raise BadInput(str(ctx.inputs["pairs"] / "data.parquet"), "rows", "pairs whose texts have tokens under the policy's tokenizer")
 
     full = pair_examples(tokenizer, table, None, p.max_prompt_length)
     lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in full]
@@ -320,12 +160,15 @@ def dpo(ctx: StageContext) -> dict[str, float]:
         raise ValueError(f"no pairs left: all {len(full)} are longer than max_length={p.max_length}")
     if needs_reference and not has_reference and (p.lora is None or p.reference is not None):
         reference = model if p.reference is None else load_causal_lm(ctx.inputs["reference"])[0]
-        precompute_reference(reference, examples, tokenizer.pad_token_id, p.micro_batch_size or p.batch_size, ctx.progress)
+        reference_logps(reference, examples, tokenizer.pad_token_id, p.micro_batch_size or p.batch_size, ctx.progress)
         del reference
 
     if p.lora is not None:
         model = add_lora(model, p.lora, ctx.seed)
-    shared = supports_shared_prompt(model)  # each pair's prompt computed once: see collate_shared_prompt
+    # Without dropout, as trl's DPOTrainer (disable_dropout): the policy's log-probs are then those
+    # the reference log-probs were computed like (eval mode), and the implicit rewards start at 0.
+    disable_dropout(model)
+    shared = fast_paths(model).shared_prompt  # each pair's prompt computed once, where verified
     lengths = [packed_length(e) for e in examples] if shared else [lengths[i] for i in keep]
     model, metrics = train(
         model, examples, partial(collate_shared_prompt if shared else collate_pairs, pad_id=tokenizer.pad_token_id),
@@ -335,7 +178,7 @@ def dpo(ctx: StageContext) -> dict[str, float]:
         log_metrics=ctx.log_metrics, progress=ctx.progress,
         checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
-    metrics.update(data_metrics, pairs=float(len(examples)))
+    metrics.update(data_metrics, pairs=float(len(examples)), **screen_metrics, **fallback_metrics(model))
     if is_main_process():
         metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
     return metrics

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.models import is_adapter_artifact, load_adapter_merged, quiet_peft, save_model  # noqa: F401 (re-exported)
+from tasks.models import base_reference, is_adapter_artifact, load_adapter_merged, quiet_peft, save_model  # noqa: F401 (re-exported)
 from tasks.train import LoraParams
 
 ADAPTER_DIR = "adapter"
@@ -61,9 +61,9 @@ def save_trained(model, tokenizer, out: Path, lora: LoraParams | None, base: Pat
     else:
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-        # peft records the base by path; make it the input artifact's absolute path.
+        # peft records the base by path; a path is this machine's: name the base by its store key.
         config_path = out / "adapter_config.json"
         config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = str(Path(base).resolve())
+        config["base_model_name_or_path"] = base_reference(Path(base))
         config_path.write_text(json.dumps(config, indent=2))
     return {"trainable_parameters": trainable}

@@ -76,29 +76,17 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: f
     }
 
 
-def _forward_hidden(model, batch: dict, prompt_width: int):
-    """(hidden states at the positions that predict each response token, the output layer), or
-    (logits at those positions, None) for a model whose head is more than a linear map."""
-    from tasks.models import _body_and_head
-
-    mask = batch["attention_mask"]
-    inputs = {"input_ids": batch["sequences"], "attention_mask": mask,
-              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}  # as generate numbers left-padded rows
-    split = _body_and_head(model)
-    if split is None:
-        return model(**inputs).logits[:, prompt_width - 1 : -1], None
-    body, head = split
-    return body(**inputs).last_hidden_state[:, prompt_width - 1 : -1], head
-
-
 def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1.0, entropy: bool = False):
     """Log-probs (N, T) of the response tokens under `model` at the sampling temperature (0 where
     mask is false); with `entropy`, also the mean entropy of its next-token distributions there."""
-    from tasks.models import head_logps
+    from tasks.logps import head_logps, selected_outputs
 
     mask, targets = batch["mask"], batch["sequences"][:, prompt_width:]
-    states, head = _forward_hidden(model, batch, prompt_width)
-    states = states[mask]
+    attention = batch["attention_mask"]
+    inputs = {"input_ids": batch["sequences"], "attention_mask": attention,
+              "position_ids": (attention.cumsum(-1) - 1).clamp(min=0)}  # as generate numbers left-padded rows
+    # hidden states (or logits, head None) at the positions that predict each response token
+    states, head = selected_outputs(model, inputs, lambda out: out[:, prompt_width - 1 : -1][mask])
     if head is not None and head.bias is None:  # head(h) / t == head(h / t): the logits are never built
         token_logps = head_logps(head, states / temperature, targets[mask])
         logits_of = lambda rows: head(rows / temperature)  # noqa: E731

@@ -56,7 +56,7 @@ def collate_groups(groups: list[dict], pad_id: int) -> dict:
 def rrhf_step(model, batch, sft_weight: float):
     import torch
 
-    from tasks.models import sequence_logps
+    from tasks.logps import sequence_logps
     from tasks.train.losses import rrhf_listwise
 
     logps, n_tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])

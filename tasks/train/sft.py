@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 
-from tasks.base import Ref, StageContext, stage_kind
+from tasks.base import BadInput, Ref, StageContext, stage_kind
 from tasks.train import TrainParams
 from tasks.train.launch import multiprocess
 
@@ -50,19 +50,24 @@ def encode_conversation(tokenizer, messages) -> dict:
     return {"input_ids": list(encoded["input_ids"]), "labels": labels}
 
 
-def encode_sft_data(tokenizer, table, file: str) -> list[dict]:
-    """Every row encoded at full length: a `messages` column through encode_conversation, else
-    (prompt, response) through encode_examples."""
+def encode_sft_data(tokenizer, table, file: str) -> tuple[list[dict], dict[str, float]]:
+    """Every row encoded at full length, and the screening metrics: a `messages` column through
+    encode_conversation, else (prompt, response) through encode_examples, rows whose texts have no
+    tokens dropped (tasks.models.screen_texts)."""
     import sys
 
-    from tasks.base import BadInput
-    from tasks.models import encode_examples
+    from tasks.models import encode_examples, screen_texts
 
     if "messages" not in table.column_names:
         from tasks.tables import require_columns
 
         require_columns(table, ["prompt", "response"], "sft data (or a messages column)")
-        return encode_examples(tokenizer, table.column("prompt").to_pylist(), table.column("response").to_pylist(), sys.maxsize)
+        columns = {c: table.column(c).to_pylist() for c in ("prompt", "response")}
+        rows, metrics = screen_texts(tokenizer, columns, file, strict=False)
+        if not rows:
+            raise BadInput(file, "rows", "examples whose texts have tokens under the model's tokenizer")
+        return encode_examples(tokenizer, [columns["prompt"][i] for i in rows],
+                               [columns["response"][i] for i in rows], sys.maxsize), metrics
     if not getattr(tokenizer, "chat_template", None) or not tokenizer.is_fast:
         raise BadInput(file, "messages", "a model whose tokenizer has a chat template (and is a fast tokenizer): "
                                          "conversations are rendered with it")
@@ -72,12 +77,12 @@ def encode_sft_data(tokenizer, table, file: str) -> list[dict]:
             examples.append(encode_conversation(tokenizer, messages or []))
         except (ValueError, KeyError, TypeError) as e:
             raise BadInput(file, f"row {row}: messages", f"a list of {{role, content}} messages with an assistant turn ({e})") from None
-    return examples
+    return examples, {}
 
 
 def sft_loss(model, batch):
     """Mean NLL over the batch's response tokens (prompt and padding are labelled -100)."""
-    from tasks.models import sequence_logps
+    from tasks.logps import sequence_logps
 
     logps, n_tokens = sequence_logps(model, **batch)
     return -logps.sum() / n_tokens.sum().clamp(min=1), {}
@@ -103,7 +108,7 @@ def sft(ctx: StageContext) -> dict[str, float]:
     p: SFTParams = ctx.params
     table = read_table(ctx.inputs["data"])
     model, tokenizer = load_causal_lm(ctx.inputs["model"])
-    full = encode_sft_data(tokenizer, table, str(ctx.inputs["data"]))
+    full, screen_metrics = encode_sft_data(tokenizer, table, str(ctx.inputs["data"]))
     lengths = [len(e["input_ids"]) for e in full]
     keep, data_metrics = fit_to_length(lengths, p.max_length, p.too_long, str(ctx.inputs["data"]))
     examples = [truncate(full[i], p.max_length) for i in keep]
@@ -116,7 +121,7 @@ def sft(ctx: StageContext) -> dict[str, float]:
         log_metrics=ctx.log_metrics, progress=ctx.progress, batch_weight=response_tokens,
         checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
-    metrics.update(data_metrics)
+    metrics.update(data_metrics, **screen_metrics)
     if is_main_process():
         metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["model"]))
     return metrics
