@@ -11,7 +11,6 @@ tokens a policy generated after the prompt.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -119,34 +118,18 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def stored_dtype(folder: str | Path) -> torch.dtype:
-    """The dtype a model folder's weights are stored in (its config's), float32 if it names none.
-    An adapter-only artifact's is its base's."""
-    import json
-
-    folder = Path(folder)
-    if is_adapter_artifact(folder):
-        folder = Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return torch.float32
-    name = config.get("dtype") or config.get("torch_dtype")
-    return torch_dtype(name) if name in ("float32", "bfloat16", "float16") else torch.float32
-
-
 def load_causal_lm(path: str | Path, device: torch.device | str | None = None, **kwargs):
     """Model and tokenizer from a "model" artifact folder, in the dtype its weights are stored in
-    (a `pretrained` model's `dtype`; training autocasts to the stage's `dtype`).
+    (a `pretrained` model's `dtype`; training autocasts to the stage's own `dtype`).
 
-    An adapter-only artifact (LoRA with merge: false) is loaded onto its base model and merged (in
-    float32, then rounded once to the base's dtype).
+    An adapter-only artifact (LoRA with merge: false) is loaded onto its base model and merged.
     """
-    dtype = stored_dtype(path)
+    from tasks.train.lora import is_adapter_artifact, load_adapter_merged
+
     if is_adapter_artifact(path):
-        model = load_adapter_merged(path, AutoModelForCausalLM, dtype=torch.float32, **kwargs).to(dtype)
+        model = load_adapter_merged(path, AutoModelForCausalLM, dtype="auto", **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", **kwargs)
     model = model.to(device or default_device())
     set_cpu_threads(model)
     return model, load_tokenizer(path)
@@ -158,51 +141,23 @@ def load_reward_model(path: str | Path, device: torch.device | str | None = None
     `path` may hold a reward model, or a causal LM: then its body is reused under a fresh score head.
     """
     tokenizer = load_tokenizer(path)
-    dtype = stored_dtype(path)
     # From a causal LM, transformers reports lm_head as unused and the score head as new: expected.
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()
     try:
-        options = dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+        from tasks.train.lora import is_adapter_artifact, load_adapter_merged
+
+        options = dict(num_labels=1, dtype="auto", pad_token_id=tokenizer.pad_token_id)
         if is_adapter_artifact(path):  # LoRA with merge: false
-            model = load_adapter_merged(path, AutoModelForSequenceClassification, dtype=torch.float32, **options).to(dtype)
+            model = load_adapter_merged(path, AutoModelForSequenceClassification, **options)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype, **options)
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), **options)
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last non-pad token
     model = model.to(device or default_device())
     set_cpu_threads(model)
     return model, tokenizer
-
-
-def is_adapter_artifact(folder: str | Path) -> bool:
-    """An adapter-only LoRA artifact (tasks/train/lora.py, merge: false)."""
-    return (Path(folder) / "adapter_config.json").exists() and not (Path(folder) / "config.json").exists()
-
-
-def load_adapter_merged(folder: str | Path, model_class, **kwargs) -> torch.nn.Module:
-    """An adapter-only artifact loaded onto its base and merged (inference and further training)."""
-    import json
-
-    from peft import PeftModel
-
-    base_path = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    if not Path(base_path).exists():
-        raise FileNotFoundError(f"{folder}: the adapter's base model {base_path} is gone (was the store moved or swept?)")
-    base = model_class.from_pretrained(base_path, **kwargs)
-    with quiet_peft():
-        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
-
-
-@contextlib.contextmanager
-def quiet_peft():
-    """peft reads a transformers property that warns it is deprecated in v5: noise to our users."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def save_model(model, tokenizer, folder: str | Path) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from tasks.models import is_adapter_artifact, load_adapter_merged, quiet_peft, save_model  # noqa: F401 (re-exported)
 from tasks.train import LoraParams
 
 ADAPTER_DIR = "adapter"
@@ -32,7 +31,7 @@ def add_lora(model, lora: LoraParams, seed: int, task_type: str = "CAUSAL_LM"):
         task_type=task_type,  # SEQ_CLS also trains the fresh score head in full
     )
     torch.manual_seed(seed)
-    with quiet_peft():
+    with _quiet_peft():
         return get_peft_model(model, config)
 
 
@@ -50,14 +49,17 @@ def reference_context(model):
 
 
 def save_trained(model, tokenizer, out: Path, lora: LoraParams | None, base: Path) -> dict[str, float]:
-    """Save a trained model into the artifact folder `out`; `base` is the artifact it started from."""
+    """Save a trained model into the artifact folder `out`; `base` is the artifact it started from.
+    (Not through tasks.models, which loads adapter artifacts with this module: no import circle.)"""
     if lora is None:
-        save_model(model, tokenizer, out)
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
         return {}
     trainable = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
     if lora.merge:
         model.save_pretrained(str(out / ADAPTER_DIR))
-        save_model(model.merge_and_unload(), tokenizer, out)
+        model.merge_and_unload().save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
     else:
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
@@ -67,3 +69,29 @@ def save_trained(model, tokenizer, out: Path, lora: LoraParams | None, base: Pat
         config["base_model_name_or_path"] = str(Path(base).resolve())
         config_path.write_text(json.dumps(config, indent=2))
     return {"trainable_parameters": trainable}
+
+
+def is_adapter_artifact(folder: Path) -> bool:
+    return (Path(folder) / "adapter_config.json").exists() and not (Path(folder) / "config.json").exists()
+
+
+def load_adapter_merged(folder: Path, model_class, **kwargs) -> torch.nn.Module:
+    """An adapter-only artifact loaded onto its base and merged (inference and further training)."""
+    from peft import PeftModel
+
+    base_path = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if not Path(base_path).exists():
+        raise FileNotFoundError(f"{folder}: the adapter's base model {base_path} is gone (was the store moved or swept?)")
+    base = model_class.from_pretrained(base_path, **kwargs)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads a transformers property that warns it is deprecated in v5: noise to our users."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
