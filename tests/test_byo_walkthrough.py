@@ -37,7 +37,7 @@ def user_spec(folder):
             "score": {"kind": "score", "candidates": "generate", "reward_fn": "myreward:concise_and_kind"},
             "pairs": {"kind": "pairs", "scored": "score", "reference": "reference"},
             "dpo": {"kind": "dpo", "policy": "policy", "pairs": "pairs", "lr": 5e-2, "batch_size": 4, "epochs": 4,
-                    "lora": {"r": 4, "alpha": 8}},
+                    "micro_batch_size": 2, "lr_scheduler": "cosine", "lora": {"r": 4, "alpha": 8}},
             "evaluate": {"kind": "evaluate", "policy": "dpo", "baseline": "base", "prompts": "questions",
                          "judge_model": "judge", "max_new_tokens": 8},
         },
