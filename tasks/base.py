@@ -47,10 +47,11 @@ SpecPath = Annotated[str, AfterValidator(spec_relative)]
 class StageParams(BaseModel):
     """Base of every kind's parameters. Unknown keys are errors (a typo must not pass silently)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinities and nan (`.inf`, `nan`, `1e400`) are spec errors, never a poisoned artifact.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: str
-    seed: int | None = Field(default=None, description="defaults to the spec's seed")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="defaults to the spec's seed")
 
     # Parameters that never change the result (how much to print, say) are left out of the key.
     not_in_key: ClassVar[frozenset[str]] = frozenset()

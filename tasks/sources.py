@@ -183,7 +183,7 @@ class SyntheticParams(StageParams):
         "sft", "preferences", "preferences_heldout", "prompts", "eval_prompts",
         "preferences_prompt_shift", "preferences_response_shift",
     ]
-    size: int = Field(gt=0)
+    size: int = Field(gt=0, le=10_000_000)  # bounded: a typo must not run out of memory
     topics: list[str] | None = Field(
         None, description="default: the task's training topics (held-out topics for preferences_prompt_shift)"
     )
