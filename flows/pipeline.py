@@ -8,6 +8,7 @@ MLflow is written from the flow (and, for live step metrics, through an explicit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -78,6 +79,19 @@ def reference(store: Store, node: Node, manifest: dict, computed: bool, seconds:
 # trainings sharing a GPU (or two cores) by surprise helps nobody.
 COMPUTING = threading.Semaphore(1)
 
+# Bad input data found while running (a remote source) is exit 2, which writes nothing: the
+# first BadInput stops this run's scheduling and every stage still computing, before it commits.
+BAD_INPUTS: list[BadInput] = []
+
+
+class Cancelled(Exception):
+    """A stage stopped, uncommitted, because another stage of the run found bad input data."""
+
+
+def _stop_if_cancelled() -> None:
+    if BAD_INPUTS:
+        raise Cancelled(f"cancelled: {BAD_INPUTS[0]}")
+
 
 def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     """Compute one stage's artifact unless it is already whole in the store; return its reference.
@@ -88,15 +102,29 @@ def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
         return reference(store, node, store.manifest(node.kind, node.key), computed=False)
     kind = load_stage_kinds()[node.kind]
     steps = StepLogger(job.tracker, job.mlflow_run_id)
-    with COMPUTING, store.build(node.kind, node.key) as tmp:
+
+    def log_step(metrics: dict[str, float], step: int) -> None:  # each step is a point to stop at
+        _stop_if_cancelled()
+        steps(metrics, step)
+
+    # Sources read files or the network, and run beside a training: a remote source's bad data
+    # is then found (and the run stopped) without waiting for the training to finish.
+    gate = contextlib.nullcontext() if node.section == "datasets" else COMPUTING
+    with gate, store.build(node.kind, node.key) as tmp:
+        _stop_if_cancelled()
         started = time.time()
         checkpoints = store.checkpoints(node.kind, node.key)
         # Inputs as local folders: on a remote store, verified copies in the local cache.
         local = {p: store.local_path(ref["kind"], ref["key"]) for p, ref in inputs.items()}
         ctx = StageContext(out=tmp, inputs=local,
                            params=node.params, seed=node.recipe["seed"],
-                           log_metrics=steps, progress=term.progress, checkpoints=checkpoints, rows=job.rows)
-        metrics = {k: float(v) for k, v in ((compute or kind.run)(ctx) or {}).items()}
+                           log_metrics=log_step, progress=term.progress, checkpoints=checkpoints, rows=job.rows)
+        try:
+            metrics = {k: float(v) for k, v in ((compute or kind.run)(ctx) or {}).items()}
+        except BadInput as err:
+            BAD_INPUTS.append(err)
+            raise
+        _stop_if_cancelled()
         steps.flush()
         if steps.history:
             (tmp / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in steps.history))
@@ -216,6 +244,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
 
     spec = load_spec(spec_file, overrides or [], rounds)
     nodes = resolve(spec)
+    BAD_INPUTS.clear()
     forced = downstream(nodes, set(force or []))
     root = store_root(spec.store)
     store = Store(root)
@@ -279,6 +308,8 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str) -> di
     state = future.state
     if not state.is_completed():
         cause = _exception(state)
+        if isinstance(cause, Cancelled) and BAD_INPUTS:
+            raise BAD_INPUTS[0]  # the root cause: bad input data somewhere else in the graph
         term.console.print(f"[red]✗ {node.label}[/] failed")
         if isinstance(cause, BadInput):
             raise cause

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flows.errors import Problem, SpecError, did_you_mean
 from tasks import load_stage_kinds
 from tasks.base import StageParams, ref_fields
+from tasks.sources import FileParams
 
 ROUND_NAMES = ("policy", "reference")
 SECTIONS = {"models": ("model", "reward_model"), "datasets": ("table",), "stages": None}
@@ -351,10 +352,16 @@ def _validate_nodes(top: SpecFile, file, base_dir: Path, overridden, problems, f
             except ValidationError as exc:
                 problems.extend(pydantic_problems(exc, file, where, kind.params, overridden))
                 continue
-            for missing in params.source_files():
-                if not Path(missing).exists():
-                    field_name = _field_holding(params, missing)
-                    problems.append(Problem(file, f"{where}.{field_name}", f"file not found: {missing}"))
+            for source in params.source_files():
+                field_name = _field_holding(params, source)
+                source = Path(source)
+                if not source.exists():
+                    problems.append(Problem(file, f"{where}.{field_name}", f"file not found: {source}"))
+                elif isinstance(params, FileParams) and not source.is_file():
+                    problems.append(Problem(file, f"{where}.{field_name}", f"expected a regular file: {source} is "
+                                            f"{'a folder' if source.is_dir() else 'a special file'}"))
+                elif not (source.is_file() or source.is_dir()):  # /dev/zero, a fifo: never ends, or blocks
+                    problems.append(Problem(file, f"{where}.{field_name}", f"expected a file or folder: {source} is a special file"))
             refs = {k: getattr(params, k) for k in ref_fields(kind.params) if getattr(params, k) is not None}
             nodes[name] = NodeDef(name=name, section=section, params=params, refs=refs, output=kind.output)
             failed.discard(name)

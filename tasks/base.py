@@ -70,6 +70,24 @@ class BadInput(ValueError):
         super().__init__(f"{file}: {field}: {expected}")
 
 
+MAX_LINE_BYTES = 64 << 20  # one line of a data file: a file with no newline is not read to the end of memory
+
+
+def text_lines(handle, file: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a file opened in binary mode, read line by line with a
+    bound on a line's length; a byte that is not UTF-8 is a BadInput naming the line."""
+    line_number = 0
+    while line := handle.readline(MAX_LINE_BYTES + 1):
+        line_number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            raise BadInput(file, f"line {line_number}", f"a line of at most {MAX_LINE_BYTES >> 20} MiB")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInput(file, f"line {line_number}", f"UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1})") from None
+        yield line_number, text
+
+
 class Progress:
     """A progress counter a stage advances; `flows/` draws it (rich) and tests ignore it."""
 

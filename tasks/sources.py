@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from tasks.base import BadInput, SpecPath, StageContext, StageParams, spec_relative, stage_kind
+from tasks.base import BadInput, SpecPath, StageContext, StageParams, spec_relative, stage_kind, text_lines
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -295,8 +295,8 @@ def jsonl(ctx: StageContext) -> dict[str, float]:
     path = Path(p.path).expanduser()
     rows, line_numbers = [], []
     # Read line by line (not datasets/pyarrow's reader) so an error names the line.
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, line in text_lines(f, str(path)):
             if not line.strip():
                 continue
             try:
