@@ -29,10 +29,10 @@ from flows.errors import StageFailed
 from flows.graph import Node, downstream
 from flows.home import store_root, tracking_uri
 from flows.keys import resolve
-from flows.locks import CrashSafeLockManager
+from flows.locks import CrashSafeLockManager, file_lock
 from flows.report import log_report
 from flows.spec import load_spec
-from flows.store import Store
+from flows.store import Store, plain
 from flows.tracking import StepLogger, Tracker, get_tracker
 from tasks import load_stage_kinds
 from tasks.base import BadInput, StageContext
@@ -100,6 +100,16 @@ def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     node, store = job.node, Store(job.store_root)
     if not job.force and store.check(node.kind, node.key) is None:
         return reference(store, node, store.manifest(node.kind, node.key), computed=False)
+    # One computation per key across processes, shards included (Prefect's own lock covers only
+    # the cached tasks); the kernel frees it if this process dies.
+    with file_lock(store.local_root / "_locks" / plain(f"{node.kind}.{node.key}.lock")):
+        if not job.force and store.check(node.kind, node.key) is None:  # another run just built it
+            return reference(store, node, store.manifest(node.kind, node.key), computed=False)
+        return _compute(job, inputs, compute)
+
+
+def _compute(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
+    node, store = job.node, Store(job.store_root)
     kind = load_stage_kinds()[node.kind]
     steps = StepLogger(job.tracker, job.mlflow_run_id)
 

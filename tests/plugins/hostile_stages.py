@@ -42,3 +42,27 @@ def steps(ctx):
         ctx.log_metrics({"loss": 1.0 / (step + 1)}, step)
     (ctx.out / "metrics.json").write_text(json.dumps({"done": 1}))
     return {"done": 1.0}
+
+
+class ShardCountParams(StageParams):
+    """A row-parallel stage that counts its executions (one line per shard or whole run)."""
+
+    kind: Literal["toy_shard_count"] = "toy_shard_count"
+    data: Ref("table")
+    shards: int = 1
+    batch_size: int = 1
+    seconds: float = 0.5
+    counter: str
+
+
+@stage_kind("toy_shard_count", ShardCountParams, output="table", shard_input="data")
+def shard_count(ctx):
+    from tasks.base import shard_rows
+    from tasks.tables import read_table, write_table
+
+    part, _ = shard_rows(read_table(ctx.inputs["data"]), ctx)
+    with open(ctx.params.counter, "a") as f:
+        f.write(f"{os.getpid()} {ctx.rows}\n")
+    time.sleep(ctx.params.seconds)
+    write_table(part, ctx.out)
+    return {"rows": float(part.num_rows)}
