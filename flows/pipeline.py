@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from importlib import metadata
 
 from prefect import flow, task
@@ -65,6 +66,31 @@ def cache_policy(root: str) -> CachePolicy:
         lock_manager=CrashSafeLockManager(prefect_dir / "locks"),
         isolation_level=IsolationLevel.SERIALIZABLE,
     )
+
+
+def forget_foreign_records(root: str, keys: list[str]) -> None:
+    """Drop Prefect cache records this home cannot read back.
+
+    A record names its result by absolute path, under the Prefect home that wrote it. A home
+    copied or moved elsewhere, or a store shared by two homes, holds records naming results that
+    are elsewhere or absent, and Prefect fails reading them. Such a record goes: the task then
+    runs, finds its artifact whole in the store (the manifest is the truth), and is a hit, and
+    Prefect writes a record this home can read."""
+    from prefect.settings import get_current_settings
+
+    records = Store(root).local_root / "_prefect" / "records"
+    results = Path(get_current_settings().results.local_storage_path).expanduser().resolve()
+    for key in keys:
+        record = records / plain(key)
+        try:
+            storage_key = json.loads(record.read_text()).get("storage_key")  # the record is its metadata
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, AttributeError):
+            storage_key = None
+        result = Path(storage_key) if isinstance(storage_key, str) else None
+        if result is None or not result.is_relative_to(results) or not result.is_file():
+            record.unlink(missing_ok=True)
 
 
 def reference(store: Store, node: Node, manifest: dict, computed: bool, seconds: float = 0.0) -> dict:
@@ -259,6 +285,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     root = store_root(spec.store)
     store = Store(root)
     store.sweep()
+    forget_foreign_records(root, [node.key for node in nodes])
     policy = cache_policy(root)
     kinds = load_stage_kinds()
     tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)
@@ -293,7 +320,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         refs: dict[str, dict] = {}
         for node in nodes:
             current = node.id
-            refs[node.id] = _record(node, futures[node.id], refs, tracker, run_ids[node.id])
+            refs[node.id] = _record(node, futures[node.id], refs, tracker, run_ids[node.id], store)
             store.record_recipe(spec.name, node.id, node.key, node.recipe)
             recorded.add(node.id)
             summary.append({"stage": node.name, "round": node.round, "key": node.key,
@@ -312,7 +339,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     return {"parent_run_id": parent, "stages": summary}
 
 
-def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str) -> dict:
+def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store: Store) -> dict:
     """Wait for one stage, log it to its MLflow run, print its line; raise if it failed."""
     future.wait()
     state = future.state
@@ -326,6 +353,7 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str) -> di
         raise StageFailed(node.name, node.round, cause)
     ref = dict(state.result())
     ref["computed"] = ref["computed"] and state.name != "Cached"  # a cache record replays the original
+    ref["uri"] = str(store.path(ref["kind"], ref["key"]))  # where it is now: the home may have moved
     hit = not ref["computed"]
     tags = {"alignflow.cache": "hit" if hit else "miss", "alignflow.uri": ref["uri"]}
     if hit and ref.get("mlflow_run_id"):  # the run that computed it holds the step curves
