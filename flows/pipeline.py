@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
 import threading
@@ -239,6 +240,32 @@ def merge_shards(job: StageJob, inputs: dict[str, dict], shards: list[dict | Non
     return build(job, inputs, compute=concatenate)
 
 
+# Which process runs a pipeline run: a later run can tell a run whose owner died (SIGKILL, the
+# OOM killer) from one still going, and end the dead one's runs as KILLED.
+OWNER_TAG = "alignflow.owner"
+OWNER = f"{platform.node()}|{os.getpid()}"
+
+
+def close_orphaned_runs(tracker: Tracker) -> None:
+    """End as KILLED the runs of this experiment left RUNNING by a dead process of this host."""
+    host = platform.node()
+    for run in tracker.client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                          max_results=5000):
+        owner_host, _, pid = run.data.tags.get(OWNER_TAG, "").partition("|")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            tracker.end(run.info.run_id, "KILLED")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for pkg in ("alignflow", "torch", "transformers", "accelerate", "peft", "datasets"):
@@ -289,9 +316,11 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     policy = cache_policy(root)
     kinds = load_stage_kinds()
     tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)
+    close_orphaned_runs(tracker)
     parent = tracker.start_run(f"{spec.name}", {
         "alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
         "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count),
+        OWNER_TAG: OWNER,
     })
     tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
     futures, run_ids, summary, recorded, current = {}, {}, [], set(), None
@@ -299,7 +328,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         for node in nodes:
             run_ids[node.id] = tracker.start_run(node.label, {
                 "alignflow.stage": node.name, "alignflow.round": str(node.round),
-                "alignflow.key": node.key, "alignflow.kind": node.kind,
+                "alignflow.key": node.key, "alignflow.kind": node.kind, OWNER_TAG: OWNER,
             }, parent=parent)
             damaged = store.check(node.kind, node.key) is not None  # never trust a cached reference to it
             name = node.label.replace(" ", "-")

@@ -19,6 +19,25 @@ import urllib.request
 from pathlib import Path
 
 
+# The server process watches its owner: when the owner dies, however (SIGKILL of its pid alone,
+# the OOM killer), the server is re-parented and stops itself, rather than listen forever.
+# A thread polling the parent pid works on every POSIX system, unlike Linux's PR_SET_PDEATHSIG.
+_WATCHED_UVICORN = """
+import os, signal, sys, threading, time
+owner = int(sys.argv.pop(1))
+def watch():
+    while os.getppid() == owner:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+    time.sleep(5)
+    os._exit(1)
+threading.Thread(target=watch, daemon=True).start()
+from uvicorn.main import main
+sys.argv[0] = "uvicorn"
+main()
+"""
+
+
 class LocalPrefectServer:
     def __init__(self):
         self.process: subprocess.Popen | None = None
@@ -30,7 +49,7 @@ class LocalPrefectServer:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
+            [sys.executable, "-c", _WATCHED_UVICORN, str(os.getpid()), "--app-dir", str(prefect_dir.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL,
