@@ -98,3 +98,14 @@ def test_bad_data_found_while_running_cancels_the_other_branch(tmp_path):
     assert "hub://someone/data: row 7" in out.stderr and "Traceback" not in out.stderr
     assert not list((home / "store").glob("toy_steps/*")), "the training beside it was committed"
     assert not list((home / "store").glob("toy_steps/.tmp-*"))
+
+
+def test_max_length_below_the_prompt_is_bad_input(tmp_path, run_stage, tiny_demo_model):
+    from tasks.tables import write_table
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    write_table({"prompt": ["tell me about cats and dogs"] * 2, "chosen": ["good"] * 2, "rejected": ["bad"] * 2}, pairs)
+    with pytest.raises(BadInput, match="row 1: a prompt shorter than max_length=3"):
+        run_stage({"kind": "dpo", "policy": "p", "pairs": "x", "max_length": 3, "batch_size": 2},
+                  inputs={"policy": tiny_demo_model, "pairs": pairs})
