@@ -95,8 +95,11 @@ def _check_values(raw, file: str, problems: list) -> None:
     while stack:
         path, value, depth = stack.pop()
         seen += 1
-        if seen > MAX_VALUES or depth > MAX_DEPTH:
-            problems.append(Problem(file, path, f"more than {MAX_VALUES} values or nested more than {MAX_DEPTH} deep"))
+        if seen > MAX_VALUES:
+            problems.append(Problem(file, "", f"expected at most {MAX_VALUES} values (aliases expanded)"))
+            return
+        if depth > MAX_DEPTH:
+            problems.append(Problem(file, path, f"expected at most {MAX_DEPTH} levels of nesting"))
             return
         if isinstance(value, dict):
             stack += [(f"{path}.{k}" if path else str(k), v, depth + 1) for k, v in value.items()]
