@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from prefect.locking.protocol import LockManager
-
 from flows.store import plain
 
 # (lock folder, key) -> (fd, holder) for the locks this process holds: shared by every manager
@@ -70,8 +68,8 @@ def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
         release_flock(path, fd)
 
 
-class CrashSafeLockManager(LockManager):
-    """Prefect's LockManager protocol over `flock`s in one folder. `hold_timeout` is not needed:
+class CrashSafeLockManager:
+    """Prefect's LockManager protocol (prefect.locking.protocol) over `flock`s in one folder. `hold_timeout` is not needed:
     a lock lives exactly as long as its holder holds it or lives."""
 
     def __init__(self, lock_files_directory: Path) -> None:
