@@ -75,9 +75,12 @@ def run(
     rounds: Optional[int] = typer.Option(None, "--rounds", min=0, help="Number of rounds (overrides rounds.count)."),
 ):
     """Run a pipeline: every stage whose artifact is not already in the store."""
+    from flows.inputs import check_local_inputs
+
     started = time.time()
     try:
         loaded, nodes = _load(spec, set_, rounds, force)
+        check_local_inputs(nodes, store_root(loaded.store))  # a bad data file: exit 2 before anything is written
     except SpecError as err:
         _fail_spec(err)
     configure_environment()
