@@ -9,6 +9,14 @@ import time
 from flows.home import mlflow_artifact_root
 
 BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch call
+# MLflow 3's UI opens an experiment without this tag on its GenAI "Traces" view, which hides the
+# runs, metrics and charts a pipeline logs; this value opens it on the model-training view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def run_name(stage: str, round: int) -> str:
+    """A stage run's name as a person reads it in MLflow's run list: `dpo · round 2`, or `sft`."""
+    return f"{stage} · round {round}" if round else stage
 
 
 def is_remote(uri: str) -> bool:
@@ -43,16 +51,19 @@ class Tracker:
         self.uri = uri
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
+        kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         if found is not None:
             self.experiment_id = found.experiment_id
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older alignflow, or by hand
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         elif is_remote(uri):
             # The server chooses where artifacts go (with --serve-artifacts, its proxy:
             # mlflow-artifacts:/...), so every client and the UI can reach them.
-            self.experiment_id = self.client.create_experiment(experiment)
+            self.experiment_id = self.client.create_experiment(experiment, tags=kind)
         else:
             # A local store: its artifacts next to it, under ALIGNFLOW_HOME.
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=f"{mlflow_artifact_root()}/{experiment}")
+                experiment, artifact_location=f"{mlflow_artifact_root()}/{experiment}", tags=kind)
 
     def __getstate__(self) -> dict:  # sent to another process (a Ray worker): it opens its own client
         return {"uri": self.uri, "experiment_id": self.experiment_id}

@@ -79,9 +79,17 @@ def arithmetic_reward(prompt, response: str) -> float:
     return float(answer == expected) - ARITHMETIC_LENGTH_PENALTY * words
 
 
+def brevity_reward(prompt, response: str) -> float:
+    """The shorter response wins: minus its length in characters (surrounding spaces ignored).
+    pipelines/exrm_vs_dporm_smollm2.yaml's gold judge: a property of the text alone, so a reward
+    model can learn it from pairs (a truncated, rambling answer against a finished, short one)."""
+    return -float(len(response.strip()))
+
+
 REWARD_FNS: dict[str, RewardFn] = {
     "demo_gold": demo_task.gold_reward,
     "arithmetic": arithmetic_reward,
+    "brevity": brevity_reward,
 }
 
 
