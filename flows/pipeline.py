@@ -32,10 +32,10 @@ from flows.graph import Node, downstream
 from flows.home import store_root, tracking_uri
 from flows.keys import resolve
 from flows.locks import CrashSafeLockManager, file_lock
-from flows.report import log_report
+from flows.report import headline_by_round, log_report
 from flows.spec import load_spec
 from flows.store import Store, plain
-from flows.tracking import StepLogger, Tracker, get_tracker
+from flows.tracking import StepLogger, Tracker, get_tracker, run_name
 from tasks import load_stage_kinds
 from tasks.base import BadInput, StageContext
 
@@ -326,7 +326,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     futures, run_ids, summary, recorded, current = {}, {}, [], set(), None
     try:
         for node in nodes:
-            run_ids[node.id] = tracker.start_run(node.label, {
+            run_ids[node.id] = tracker.start_run(run_name(node.name, node.round), {
                 "alignflow.stage": node.name, "alignflow.round": str(node.round),
                 "alignflow.key": node.key, "alignflow.kind": node.kind, OWNER_TAG: OWNER,
             }, parent=parent)
@@ -363,9 +363,11 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         raise
     hits = sum(row["cache"] == "hit" for row in summary)
     tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
+    headline = headline_by_round(summary)  # MLflow's charts draw the parent's metrics by round
+    tracker.log(parent, history=[{"step": r, **metrics} for r, metrics in headline.items()])
     log_report(tracker, parent, summary, cache_dir=store.local_root / "_reports")  # table and plots
     tracker.end(parent)
-    return {"parent_run_id": parent, "stages": summary}
+    return {"parent_run_id": parent, "stages": summary, "headline": headline}
 
 
 def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store: Store) -> dict:

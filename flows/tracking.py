@@ -9,6 +9,14 @@ import time
 from flows.home import mlflow_artifact_root
 
 BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch call
+# MLflow 3's UI opens an experiment without this tag on its GenAI "Traces" view, which hides the
+# runs, metrics and charts a pipeline logs; this value opens it on the model-training view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def run_name(stage: str, round: int) -> str:
+    """A stage run's name as a person reads it in MLflow's run list: `dpo · round 2`, or `sft`."""
+    return f"{stage} · round {round}" if round else stage
 
 
 def is_remote(uri: str) -> bool:
@@ -61,20 +69,25 @@ class Tracker:
             self.experiment_id = self._experiment_id(experiment)
 
     def _experiment_id(self, experiment: str) -> str:
-        """Get or create: another process (another machine, on a server) may create it meanwhile."""
+        """Get or create: another process (another machine, on a server) may create it meanwhile.
+        The experiment is tagged as a model-training one, so MLflow's UI opens on its runs."""
         from mlflow.exceptions import MlflowException
 
+        kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         for attempt in range(5):
             found = self.client.get_experiment_by_name(experiment)
             if found is not None:
+                if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older alignflow, or by hand
+                    self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return found.experiment_id
             try:
                 if is_remote(self.uri):
                     # The server chooses where artifacts go (with --serve-artifacts, its proxy:
                     # mlflow-artifacts:/...), so every client and the UI can reach them.
-                    return self.client.create_experiment(experiment)
+                    return self.client.create_experiment(experiment, tags=kind)
                 # A local store: its artifacts next to it, under ALIGNFLOW_HOME.
-                return self.client.create_experiment(experiment, artifact_location=f"{mlflow_artifact_root()}/{experiment}")
+                return self.client.create_experiment(
+                    experiment, artifact_location=f"{mlflow_artifact_root()}/{experiment}", tags=kind)
             except MlflowException:
                 if attempt == 4:
                     raise

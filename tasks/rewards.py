@@ -101,9 +101,17 @@ def demo_gold_reward(prompt, response: str) -> float:
     return demo_task.gold_reward(prompt_text(prompt), response)
 
 
+def brevity_reward(prompt, response: str) -> float:
+    """The shorter response wins: minus its length in characters (surrounding spaces ignored).
+    pipelines/exrm_vs_dporm_smollm2.yaml's gold judge: a property of the text alone, so a reward
+    model can learn it from pairs (a truncated, rambling answer against a finished, short one)."""
+    return -float(len(response.strip()))
+
+
 REWARD_FNS: dict[str, RewardFn] = {
     "demo_gold": demo_gold_reward,
     "arithmetic": arithmetic_reward,
+    "brevity": brevity_reward,
 }
 
 
