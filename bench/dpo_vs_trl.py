@@ -370,7 +370,7 @@ def run_ours(model_dir: Path, pairs: dict, args, *, name: str = "alignflow", gro
     """
     import pyarrow as pa
 
-    from tasks.base import _no_progress
+    from tasks.base import no_progress
     import dataclasses
 
     from tasks import logps
@@ -395,7 +395,7 @@ def run_ours(model_dir: Path, pairs: dict, args, *, name: str = "alignflow", gro
         examples = [{side: truncate(e[side], args.max_length) for side in ("chosen", "rejected")} for e in full]
         if reference == "precomputed":
             started = time.perf_counter()
-            logps.reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, _no_progress)
+            logps.reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, no_progress)
             result.precompute_s = time.perf_counter() - started
         if args.lora:
             model = add_lora(model, LoraParams(**LORA), SEED)

@@ -112,12 +112,12 @@ class Progress:
         pass
 
 
-def _no_metrics(metrics: dict[str, float], step: int) -> None:
+def no_metrics(metrics: dict[str, float], step: int) -> None:
     pass
 
 
 @contextlib.contextmanager
-def _no_progress(description: str, total: int | None = None) -> Iterator[Progress]:
+def no_progress(description: str, total: int | None = None) -> Iterator[Progress]:
     yield Progress()
 
 
@@ -129,9 +129,9 @@ class StageContext:
     inputs: dict[str, Path]  # parameter name -> folder of the referenced artifact
     params: StageParams
     seed: int
-    log_metrics: Callable[[dict[str, float], int], None] = _no_metrics  # step metrics
+    log_metrics: Callable[[dict[str, float], int], None] = no_metrics  # step metrics
     progress: Callable[..., contextlib.AbstractContextManager[Progress]] = field(
-        default=_no_progress
+        default=no_progress
     )
     # A folder that outlives a failed attempt, for a long stage's checkpoints: the next attempt at
     # the same key resumes from them. Removed once the artifact is in place. None: no checkpoints.

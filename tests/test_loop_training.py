@@ -9,7 +9,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import alignflow, small_demo
-from tasks.models import load_causal_lm, sequence_logps, collate, encode_examples
+from tasks.logps import sequence_logps
+from tasks.models import collate, encode_examples, load_causal_lm
 
 
 def weights(folder):

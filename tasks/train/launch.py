@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tasks.base import BadInput, Progress, StageContext, _no_metrics, _no_progress
+from tasks.base import BadInput, Progress, StageContext, no_metrics, no_progress
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RANK_VARIABLE = "ALIGNFLOW_PROCESS_RANK"  # set in the launched processes only: their rank
@@ -270,8 +270,8 @@ def main(job_file: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(
             out=out, inputs={name: Path(path) for name, path in job["inputs"].items()}, params=params, seed=job["seed"],
-            log_metrics=writer.log_metrics if rank == 0 else _no_metrics,
-            progress=writer.progress if rank == 0 else _no_progress,
+            log_metrics=writer.log_metrics if rank == 0 else no_metrics,
+            progress=writer.progress if rank == 0 else no_progress,
             checkpoints=None if job["checkpoints"] is None else Path(job["checkpoints"]),
         )
         metrics = run(ctx)

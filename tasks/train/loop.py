@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from tasks.base import _no_metrics, _no_progress
+from tasks.base import no_metrics, no_progress
 
 MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -273,8 +273,8 @@ def train(
     lengths: list[int] | None = None,
     gradient_checkpointing: bool = False,
     grad_clip: float | None = 1.0,
-    log_metrics: Callable[[dict[str, float], int], None] = _no_metrics,
-    progress=_no_progress,
+    log_metrics: Callable[[dict[str, float], int], None] = no_metrics,
+    progress=no_progress,
     batch_weight: Callable[[dict], torch.Tensor | float] | None = None,
     checkpoints: Path | None = None,
     checkpoint_every: int | None = None,
