@@ -146,8 +146,8 @@ def resolve_reward_fn(name: str, folder: str | Path | None = None) -> RewardFn:
     does not import or the name is not a callable."""
     if not is_import_path(name):
         if name not in REWARD_FNS:
-            raise ValueError(f"unknown reward function {name!r}; expected a built-in name ({', '.join(sorted(REWARD_FNS))}) "
-                             "or \"module:function\" (a module beside the spec, or importable)")
+            raise ValueError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARD_FNS))}; "
+                             "or your own, \"module:function\" (a module beside the spec, or importable)")
         return REWARD_FNS[name]
     module, _, attribute = name.partition(":")
     if not module or not attribute:
