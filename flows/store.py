@@ -341,6 +341,9 @@ class RemoteStore(Store):
         self.protocol = protocol
         self.root = uri  # a string: the URI, as the flow hands it on to tasks
         self._local = home() / "remote" / protocol / self._base.strip("/")
+        if not self._local.resolve().is_relative_to((home() / "remote").resolve()):  # e.g. s3://b/../../..
+            raise StoreUnavailable(f"its local state would be outside {home() / 'remote'}: expected a bucket "
+                                   "and prefix without '..'")
         self.cache = Store(home() / "cache")
 
     @property

@@ -3,7 +3,6 @@ runs; bad data found only while running stops the run and cancels what computes,
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 import yaml

@@ -221,3 +221,12 @@ def test_hostile_specs_are_rejected_and_write_nothing(tmp_path, monkeypatch, spe
         assert "Traceback" not in result.output and "error:" in result.output
         assert str(spec) in result.output  # the message names the file (and the field, after it)
     assert not home.exists() and not OUTSIDE.exists()
+
+
+def test_remote_store_uri_cannot_place_local_state_outside_home(tmp_path, monkeypatch):
+    from flows.store import StoreUnavailable
+
+    monkeypatch.setenv("ALIGNFLOW_HOME", str(tmp_path / "home"))
+    with pytest.raises(StoreUnavailable, match="outside"):
+        Store("memory://bucket/../../../../../tmp/alignflow-hostile")
+    assert Store("memory://bucket/prefix").local_root.is_relative_to(tmp_path / "home" / "remote")
