@@ -355,52 +355,67 @@ def ui(
             console.print(f"[red]error:[/] ui: --port {port}: {host}:{port} is not free ({err.strerror}); "
                           "stop what uses it, or give another --port")
             raise typer.Exit(2)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # One worker: enough for one person, and several would race to open (migrate) a fresh sqlite store.
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", mlflow_artifact_root()]
     # Its own process group: stopping it stops the web workers it starts, too.
     server = subprocess.Popen(cmd, start_new_session=True)
+    stopping: list[float] = []  # when a signal asked to stop
 
-    def stop(signum=None, frame=None):
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-        if signum is not None:
-            console.print("MLflow UI stopped.")
-            raise typer.Exit(0)
+    def signal_group(signum: int) -> None:
+        try:
+            os.killpg(server.pid, signum)
+        except ProcessLookupError:  # already gone
+            pass
+
+    def on_signal(signum, frame):  # no Popen.wait here: the main thread may hold its lock
+        stopping.append(time.time())
+        signal_group(signal.SIGTERM)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
+        signal.signal(signum, on_signal)
     try:
         page = _ui_page(uri, experiment)  # read while the server boots
         local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         base = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
         deadline = time.time() + UI_READY_S
-        while True:
+        while not stopping:
             if server.poll() is not None:
                 console.print(f"[red]error:[/] ui: the MLflow server exited ({server.returncode}) before it answered: "
                               f"{shlex.join(cmd)}")
                 raise typer.Exit(1)
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2).close()
-                break
             except OSError:
                 if time.time() > deadline:
                     console.print(f"[red]error:[/] ui: no answer from {base} after {UI_READY_S}s")
                     raise typer.Exit(1)
                 time.sleep(0.5)
-        console.print(f"MLflow UI for {uri}:\n  {base}/{page}\nCtrl+C stops it.", highlight=False, soft_wrap=True)
-        if open_browser:
-            import webbrowser
+                continue
+            console.print(f"MLflow UI for {uri}:\n  {base}/{page}\nCtrl+C stops it.", highlight=False, soft_wrap=True)
+            if open_browser:
+                import webbrowser
 
-            webbrowser.open(f"{base}/{page}")
-        raise typer.Exit(server.wait())
+                webbrowser.open(f"{base}/{page}")
+            break
+        while server.poll() is None:
+            if stopping and time.time() - stopping[0] > 15:
+                signal_group(signal.SIGKILL)
+            time.sleep(0.3)
+        if stopping:
+            console.print("MLflow UI stopped.")
+            raise typer.Exit(0)
+        raise typer.Exit(server.returncode)
     finally:
-        stop()
+        if server.poll() is None:  # an error here: take the server down with us
+            signal_group(signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                signal_group(signal.SIGKILL)
+                server.wait()
 
 
 def _ui_page(uri: str, experiment: str | None) -> str:

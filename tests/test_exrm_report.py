@@ -154,11 +154,13 @@ def test_ui_prints_the_runs_page_once_it_answers_and_stops_its_server_on_a_signa
     ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", str(toy_run["spec"]), "--port", str(port)],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = None
+        url, seen = None, []
         for line in ui.stdout:  # blocks until the line comes (or the process ends)
+            seen.append(line)
             if line.strip().startswith("http://"):
                 url = line.strip()
                 break
+        assert url is not None, "".join(seen)[-3000:]
         assert url == f"http://127.0.0.1:{port}/#/experiments/{toy_run['experiment'].experiment_id}/runs"
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()  # printed: it answers
         ui.send_signal(signum)
