@@ -19,11 +19,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 alignflow() { "$PY" -m flows.cli "$@"; }
 RM="$ALIGNFLOW_HOME/byo_rm"
-# TODO(loop, after merge): add `--set models.base.dtype=auto` and `--set stages.dpo.dtype=auto`
-# (and to the reward_model stage) once pretrained models and training stages take dtype.
-time alignflow run pipelines/byo/reward_model.yaml
+# dtype: auto (the default, spelled out): the weights stored in bfloat16, training autocast to it.
+AUTO=(--set models.base.dtype=auto)
+time alignflow run pipelines/byo/reward_model.yaml "${AUTO[@]}" --set stages.reward_model.dtype=auto
 alignflow export pipelines/byo/reward_model.yaml reward_model "$RM" --overwrite
-WALK=(--set "models.rm.path=$RM" --set models.rm.dtype=auto
+WALK=("${AUTO[@]}" --set stages.dpo.dtype=auto --set "models.rm.path=$RM" --set models.rm.dtype=auto
       --set stages.generate.backend=vllm --set stages.evaluate.backend=vllm)
 time alignflow run pipelines/byo_iterative_dpo.yaml "${WALK[@]}"
 alignflow compare pipelines/byo_iterative_dpo.yaml -m 'win_rate*' -m 'reward_*'

@@ -184,3 +184,12 @@ def test_torch_dtype_names():
     assert torch_dtype("bfloat16") == torch.bfloat16 and torch_dtype("float16") == torch.float16
     assert torch_dtype("auto") == (torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
                                    else torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU float16 autocasts")
+def test_float16_on_a_cpu_says_it_computes_in_float32():
+    from tasks.train.loop import make_accelerator
+
+    with pytest.warns(UserWarning, match="float16"):
+        make_accelerator("float16")
+    make_accelerator("auto")  # and the next stage gets its own precision back

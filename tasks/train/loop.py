@@ -45,6 +45,9 @@ def make_accelerator(dtype: str = "auto") -> Accelerator:
     from tasks.models import torch_dtype
 
     precision = MIXED_PRECISION[torch_dtype(dtype)]
+    if precision == "fp16" and not torch.cuda.is_available():
+        warnings.warn("dtype float16: accelerate autocasts to float16 on GPUs only; on this CPU the stage computes in "
+                      "float32 (bfloat16 autocasts on CPUs)")
     # accelerate keeps one state per process and refuses another precision: a process that runs
     # stages of different dtypes (tests, a notebook) starts it afresh; the process group stays.
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
