@@ -75,9 +75,12 @@ def run(
     rounds: Optional[int] = typer.Option(None, "--rounds", min=0, help="Number of rounds (overrides rounds.count)."),
 ):
     """Run a pipeline: every stage whose artifact is not already in the store."""
+    from flows.inputs import check_local_inputs
+
     started = time.time()
     try:
         loaded, nodes = _load(spec, set_, rounds, force)
+        check_local_inputs(nodes, store_root(loaded.store))  # a bad data file: exit 2 before anything is written
     except SpecError as err:
         _fail_spec(err)
     configure_environment()
@@ -106,6 +109,15 @@ def run(
     ran = sum(s["cache"] == "miss" for s in result["stages"])
     console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached; "
                   f"MLflow {tracking_uri(loaded.tracking_uri)} (run {result['parent_run_id']})")
+    if result.get("headline"):
+        console.print("headline metrics by round (a mean over a round's seeds):")
+        for round_, metrics in result["headline"].items():
+            console.print(f"  round {round_}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
+                          highlight=False, soft_wrap=True)
+    import shlex
+
+    console.print(f"look further:\n  alignflow compare {shlex.quote(spec)}\n  alignflow ui {shlex.quote(spec)}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -247,8 +259,11 @@ def compare(
                                                              "instead of the latest."),
     metric: List[str] = typer.Option([], "--metric", "-m", help="Only metric columns matching this glob "
                                                                 "(e.g. 'win_rate*'). Repeatable."),
+    all_: bool = typer.Option(False, "--all", help="Every metric column (default: the headline ones, "
+                                                   "to fit a 120-column terminal)."),
 ):
-    """Print a run's summary table (one row per stage execution: stage, round, cache, metrics) from MLflow."""
+    """Print a run's summary: one row per stage execution (stage, round, cache, the win rate and final
+    loss; --all: every metric), and, when the run measured both rewards, EXRM against DPORM per set."""
     from pathlib import Path
 
     uri = tracking_uri(None)
@@ -264,7 +279,8 @@ def compare(
     from rich.table import Table
     from rich.text import Text
 
-    from flows.report import BASE_COLUMNS, NotFound, display_columns, find_parent_run, read_summary, select_columns
+    from flows.report import (BASE_COLUMNS, SET_LABELS, NotFound, display_columns, find_parent_run, format_interval,
+                              headline_columns, read_summary, reward_comparison, select_columns)
     from flows.tracking import quiet_mlflow
 
     quiet_mlflow()
@@ -276,11 +292,14 @@ def compare(
     except NotFound as err:
         console.print(f"[red]error:[/] {err} (tracking store {uri})")
         raise typer.Exit(2)
-    table = display_columns(select_columns(read_summary(client, run), metric))
+    summary = read_summary(client, run)
+    chosen = select_columns(summary, metric) if metric or all_ else headline_columns(summary)
+    table = display_columns(chosen)
     name = client.get_experiment(run.info.experiment_id).name
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
     out = Table(title=f"{name}: run {run.info.run_id} ({run.info.status.lower()}, started {started})",
-                caption="metric \\[interval low, high]; empty: the stage has no such metric")
+                caption="metric \\[interval low, high]; empty: the stage has no such metric"
+                        + ("" if all_ or metric else "; --all: every metric"))
     for column, cells in table.items():  # a header may fold; a value never does
         out.add_column(column, overflow="fold", justify="left" if column in BASE_COLUMNS else "right",
                        min_width=max(map(len, cells), default=1))
@@ -289,28 +308,138 @@ def compare(
         if metric and not any(cells[len(BASE_COLUMNS):]):
             continue  # --metric: only the stages that have one of them
         out.add_row(*(Text(cell, style=colour.get(cell, "") if i == 2 else "") for i, cell in enumerate(cells)))
-    width = max(160, console.width)
+    width = 120 if not (all_ or metric) else max(160, console.width)
     if not sys.stdout.isatty():  # a file or a pipe: as wide as the table wants, nothing folded
         width = max(width, Console(width=10_000).measure(out).maximum)
     Console(width=width, soft_wrap=True).print(out)
 
+    comparison = reward_comparison(summary) if not metric else []
+    if comparison:
+        pairs = max(entry["n"] for entry in comparison)
+        versus = Table(title="EXRM vs DPORM: preference accuracy on held-out pairs, by set",
+                       caption=(f"mean over {pairs} seeds \\[95% t-interval over seeds]" if pairs > 1 else
+                                "accuracy \\[95% Wilson interval]") + "; difference: DPORM - EXRM, paired by seed")
+        for column in ("set", "EXRM", "DPORM", "difference"):
+            versus.add_column(column, justify="left" if column == "set" else "right", no_wrap=True)
+        for entry in comparison:
+            versus.add_row(SET_LABELS[entry["set"]], format_interval(entry["exrm"]), format_interval(entry["dporm"]),
+                           format_interval(entry["difference"]) if "difference" in entry else "")
+        Console(width=120, soft_wrap=True).print(versus)
+
+
+UI_READY_S = 180  # MLflow's server takes tens of seconds to boot on a busy 2-core machine
+
 
 @app.command()
 def ui(
-    spec: Optional[str] = typer.Argument(None, help="A spec whose tracking store to open."),
+    spec: Optional[str] = typer.Argument(None, help="A spec whose tracking store and experiment to open."),
     port: int = typer.Option(5000, help="Port for the MLflow UI."),
     host: str = typer.Option("127.0.0.1"),
+    open_browser: bool = typer.Option(False, "--open", help="Also open the URL in a web browser."),
 ):
-    """Open the MLflow UI on the spec's (or the default local) tracking store."""
-    import subprocess
+    """Open the MLflow UI on the spec's (or the default local) tracking store, at the experiment's runs.
 
-    uri = _spec_store(spec)[1] if spec else tracking_uri(None)
-    console.print(f"MLflow UI for {uri} on http://{host}:{port}")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
-           "--port", str(port)]
+    The URL is printed once the server answers. Ctrl+C or SIGTERM stops the server it started."""
+    import shlex
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    experiment, uri = _spec_store(spec) if spec else (None, tracking_uri(None))
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            console.print(f"[red]error:[/] ui: --port {port}: {host}:{port} is not free ({err.strerror}); "
+                          "stop what uses it, or give another --port")
+            raise typer.Exit(2)
+    # One worker: enough for one person, and several would race to open (migrate) a fresh sqlite store.
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", mlflow_artifact_root()]
-    raise typer.Exit(subprocess.call(cmd))
+    # Its own process group: stopping it stops the web workers it starts, too.
+    server = subprocess.Popen(cmd, start_new_session=True)
+    stopping: list[float] = []  # when a signal asked to stop
+
+    def signal_group(signum: int) -> None:
+        try:
+            os.killpg(server.pid, signum)
+        except ProcessLookupError:  # already gone
+            pass
+
+    def on_signal(signum, frame):  # no Popen.wait here: the main thread may hold its lock
+        stopping.append(time.time())
+        signal_group(signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    try:
+        page = _ui_page(uri, experiment)  # read while the server boots
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        base = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
+        deadline = time.time() + UI_READY_S
+        while not stopping:
+            if server.poll() is not None:
+                console.print(f"[red]error:[/] ui: the MLflow server exited ({server.returncode}) before it answered: "
+                              f"{shlex.join(cmd)}")
+                raise typer.Exit(1)
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).close()
+            except OSError:
+                if time.time() > deadline:
+                    console.print(f"[red]error:[/] ui: no answer from {base} after {UI_READY_S}s")
+                    raise typer.Exit(1)
+                time.sleep(0.5)
+                continue
+            console.print(f"MLflow UI for {uri}:\n  {base}/{page}\nCtrl+C stops it.", highlight=False, soft_wrap=True)
+            if open_browser:
+                import webbrowser
+
+                webbrowser.open(f"{base}/{page}")
+            break
+        while server.poll() is None:
+            if stopping and time.time() - stopping[0] > 15:
+                signal_group(signal.SIGKILL)
+            time.sleep(0.3)
+        if stopping:
+            console.print("MLflow UI stopped.")
+            raise typer.Exit(0)
+        raise typer.Exit(server.returncode)
+    finally:
+        if server.poll() is None:  # an error here: take the server down with us
+            signal_group(signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                signal_group(signal.SIGKILL)
+                server.wait()
+
+
+def _ui_page(uri: str, experiment: str | None) -> str:
+    """The UI's page for the experiment's runs: the spec's, else the most recent run's; the
+    experiments list when the store has none yet."""
+    from pathlib import Path
+
+    if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return ""
+    quiet_telemetry()
+    from flows.report import NotFound, find_parent_run
+    from flows.tracking import quiet_mlflow
+
+    quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        if experiment is not None:
+            found = client.get_experiment_by_name(experiment)
+            return f"#/experiments/{found.experiment_id}/runs" if found else ""
+        return f"#/experiments/{find_parent_run(client).info.experiment_id}/runs"
+    except NotFound:
+        return ""
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flows.spec import Spec
+from flows.spec import Spec, slice_name
 from tasks.base import StageParams
 
 
@@ -50,10 +50,6 @@ def expand(spec: Spec) -> list[Node]:
         nodes += [_slice_node(table, rows, r) for table, rows in spec.rounds.fresh.items()]
         nodes += [_node(spec, name, r) for name in inner]
     return nodes
-
-
-def slice_name(table: str) -> str:
-    return f"{table}_slice"
 
 
 def _slice_node(table: str, rows: int, round: int) -> Node:

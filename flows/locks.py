@@ -1,60 +1,142 @@
-"""Prefect's file lock manager, made safe against a holder that died.
+"""Locks held by the operating system, so a holder that dies frees them, and no cleanup can ever
+remove a live one.
 
-With SERIALIZABLE isolation, Prefect holds a file lock per cache key while a task computes it, so
-two runs needing the same key compute it once. Its locks never expire, though: a run killed with
-SIGKILL mid-stage would block every later run forever. Here a lock records its holder's host and
-process id, and a lock whose holder process is gone (on this host) counts as free.
+With SERIALIZABLE isolation, Prefect holds a lock per cache key while a task computes it, so two
+runs needing the same key compute it once. Prefect's file lock manager marks a lock by a file's
+existence: it never expires, and freeing the lock of a dead holder means "check, then delete",
+which can delete a lock another process has just taken. Here a lock is an `flock` on a file: the
+kernel releases it when its holder exits, however it exits (SIGKILL, OOM).
+
+The lock file is removed by its holder on release, while still locked. A process that opened it
+before the removal then locks an unlinked file; it notices (the path no longer names the file it
+holds) and tries again, so two processes never both hold one key.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-import socket
+import threading
+import time
 from pathlib import Path
+from typing import Iterator
 
-from prefect.locking.filesystem import FileSystemLockManager
+from flows.store import plain
 
-_HOST = socket.gethostname()
-
-
-def _tag(holder: str) -> str:
-    prefix = f"{_HOST}|{os.getpid()}|"
-    return holder if holder.startswith(prefix) else prefix + holder  # the base class re-enters
-
-
-def _holder_dead(tagged: str) -> bool:
-    host, _, rest = tagged.partition("|")
-    pid, _, _ = rest.partition("|")
-    if host != _HOST or not pid.isdigit():
-        return False  # another machine's lock: only its expiry can free it
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+# (lock folder, key) -> (fd, holder) for the locks this process holds: shared by every manager
+# instance (Prefect may copy its lock manager), guarded for the task runner's threads.
+_HELD: dict[tuple[str, str], tuple[int, str]] = {}
+_GUARD = threading.Lock()
+POLL_S = 0.1
 
 
-class CrashSafeLockManager(FileSystemLockManager):
-    def _get_lock_info(self, key: str, use_cache: bool = True):
+def try_flock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on `path` (created if need be), or None if another holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            info = super()._get_lock_info(key, use_cache=use_cache)
-        except ValueError:  # the holder has created the file but not yet written it
-            return {"holder": "", "expiration": None, "path": self._lock_path_for_key(key)}
-        if info is not None and _holder_dead(info.get("holder", "")):
-            Path(info["path"]).unlink(missing_ok=True)
-            self._locks.pop(key, None)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             return None
-        return info
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it between our open and our lock: a new file now
 
-    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
-        return super().acquire_lock(key, _tag(holder), acquire_timeout, hold_timeout)
 
-    async def aacquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
-        return await super().aacquire_lock(key, _tag(holder), acquire_timeout, hold_timeout)
+def release_flock(path: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # while still locked: see the module's docstring
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (blocking, polling) for the block's duration."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while (fd := try_flock(path)) is None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"could not lock {path} within {timeout}s")
+        time.sleep(POLL_S)
+    try:
+        yield
+    finally:
+        release_flock(path, fd)
+
+
+class CrashSafeLockManager:
+    """Prefect's LockManager protocol (prefect.locking.protocol) over `flock`s in one folder. `hold_timeout` is not needed:
+    a lock lives exactly as long as its holder holds it or lives."""
+
+    def __init__(self, lock_files_directory: Path) -> None:
+        self.folder = Path(lock_files_directory).expanduser().resolve()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / plain(f"{key}.lock")
+
+    def _id(self, key: str) -> tuple[str, str]:
+        return str(self.folder), key
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            with _GUARD:
+                held = _HELD.get(self._id(key))
+                if held is not None and held[1] == holder:
+                    return True
+                fd = try_flock(self._path(key)) if held is None else None
+                if fd is not None:
+                    _HELD[self._id(key)] = (fd, holder)
+                    return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
 
     def release_lock(self, key: str, holder: str) -> None:
-        super().release_lock(key, _tag(holder))
+        with _GUARD:
+            held = _HELD.get(self._id(key))
+            if held is None or held[1] != holder:
+                raise ValueError(f"No lock held by {holder} for transaction with key {key}")
+            del _HELD[self._id(key)]
+            release_flock(self._path(key), held[0])
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        with _GUARD:
+            if self._id(key) in _HELD:
+                return True
+            if not self._path(key).exists():
+                return False
+            fd = try_flock(self._path(key))
+            if fd is None:
+                return True
+            release_flock(self._path(key), fd)  # nobody held it: a dead holder's file, removed
+            return False
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
-        return super().is_lock_holder(key, _tag(holder))
+        held = _HELD.get(self._id(key))
+        return held is not None and held[1] == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)

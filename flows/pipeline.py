@@ -8,14 +8,17 @@ MLflow is written from the flow (and, for live step metrics, through an explicit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from importlib import metadata
 
 from prefect import flow, task
@@ -28,11 +31,11 @@ from flows.errors import StageFailed
 from flows.graph import Node, downstream
 from flows.home import store_root, tracking_uri
 from flows.keys import resolve
-from flows.locks import CrashSafeLockManager
-from flows.report import log_report
+from flows.locks import CrashSafeLockManager, file_lock
+from flows.report import headline_by_round, log_report
 from flows.spec import load_spec
-from flows.store import Store
-from flows.tracking import StepLogger, Tracker, get_tracker
+from flows.store import Store, plain
+from flows.tracking import StepLogger, Tracker, get_tracker, run_name
 from tasks import load_stage_kinds
 from tasks.base import BadInput, StageContext
 
@@ -66,6 +69,31 @@ def cache_policy(root: str) -> CachePolicy:
     )
 
 
+def forget_foreign_records(root: str, keys: list[str]) -> None:
+    """Drop Prefect cache records this home cannot read back.
+
+    A record names its result by absolute path, under the Prefect home that wrote it. A home
+    copied or moved elsewhere, or a store shared by two homes, holds records naming results that
+    are elsewhere or absent, and Prefect fails reading them. Such a record goes: the task then
+    runs, finds its artifact whole in the store (the manifest is the truth), and is a hit, and
+    Prefect writes a record this home can read."""
+    from prefect.settings import get_current_settings
+
+    records = Store(root).local_root / "_prefect" / "records"
+    results = Path(get_current_settings().results.local_storage_path).expanduser().resolve()
+    for key in keys:
+        record = records / plain(key)
+        try:
+            storage_key = json.loads(record.read_text()).get("storage_key")  # the record is its metadata
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, AttributeError):
+            storage_key = None
+        result = Path(storage_key) if isinstance(storage_key, str) else None
+        if result is None or not result.is_relative_to(results) or not result.is_file():
+            record.unlink(missing_ok=True)
+
+
 def reference(store: Store, node: Node, manifest: dict, computed: bool, seconds: float = 0.0) -> dict:
     return {"uri": str(store.path(node.kind, node.key)), "key": node.key, "kind": node.kind,
             "fingerprint": manifest["fingerprint"], "metrics": manifest.get("metrics", {}),
@@ -78,6 +106,19 @@ def reference(store: Store, node: Node, manifest: dict, computed: bool, seconds:
 # trainings sharing a GPU (or two cores) by surprise helps nobody.
 COMPUTING = threading.Semaphore(1)
 
+# Bad input data found while running (a remote source) is exit 2, which writes nothing: the
+# first BadInput stops this run's scheduling and every stage still computing, before it commits.
+BAD_INPUTS: list[BadInput] = []
+
+
+class Cancelled(Exception):
+    """A stage stopped, uncommitted, because another stage of the run found bad input data."""
+
+
+def _stop_if_cancelled() -> None:
+    if BAD_INPUTS:
+        raise Cancelled(f"cancelled: {BAD_INPUTS[0]}")
+
 
 def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     """Compute one stage's artifact unless it is already whole in the store; return its reference.
@@ -86,17 +127,41 @@ def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     node, store = job.node, Store(job.store_root)
     if not job.force and store.check(node.kind, node.key, download=True) is None:  # remote: hashes too
         return reference(store, node, store.manifest(node.kind, node.key), computed=False)
+    # One computation per key across processes, shards included (Prefect's own lock covers only
+    # the cached tasks); the kernel frees it if this process dies.
+    with file_lock(store.local_root / "_locks" / plain(f"{node.kind}.{node.key}.lock")):
+        if not job.force and store.check(node.kind, node.key) is None:  # another run just built it
+            return reference(store, node, store.manifest(node.kind, node.key), computed=False)
+        return _compute(job, inputs, compute)
+
+
+def _compute(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
+    node, store = job.node, Store(job.store_root)
     kind = load_stage_kinds()[node.kind]
     steps = StepLogger(job.tracker, job.mlflow_run_id)
-    with COMPUTING, store.build(node.kind, node.key) as tmp:
+
+    def log_step(metrics: dict[str, float], step: int) -> None:  # each step is a point to stop at
+        _stop_if_cancelled()
+        steps(metrics, step)
+
+    # Sources read files or the network, and run beside a training: a remote source's bad data
+    # is then found (and the run stopped) without waiting for the training to finish.
+    gate = contextlib.nullcontext() if node.section == "datasets" else COMPUTING
+    with gate, store.build(node.kind, node.key) as tmp:
+        _stop_if_cancelled()
         started = time.time()
         checkpoints = store.checkpoints(node.kind, node.key)
         # Inputs as local folders: on a remote store, verified copies in the local cache.
         local = {p: store.local_path(ref["kind"], ref["key"]) for p, ref in inputs.items()}
         ctx = StageContext(out=tmp, inputs=local,
                            params=node.params, seed=node.recipe["seed"],
-                           log_metrics=steps, progress=term.progress, checkpoints=checkpoints, rows=job.rows)
-        metrics = {k: float(v) for k, v in ((compute or kind.run)(ctx) or {}).items()}
+                           log_metrics=log_step, progress=term.progress, checkpoints=checkpoints, rows=job.rows)
+        try:
+            metrics = {k: float(v) for k, v in ((compute or kind.run)(ctx) or {}).items()}
+        except BadInput as err:
+            BAD_INPUTS.append(err)
+            raise
+        _stop_if_cancelled()
         steps.flush()
         if steps.history:
             (tmp / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in steps.history))
@@ -175,6 +240,32 @@ def merge_shards(job: StageJob, inputs: dict[str, dict], shards: list[dict | Non
     return build(job, inputs, compute=concatenate)
 
 
+# Which process runs a pipeline run: a later run can tell a run whose owner died (SIGKILL, the
+# OOM killer) from one still going, and end the dead one's runs as KILLED.
+OWNER_TAG = "alignflow.owner"
+OWNER = f"{platform.node()}|{os.getpid()}"
+
+
+def close_orphaned_runs(tracker: Tracker) -> None:
+    """End as KILLED the runs of this experiment left RUNNING by a dead process of this host."""
+    host = platform.node()
+    for run in tracker.client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                          max_results=5000):
+        owner_host, _, pid = run.data.tags.get(OWNER_TAG, "").partition("|")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            tracker.end(run.info.run_id, "KILLED")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for pkg in ("alignflow", "torch", "transformers", "accelerate", "peft", "datasets"):
@@ -216,24 +307,28 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
 
     spec = load_spec(spec_file, overrides or [], rounds)
     nodes = resolve(spec)
+    BAD_INPUTS.clear()
     forced = downstream(nodes, set(force or []))
     root = store_root(spec.store)
     store = Store(root)
     store.sweep()
+    forget_foreign_records(root, [node.key for node in nodes])
     policy = cache_policy(root)
     kinds = load_stage_kinds()
     tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)
+    close_orphaned_runs(tracker)
     parent = tracker.start_run(f"{spec.name}", {
         "alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
         "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count),
+        OWNER_TAG: OWNER,
     })
     tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
     futures, run_ids, summary, recorded, current = {}, {}, [], set(), None
     try:
         for node in nodes:
-            run_ids[node.id] = tracker.start_run(node.label, {
+            run_ids[node.id] = tracker.start_run(run_name(node.name, node.round), {
                 "alignflow.stage": node.name, "alignflow.round": str(node.round),
-                "alignflow.key": node.key, "alignflow.kind": node.kind,
+                "alignflow.key": node.key, "alignflow.kind": node.kind, OWNER_TAG: OWNER,
             }, parent=parent)
             damaged = store.check(node.kind, node.key, download=True) is not None  # never trust a cached reference to it
             name = node.label.replace(" ", "-")
@@ -254,7 +349,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         refs: dict[str, dict] = {}
         for node in nodes:
             current = node.id
-            refs[node.id] = _record(node, futures[node.id], refs, tracker, run_ids[node.id])
+            refs[node.id] = _record(node, futures[node.id], refs, tracker, run_ids[node.id], store)
             store.record_recipe(spec.name, node.id, node.key, node.recipe)
             recorded.add(node.id)
             summary.append({"stage": node.name, "round": node.round, "key": node.key,
@@ -268,23 +363,28 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         raise
     hits = sum(row["cache"] == "hit" for row in summary)
     tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
+    headline = headline_by_round(summary)  # MLflow's charts draw the parent's metrics by round
+    tracker.log(parent, history=[{"step": r, **metrics} for r, metrics in headline.items()])
     log_report(tracker, parent, summary, cache_dir=store.local_root / "_reports")  # table and plots
     tracker.end(parent)
-    return {"parent_run_id": parent, "stages": summary}
+    return {"parent_run_id": parent, "stages": summary, "headline": headline}
 
 
-def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str) -> dict:
+def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store: Store) -> dict:
     """Wait for one stage, log it to its MLflow run, print its line; raise if it failed."""
     future.wait()
     state = future.state
     if not state.is_completed():
         cause = _exception(state)
+        if isinstance(cause, Cancelled) and BAD_INPUTS:
+            raise BAD_INPUTS[0]  # the root cause: bad input data somewhere else in the graph
         term.console.print(f"[red]✗ {node.label}[/] failed")
         if isinstance(cause, BadInput):
             raise cause
         raise StageFailed(node.name, node.round, cause)
     ref = dict(state.result())
     ref["computed"] = ref["computed"] and state.name != "Cached"  # a cache record replays the original
+    ref["uri"] = str(store.path(ref["kind"], ref["key"]))  # where it is now: the home may have moved
     hit = not ref["computed"]
     tags = {"alignflow.cache": "hit" if hit else "miss", "alignflow.uri": ref["uri"]}
     if hit and ref.get("mlflow_run_id"):  # the run that computed it holds the step curves

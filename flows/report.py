@@ -65,6 +65,23 @@ def parse_table(text: str) -> dict[str, list]:
     return {column: [row[i] for row in data] for i, column in enumerate(columns)}
 
 
+# ---------------------------------------------------------------- the headline, by round
+HEADLINE = ("win_rate", *(f"{reward}_acc_{set_}" for reward in REWARDS for set_ in SETS))
+
+
+def headline_by_round(rows: Iterable[dict]) -> dict[int, dict[str, float]]:
+    """Round -> {metric: value} for the headline metrics (win rate, each reward's accuracy on each
+    set). Several executions of a round reporting one (seeds) give their mean. The parent run logs
+    these with step = round, so MLflow's chart view draws them by round."""
+    values: dict[int, dict[str, list[float]]] = {}
+    for row in rows:
+        for name, value in (row.get("metrics") or {}).items():
+            if name in HEADLINE and value is not None:
+                values.setdefault(int(row["round"]), {}).setdefault(name, []).append(float(value))
+    return {r: {name: sum(v) / len(v) for name, v in sorted(metrics.items(), key=lambda kv: HEADLINE.index(kv[0]))}
+            for r, metrics in sorted(values.items())}
+
+
 # ---------------------------------------------------------------- what the plots show
 def win_rate_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float, float, float]]]:
     """Stage name -> [(round, win_rate, ci_low, ci_high)] for every stage execution with a win
@@ -313,6 +330,76 @@ def select_columns(table: dict[str, list], patterns: list[str]) -> dict[str, lis
         return any(fnmatchcase(column, p) or fnmatchcase(base, p) for p in patterns)
 
     return {c: v for c, v in table.items() if c in BASE_COLUMNS or wanted(c)}
+
+
+# ---------------------------------------------------------------- alignflow compare: the default view
+# What a person looks at first; `--all` shows every column. The accuracies go to the EXRM vs DPORM
+# table (one row per set), so the per-stage table stays within a 120-column terminal.
+HEADLINE_COLUMNS = ("win_rate", "loss")
+SET_LABELS = {"id": "in distribution", "prompt_shift": "prompt shift", "response_shift": "response shift"}
+
+
+def headline_columns(table: dict[str, list]) -> dict[str, list]:
+    """The base columns, the win rate (with its interval) and the final training loss."""
+    return select_columns(table, list(HEADLINE_COLUMNS)) if table else table
+
+
+def _mean_interval(values: list[float], single: tuple[float, float] | None = None,
+                   bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float | None, float | None]:
+    """Mean and 95% t-interval over executions (seeds), clipped to `bounds`; for one execution,
+    `single` (its own interval) or none."""
+    import statistics
+
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return (mean, *single) if single else (mean, None, None)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / n ** 0.5
+    return mean, max(bounds[0], mean - half), min(bounds[1], mean + half)
+
+
+def reward_comparison(table: dict[str, list]) -> list[dict]:
+    """EXRM against DPORM, one entry per set that both were measured on:
+    {"set", "n", "exrm": (mean, low, high), "dporm": (...), "difference": (mean, low, high)}.
+
+    Executions (seeds) pair up by stage name without its "exrm"/"dporm" part (`exrm_acc_s1` with
+    `dporm_acc_s1`; a stage that measures both pairs with itself) and round. With several pairs:
+    the mean over them, and a 95% t-interval over them (the paired differences for the difference);
+    with one: its accuracies' own intervals, and no interval on the difference."""
+    import re
+
+    rows = table_rows(table)
+    out = []
+    for set_ in SETS:
+        found: dict[str, dict] = {}
+        for reward in REWARDS:
+            name = f"{reward}_acc_{set_}"
+            for row in rows:
+                if row.get(name) is None:
+                    continue
+                key = (re.sub(r"_?(exrm|dporm)_?", "_", str(row["stage"])).strip("_"), row["round"])
+                found.setdefault(reward, {})[key] = (row[name], row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high"))
+        if len(found) < 2:
+            continue
+        keys = [k for k in found["exrm"] if k in found["dporm"]]
+        entry = {"set": set_, "n": len(keys)}
+        for reward in REWARDS:
+            values = [found[reward][k][0] for k in keys] or [v[0] for v in found[reward].values()]
+            only = list(found[reward].values())[0]
+            single = only[1:] if len(values) == 1 and None not in only[1:] else None
+            entry[reward] = _mean_interval(values, single)
+        if keys:
+            entry["difference"] = _mean_interval([found["dporm"][k][0] - found["exrm"][k][0] for k in keys],
+                                                 bounds=(-1.0, 1.0))
+        out.append(entry)
+    return out
+
+
+def format_interval(value: tuple) -> str:
+    mean, low, high = value
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]" if low is not None else f"{mean:.3f}"
 
 
 def format_value(value) -> str:

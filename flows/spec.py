@@ -14,6 +14,8 @@ import copy
 import hashlib
 import importlib.util
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,9 +26,89 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flows.errors import Problem, SpecError, did_you_mean
 from tasks import load_stage_kinds
 from tasks.base import StageParams, ref_fields
+from tasks.sources import FileParams
 
 ROUND_NAMES = ("policy", "reference")
 SECTIONS = {"models": ("model", "reward_model"), "datasets": ("table",), "stages": None}
+
+# Node names become folder and file names (the index, MLflow run names, `name@round` ids), so
+# they are plain identifiers: no path separators, no `@`, nothing invisible.
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+NAME_RULE = "expected 1 to 64 letters, digits, '_' or '-', starting with a letter or '_'"
+
+# Limits on what a spec may ask for: each is far above any real spec, and each keeps a hostile
+# or mistaken one from exhausting memory before it is rejected.
+MAX_SPEC_BYTES = 1 << 20
+MAX_DEPTH = 100  # YAML nesting
+MAX_VALUES = 100_000  # values in the parsed spec, aliases expanded (no "billion laughs")
+MAX_NODES = 1_000  # models + datasets + stages
+MAX_EXECUTIONS = 10_000  # stage executions over all rounds
+MAX_INT = 2**63 - 1  # what every integer field can hold (numpy, torch, sqlite)
+MAX_SEED = 2**32 - 1  # numpy's seeds
+
+# Keys trl, the alignment handbook and OpenRLHF users bring, and alignflow's names for them.
+FOREIGN_KEYS = {
+    "learning_rate": "use lr",
+    "per_device_train_batch_size": "use micro_batch_size (examples per forward/backward) and batch_size (examples per optimizer step)",
+    "gradient_accumulation_steps": "use micro_batch_size and batch_size (accumulation is batch_size / micro_batch_size)",
+    "train_batch_size": "use batch_size",
+    "num_train_epochs": "use epochs",
+    "loss_type": "the stage kind is the loss (kind: dpo, ipo, ...), or use loss",
+    "lora_r": "use lora: {r: ...}",
+    "lora_alpha": "use lora: {alpha: ...}",
+    "lora_dropout": "use lora: {dropout: ...}",
+    "bf16": "use dtype: bfloat16",
+    "fp16": "use dtype: float16",
+    "torch_dtype": "use dtype",
+    "max_seq_length": "use max_length",
+    "model_name_or_path": "use a models entry (kind: pretrained, path: ...) and name it",
+}
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a depth and size bound: its composer recurses per level, so a
+    deeply nested document would end in a RecursionError instead of a message."""
+
+    depth = values = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        self.values += 1
+        if self.depth > MAX_DEPTH or self.values > MAX_VALUES:
+            mark = self.peek_event().start_mark
+            what = f"nested more than {MAX_DEPTH} deep" if self.depth > MAX_DEPTH else f"more than {MAX_VALUES} values"
+            raise yaml.YAMLError(f"{what} at line {mark.line + 1}")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_BoundedLoader)
+
+
+def _check_values(raw, file: str, problems: list) -> None:
+    """Every number finite and within an integer's range; no more than MAX_VALUES values (counted
+    with aliases expanded). Iterative: a deep --set value cannot recurse."""
+    seen, stack = 0, [("", raw, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            problems.append(Problem(file, "", f"expected at most {MAX_VALUES} values (aliases expanded)"))
+            return
+        if depth > MAX_DEPTH:
+            problems.append(Problem(file, path, f"expected at most {MAX_DEPTH} levels of nesting"))
+            return
+        if isinstance(value, dict):
+            stack += [(f"{path}.{k}" if path else str(k), v, depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value)]
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(Problem(file, path, f"expected a finite number, got {value}"))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            problems.append(Problem(file, path, f"expected an integer within +-(2^63-1), got {value}"))
 
 
 class _Strict(BaseModel):
@@ -76,9 +158,9 @@ class Runner(_Strict):
 
 
 class SpecFile(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     store: str | None = None  # default: $ALIGNFLOW_HOME/store
     tracking: Tracking = Field(default_factory=Tracking)
     runner: Runner = Field(default_factory=Runner)
@@ -129,7 +211,7 @@ def parse_override(item: str, file: str) -> tuple[list[str], Any]:
         raise SpecError(Problem(file, "", f"--set {item!r}: expected dotted.key=value"))
     path, _, text = item.partition("=")
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = _load_yaml(text) if text != "" else ""
     except yaml.YAMLError as exc:
         raise SpecError(Problem(file, path, f"--set value {text!r} is not valid YAML: {exc}"))
     keys = path.strip().split(".")
@@ -161,9 +243,16 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
     file = str(path)
     p = Path(path)
     if not p.is_file():
-        raise SpecError(Problem(file, "", "spec file not found"))
+        raise SpecError(Problem(file, "", "spec file not found" if not p.exists() else "expected a regular file"))
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(Problem(file, "", f"expected a spec of at most {MAX_SPEC_BYTES >> 20} MiB, got {p.stat().st_size} bytes"))
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise SpecError(Problem(file, "", f"expected UTF-8 text; line {line} has the byte {exc.object[exc.start]:#04x}"))
+    try:
+        raw = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -183,6 +272,10 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
         raw["rounds"]["count"] = rounds
         overridden.add("rounds.count")
 
+    value_problems: list[Problem] = []
+    _check_values(raw, file, value_problems)
+    if value_problems:
+        raise SpecError(value_problems)
     try:
         top = SpecFile.model_validate(raw)
     except ValidationError as exc:
@@ -191,11 +284,19 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
     problems: list[Problem] = []
     if top.runner.kind == "ray" and importlib.util.find_spec("prefect_ray") is None:
         problems.append(Problem(file, "runner.kind", "'ray' needs prefect-ray and ray: pip install 'alignflow[ray]'"))
-    nodes = _validate_nodes(top, file, p.parent, overridden, problems)
-    _check_names_and_refs(top, nodes, file, problems)
+    count = sum(len(getattr(top, section)) for section in SECTIONS)
+    if count > MAX_NODES:
+        raise SpecError(Problem(file, "", f"expected at most {MAX_NODES} models, datasets and stages, got {count}"))
+    if len(top.rounds.repeat) * top.rounds.count > MAX_EXECUTIONS:
+        raise SpecError(Problem(file, "rounds.count", f"expected at most {MAX_EXECUTIONS} stage executions over all "
+                                f"rounds, got {len(top.rounds.repeat)} x {top.rounds.count}"))
+    failed: set[str] = set()  # names whose own definition is wrong: references to them say nothing more
+    nodes = _validate_nodes(top, file, p.parent, overridden, problems, failed)
+    _check_names_and_refs(top, nodes, file, problems, failed)
     _check_reference_lengths(nodes, file, problems)
     if not problems:
         _check_cycles(top, nodes, file, problems)
+        _check_combinations(nodes, top, file, problems)
     if problems:
         raise SpecError(problems)
     return Spec(
@@ -204,14 +305,32 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
     )
 
 
-def _validate_nodes(top: SpecFile, file, base_dir: Path, overridden, problems) -> dict[str, NodeDef]:
+def slice_name(table: str) -> str:
+    """The stage name of a rounds.fresh table's per-round slice."""
+    return f"{table}_slice"
+
+
+def name_problem(name: str, fresh_tables=()) -> str | None:
+    """Why `name` cannot name a model, dataset or stage (None: it can)."""
+    if not NAME.fullmatch(name):
+        return f"name {ascii(name)} is not allowed: {NAME_RULE}"
+    if name in ROUND_NAMES:
+        return f"'{name}' is reserved for the round's {name}"
+    if any(name == slice_name(table) for table in fresh_tables):
+        return f"'{name}' is reserved for the per-round slices of rounds.fresh"
+    return None
+
+
+def _validate_nodes(top: SpecFile, file, base_dir: Path, overridden, problems, failed: set) -> dict[str, NodeDef]:
     kinds = load_stage_kinds()
     nodes: dict[str, NodeDef] = {}
     for section, allowed_outputs in SECTIONS.items():
         for name, body in getattr(top, section).items():
-            where = f"{section}.{name}"
-            if name in ROUND_NAMES:
-                problems.append(Problem(file, where, f"'{name}' is reserved for the round's {name}"))
+            failed.add(name)  # until it validates
+            bad_name = name_problem(name, top.rounds.fresh)
+            where = f"{section}.{name}" if bad_name is None else f"{section}.{ascii(name)}"
+            if bad_name:
+                problems.append(Problem(file, where, bad_name))
                 continue
             if name in nodes:
                 problems.append(Problem(file, where, f"name '{name}' is already used in {nodes[name].section}"))
@@ -237,12 +356,19 @@ def _validate_nodes(top: SpecFile, file, base_dir: Path, overridden, problems) -
             except ValidationError as exc:
                 problems.extend(pydantic_problems(exc, file, where, kind.params, overridden))
                 continue
-            for missing in params.source_files():
-                if not Path(missing).exists():
-                    field_name = _field_holding(params, missing)
-                    problems.append(Problem(file, f"{where}.{field_name}", f"file not found: {missing}"))
+            for source in params.source_files():
+                field_name = _field_holding(params, source)
+                source = Path(source)
+                if not source.exists():
+                    problems.append(Problem(file, f"{where}.{field_name}", f"file not found: {source}"))
+                elif isinstance(params, FileParams) and not source.is_file():
+                    problems.append(Problem(file, f"{where}.{field_name}", f"expected a regular file: {source} is "
+                                            f"{'a folder' if source.is_dir() else 'a special file'}"))
+                elif not (source.is_file() or source.is_dir()):  # /dev/zero, a fifo: never ends, or blocks
+                    problems.append(Problem(file, f"{where}.{field_name}", f"expected a file or folder: {source} is a special file"))
             refs = {k: getattr(params, k) for k in ref_fields(kind.params) if getattr(params, k) is not None}
             nodes[name] = NodeDef(name=name, section=section, params=params, refs=refs, output=kind.output)
+            failed.discard(name)
     return nodes
 
 
@@ -253,7 +379,7 @@ def _field_holding(params: StageParams, value) -> str:
     return "path"
 
 
-def _check_names_and_refs(top: SpecFile, nodes: dict[str, NodeDef], file, problems) -> None:
+def _check_names_and_refs(top: SpecFile, nodes: dict[str, NodeDef], file, problems, failed: set) -> None:
     rounds = top.rounds
     repeated = set(rounds.repeat)
     for i, name in enumerate(rounds.repeat):
@@ -261,7 +387,9 @@ def _check_names_and_refs(top: SpecFile, nodes: dict[str, NodeDef], file, proble
             problems.append(Problem(file, f"rounds.repeat[{i}]", f"no stage named '{name}'{did_you_mean(name, top.stages)}"))
     if rounds.policy is not None:
         start, nxt = rounds.policy.start, rounds.policy.next
-        if start not in nodes:
+        if start in failed:
+            pass  # its own error says what is wrong
+        elif start not in nodes:
             problems.append(Problem(file, "rounds.policy.start", f"no model or stage named '{start}'{did_you_mean(start, nodes)}"))
         elif start in repeated:
             problems.append(Problem(file, "rounds.policy.start", f"'{start}' repeats every round; expected a stage or model outside rounds.repeat"))
@@ -274,7 +402,9 @@ def _check_names_and_refs(top: SpecFile, nodes: dict[str, NodeDef], file, proble
 
     for name, rows in rounds.fresh.items():
         where = f"rounds.fresh.{name}"
-        if name not in nodes:
+        if name in failed:
+            pass
+        elif name not in nodes:
             problems.append(Problem(file, where, f"no dataset or stage named '{name}'{did_you_mean(name, nodes)}"))
         elif nodes[name].output != "table":
             problems.append(Problem(file, where, f"'{name}' outputs a {nodes[name].output}; expected a table"))
@@ -298,6 +428,8 @@ def _check_names_and_refs(top: SpecFile, nodes: dict[str, NodeDef], file, proble
                 elif "model" not in accepted[param]:
                     problems.append(Problem(file, where, f"'{target}' is a model; expected a {' or '.join(accepted[param])}"))
                 continue
+            if target in failed:
+                continue  # one root cause, one message
             if target not in nodes:
                 problems.append(Problem(file, where, f"no model, dataset or stage named '{target}'{did_you_mean(target, list(nodes) + list(ROUND_NAMES))}"))
                 continue
@@ -324,6 +456,26 @@ def _check_reference_lengths(nodes: dict[str, NodeDef], file, problems) -> None:
                                     f"{node.params.max_length} differs from {target.section}.{target.name}.max_length "
                                     f"({target.params.max_length}), which computed the reference log-probs it reads; "
                                     "expected the same value"))
+
+
+def _check_combinations(nodes: dict[str, NodeDef], top: SpecFile, file, problems) -> None:
+    """Combinations each field allows alone but that cannot run together."""
+    for node in nodes.values():
+        if node.kind != "pairs":
+            continue
+        # A pair needs two candidates of one prompt: every generate feeding it must make >= 2.
+        seen, todo = set(), list(node.refs.values())
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in nodes:
+                continue
+            seen.add(name)
+            upstream = nodes[name]
+            if upstream.kind == "generate" and getattr(upstream.params, "n", 2) < 2:
+                problems.append(Problem(file, f"stages.{name}.n", f"expected at least 2 candidates per prompt: "
+                                        f"'{node.name}' pairs two of them; got {upstream.params.n}"))
+            if upstream.section == "stages":
+                todo += upstream.refs.values()
 
 
 def _check_cycles(top: SpecFile, nodes: dict[str, NodeDef], file, problems) -> None:
@@ -357,7 +509,9 @@ def pydantic_problems(exc: ValidationError, file: str, prefix: str, model: type[
         loc = [str(x) for x in err["loc"]]
         path = ".".join([prefix] + loc if prefix else loc)
         via = " (from --set)" if path in overridden else ""
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and loc[-1] in FOREIGN_KEYS:
+            problems.append(Problem(file, path, f"unknown key '{loc[-1]}'{via}: {FOREIGN_KEYS[loc[-1]]}"))
+        elif err["type"] == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
             hint = did_you_mean(loc[-1], owner.model_fields) if owner else ""
             known = f"; known keys: {', '.join(owner.model_fields)}" if owner else ""

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -43,6 +44,27 @@ class StoreUnavailable(Exception):
 
 class DamagedArtifact(Exception):
     """A downloaded file does not match its manifest: never used, the stage fails naming it."""
+
+
+# A part of a store path (a kind, a key, a spec name, a node id): one plain folder or file name.
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,200}")
+
+
+def plain(*parts: str) -> str:
+    """The parts joined with '/', each one plain name (no separator, not `.` or `..`). Names are validated
+    with the spec; this is the store's own guard against any that were not."""
+    for part in parts:
+        if not isinstance(part, str) or not _PART.fullmatch(part):
+            raise ValueError(f"not a plain name for a store path: {part!r}")
+    return "/".join(parts)
+
+
+def safe_join(root: Path, *parts: str) -> Path:
+    """root/part/..., each part plain, and the result (links resolved) inside root."""
+    path = root / plain(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{path} is outside {root}")
+    return path
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -155,7 +177,7 @@ class Store:
         return self.root
 
     def path(self, kind: str, key: str) -> Path:
-        return self.root / kind / key
+        return safe_join(self.root, kind, key)
 
     def local_path(self, kind: str, key: str) -> Path:
         """The artifact as a local folder, for a stage to read (a remote store downloads it)."""
@@ -163,7 +185,7 @@ class Store:
 
     def checkpoints(self, kind: str, key: str) -> Path:
         """Where a stage computing `key` keeps checkpoints to resume from (kept across failed attempts)."""
-        return self.local_root / "_checkpoints" / kind / key
+        return safe_join(self.local_root / "_checkpoints", kind, key)
 
     def unavailable(self) -> str | None:
         """None if the store can be used, else why not. A local folder is made on demand."""
@@ -242,7 +264,7 @@ class Store:
 
     # --- what each spec's stages last ran with, to explain staleness ---
     def _index_file(self, spec_name: str, node_id: str) -> Path:
-        return self.root / "_index" / spec_name / f"{node_id}.json"
+        return safe_join(self.root / "_index", spec_name, f"{node_id}.json")
 
     def last_recipe(self, spec_name: str, node_id: str) -> dict | None:
         try:
@@ -319,6 +341,9 @@ class RemoteStore(Store):
         self.protocol = protocol
         self.root = uri  # a string: the URI, as the flow hands it on to tasks
         self._local = home() / "remote" / protocol / self._base.strip("/")
+        if not self._local.resolve().is_relative_to((home() / "remote").resolve()):  # e.g. s3://b/../../..
+            raise StoreUnavailable(f"its local state would be outside {home() / 'remote'}: expected a bucket "
+                                   "and prefix without '..'")
         self.cache = Store(home() / "cache")
 
     @property
@@ -326,10 +351,10 @@ class RemoteStore(Store):
         return self._local
 
     def _path(self, kind: str, key: str) -> str:
-        return f"{self._base}/{kind}/{key}"
+        return f"{self._base}/{plain(kind, key)}"
 
     def path(self, kind: str, key: str) -> str:
-        return f"{self.root}/{kind}/{key}"
+        return f"{self.root}/{plain(kind, key)}"
 
     def unavailable(self) -> str | None:
         """Whether the root's bucket can be listed: an empty or absent prefix is fine (the store
@@ -451,7 +476,7 @@ class RemoteStore(Store):
         self.cache.sweep()
 
     def _index_file(self, spec_name: str, node_id: str) -> str:
-        return f"{self._base}/_index/{spec_name}/{node_id}.json"
+        return f"{self._base}/_index/{plain(spec_name, node_id + '.json')}"
 
     def last_recipe(self, spec_name: str, node_id: str) -> dict | None:
         try:

@@ -9,6 +9,14 @@ import time
 from flows.home import mlflow_artifact_root
 
 BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch call
+# MLflow 3's UI opens an experiment without this tag on its GenAI "Traces" view, which hides the
+# runs, metrics and charts a pipeline logs; this value opens it on the model-training view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def run_name(stage: str, round: int) -> str:
+    """A stage run's name as a person reads it in MLflow's run list: `dpo · round 2`, or `sft`."""
+    return f"{stage} · round {round}" if round else stage
 
 
 def is_remote(uri: str) -> bool:
@@ -34,6 +42,19 @@ def quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+def _store_lock(uri: str):
+    """A lock beside a local sqlite database (none for a server, which serialises itself)."""
+    import contextlib
+    from pathlib import Path
+
+    from flows.locks import file_lock
+
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(uri.removeprefix("sqlite:///"))
+    return file_lock(db.with_name(f".{db.name}.lock"))
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         from mlflow.tracking import MlflowClient
@@ -41,18 +62,36 @@ class Tracker:
         quiet_mlflow()
 
         self.uri = uri
-        self.client = MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-        elif is_remote(uri):
-            # The server chooses where artifacts go (with --serve-artifacts, its proxy:
-            # mlflow-artifacts:/...), so every client and the UI can reach them.
-            self.experiment_id = self.client.create_experiment(experiment)
-        else:
-            # A local store: its artifacts next to it, under ALIGNFLOW_HOME.
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=f"{mlflow_artifact_root()}/{experiment}")
+        # Several runs starting on a fresh home would each migrate the new database's schema (and
+        # all but one fail): a local database is opened, and its experiment made, under a lock.
+        with _store_lock(uri):
+            self.client = MlflowClient(uri)
+            self.experiment_id = self._experiment_id(experiment)
+
+    def _experiment_id(self, experiment: str) -> str:
+        """Get or create: another process (another machine, on a server) may create it meanwhile.
+        The experiment is tagged as a model-training one, so MLflow's UI opens on its runs."""
+        from mlflow.exceptions import MlflowException
+
+        kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        for attempt in range(5):
+            found = self.client.get_experiment_by_name(experiment)
+            if found is not None:
+                if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older alignflow, or by hand
+                    self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                return found.experiment_id
+            try:
+                if is_remote(self.uri):
+                    # The server chooses where artifacts go (with --serve-artifacts, its proxy:
+                    # mlflow-artifacts:/...), so every client and the UI can reach them.
+                    return self.client.create_experiment(experiment, tags=kind)
+                # A local store: its artifacts next to it, under ALIGNFLOW_HOME.
+                return self.client.create_experiment(
+                    experiment, artifact_location=f"{mlflow_artifact_root()}/{experiment}", tags=kind)
+            except MlflowException:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))  # someone else created it: get it
 
     def __getstate__(self) -> dict:  # sent to another process (a Ray worker): it opens its own client
         return {"uri": self.uri, "experiment_id": self.experiment_id}

@@ -47,10 +47,11 @@ SpecPath = Annotated[str, AfterValidator(spec_relative)]
 class StageParams(BaseModel):
     """Base of every kind's parameters. Unknown keys are errors (a typo must not pass silently)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinities and nan (`.inf`, `nan`, `1e400`) are spec errors, never a poisoned artifact.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: str
-    seed: int | None = Field(default=None, description="defaults to the spec's seed")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="defaults to the spec's seed")
 
     # Parameters that never change the result (how much to print, say) are left out of the key.
     not_in_key: ClassVar[frozenset[str]] = frozenset()
@@ -84,6 +85,24 @@ class BadInput(ValueError):
     def __init__(self, file: str, field: str, expected: str):
         self.file, self.field, self.expected = file, field, expected
         super().__init__(f"{file}: {field}: {expected}")
+
+
+MAX_LINE_BYTES = 64 << 20  # one line of a data file: a file with no newline is not read to the end of memory
+
+
+def text_lines(handle, file: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a file opened in binary mode, read line by line with a
+    bound on a line's length; a byte that is not UTF-8 is a BadInput naming the line."""
+    line_number = 0
+    while line := handle.readline(MAX_LINE_BYTES + 1):
+        line_number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            raise BadInput(file, f"line {line_number}", f"a line of at most {MAX_LINE_BYTES >> 20} MiB")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInput(file, f"line {line_number}", f"UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1})") from None
+        yield line_number, text
 
 
 class Progress:

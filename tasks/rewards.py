@@ -101,9 +101,17 @@ def demo_gold_reward(prompt, response: str) -> float:
     return demo_task.gold_reward(prompt_text(prompt), response)
 
 
+def brevity_reward(prompt, response: str) -> float:
+    """The shorter response wins: minus its length in characters (surrounding spaces ignored).
+    pipelines/exrm_vs_dporm_smollm2.yaml's gold judge: a property of the text alone, so a reward
+    model can learn it from pairs (a truncated, rambling answer against a finished, short one)."""
+    return -float(len(response.strip()))
+
+
 REWARD_FNS: dict[str, RewardFn] = {
     "demo_gold": demo_gold_reward,
     "arithmetic": arithmetic_reward,
+    "brevity": brevity_reward,
 }
 
 
@@ -138,8 +146,8 @@ def resolve_reward_fn(name: str, folder: str | Path | None = None) -> RewardFn:
     does not import or the name is not a callable."""
     if not is_import_path(name):
         if name not in REWARD_FNS:
-            raise ValueError(f"unknown reward function {name!r}; expected a built-in name ({', '.join(sorted(REWARD_FNS))}) "
-                             "or \"module:function\" (a module beside the spec, or importable)")
+            raise ValueError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARD_FNS))}; "
+                             "or your own, \"module:function\" (a module beside the spec, or importable)")
         return REWARD_FNS[name]
     module, _, attribute = name.partition(":")
     if not module or not attribute:

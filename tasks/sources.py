@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from tasks.base import BadInput, SpecPath, StageContext, StageParams, spec_relative, stage_kind
+from tasks.base import BadInput, SpecPath, StageContext, StageParams, spec_relative, stage_kind, text_lines
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ class SyntheticParams(StageParams):
         "sft", "preferences", "preferences_heldout", "prompts", "eval_prompts",
         "preferences_prompt_shift", "preferences_response_shift",
     ]
-    size: int = Field(gt=0)
+    size: int = Field(gt=0, le=10_000_000)  # bounded: a typo must not run out of memory
     topics: list[str] | None = Field(
         None, description="default: the task's training topics (held-out topics for preferences_prompt_shift)"
     )
@@ -402,8 +402,8 @@ def jsonl(ctx: StageContext) -> dict[str, float]:
     path = Path(p.path).expanduser()
     rows, line_numbers = [], []
     # Read line by line (not datasets/pyarrow's reader) so an error names the line.
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, line in text_lines(f, str(path)):
             if not line.strip():
                 continue
             try:

@@ -96,3 +96,14 @@ def test_a_spec_takes_a_pretrained_reward_model_where_a_reward_model_goes(tmp_pa
     loaded = load_spec(tmp_path / "spec.yaml")
     assert loaded.nodes["rm"].output == "reward_model"
     assert loaded.nodes["rm"].params.source_files() == [rm_folder]  # its content is in the key
+
+
+def test_dtype_sets_the_stored_weights(rm_folder, run_stage):
+    from safetensors import safe_open
+
+    rm, _ = run_stage({"kind": "pretrained_reward_model", "path": str(rm_folder), "dtype": "bfloat16"})
+    with safe_open(str(rm / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+    auto, _ = run_stage({"kind": "pretrained_reward_model", "path": str(rm_folder), "dtype": "auto"})
+    with safe_open(str(auto / "model.safetensors"), "pt") as f:  # auto: float32 on a CPU
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.float32}

@@ -2,6 +2,8 @@
 checked with the spec; evaluate's judges (none by default) on plain and conversational prompts."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -66,7 +68,7 @@ def test_a_reward_that_does_not_resolve_is_a_spec_error_naming_the_field(tmp_pat
     problems = [(p.path, p.message) for p in error.value.problems]
     # (a follow-on "no stage named 'score'" for pairs may follow: issue 11 item 9, spec.py's)
     assert problems[0][0] == "stages.score.reward_fn"
-    assert pytest.importorskip("re").search(expected, problems[0][1]), problems
+    assert re.search(expected, problems[0][1]), problems
 
 
 def test_builtin_names_still_resolve():
@@ -131,8 +133,7 @@ def lm_judge_model(folder):
 
 @pytest.mark.parametrize("judge", ["judge", "judge_model", "judge_lm"])
 def test_every_judge_takes_conversational_prompts(tmp_path, judge, tiny_sft_model, tiny_demo_model, demo_table, run_stage):
-    from tasks.models import save_model
-    from tasks.models import load_causal_lm
+    from tasks.models import load_causal_lm, save_model
 
     prompts = demo_table("eval_prompts", 12)
     policy = tmp_path / "policy"  # the tiny model with a chat template, so it can read conversations

