@@ -207,7 +207,11 @@ class PretrainedRewardModelParams(StageParams):
     @field_validator("path")
     @classmethod
     def _local_relative_to_spec(cls, value: str, info: ValidationInfo) -> str:
-        return local_or_hub(value, info)
+        resolved = local_or_hub(value, info)
+        if _is_local(resolved) and not Path(resolved).expanduser().exists():
+            raise ValueError(f"a folder from_pretrained loads (relative to the spec's folder) or a hub id; "
+                             f"{spec_relative(value, info)} does not exist (make it first: e.g. `alignflow export`)")
+        return resolved
 
     @field_validator("revision")
     @classmethod
