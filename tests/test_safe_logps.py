@@ -15,7 +15,7 @@ import torch
 import transformers as T
 import yaml
 
-from conftest import alignflow
+from conftest import alignflow, stage_runs
 from tasks.models import build_word_tokenizer, encode_examples
 
 WORDS = "a b c d e f g h i j k l m n o p :".split()
@@ -97,6 +97,9 @@ def test_every_architecture_is_right_or_refused(tmp_path):
         assert first["logps/chosen"] == pytest.approx(sum(expected["chosen"]) / len(PAIRS), abs=2e-3), name
         if name == "falconh1":  # lm_head_multiplier: the response-only head is refused, and the run says so
             assert json.loads((dpo_dir / "manifest.json").read_text())["metrics"]["logps_fallback"] == 1
+    tagged = {r.data.tags["alignflow.stage"] for r in stage_runs(home, "architectures")
+              if "alignflow.logps_fallback" in r.data.tags}
+    assert tagged == {"ref_falconh1", "dpo_falconh1"}
 
 
 def _built_from(artifact, name: str) -> bool:
