@@ -211,7 +211,9 @@ def test_compare_prints_the_latest_run(toy_run):
     evaluate = [l for l in lines if "evaluate" in l]
     assert len(evaluate) == 2 and all("hit" in l for l in evaluate)
     assert "0.55 [0.5, 0.6]" in evaluate[0] and "0.65 [0.6, 0.7]" in evaluate[1]
-    assert "exrm_acc_id" in out.stdout and "dporm_acc_id" in out.stdout
+    assert "exrm_acc_id" not in out.stdout and "EXRM vs DPORM" in out.stdout, "accuracies: in the EXRM vs DPORM table"
+    wide = alignflow("compare", "report-toy", "--all", home=toy_run["home"], check=True, timeout=120)
+    assert "exrm_acc_id" in wide.stdout and "dporm_acc_id" in wide.stdout
 
 
 def test_compare_options(toy_run):
