@@ -161,18 +161,23 @@ def draw_reward_accuracy(points: list[dict], out: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
     try:
-        n = len(points)
-        spread = 0.24 / max(n - 1, 1) if n > 1 else 0.0  # executions side by side within a reward
+        # A reward's executions (seeds) side by side; an execution may measure one reward only
+        # (exrm_acc_s0 / dporm_acc_s0) or both.
+        per_reward = {reward: [p for p in points if any(k.startswith(f"{reward}_") for k in p["values"])]
+                      for reward in REWARDS}
+        n = max(map(len, per_reward.values()))
         for r, (reward, colour) in enumerate(zip(REWARDS, ("tab:blue", "tab:orange"))):
             centre = -0.18 if r == 0 else 0.18
+            mine = per_reward[reward]
+            spread = 0.24 / (len(mine) - 1) if len(mine) > 1 else 0.0
             xs, ys, lows, highs, labelled = [], [], [], [], False
             for s, set_ in enumerate(SETS):
                 accs = []
-                for i, point in enumerate(points):
+                for i, point in enumerate(mine):
                     value = point["values"].get(f"{reward}_{set_}")
                     if value is None:
                         continue
-                    xs.append(s + centre + (i - (n - 1) / 2) * spread)
+                    xs.append(s + centre + (i - (len(mine) - 1) / 2) * spread)
                     ys.append(value[0])
                     low, high = _error(*value)
                     lows.append(low)
@@ -192,8 +197,8 @@ def draw_reward_accuracy(points: list[dict], out: Path) -> None:
         ax.set_xlim(-0.6, len(SETS) - 0.4)
         ax.set_ylim(0, 1)
         ax.set_ylabel("preference accuracy")
-        runs = f"{n} execution{'s' if n != 1 else ''}"
-        ax.set_title(f"Reward accuracy: EXRM vs DPORM ({runs}; error bars: interval)")
+        runs = f"{n} run{'s' if n != 1 else ''} (seeds) each"
+        ax.set_title(f"Reward accuracy: EXRM vs DPORM ({runs}; bars: interval)")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(loc="lower left", fontsize="small")
         fig.tight_layout()

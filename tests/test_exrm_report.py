@@ -150,7 +150,7 @@ def test_ui_prints_the_runs_page_once_it_answers_and_stops_its_server_on_a_signa
     import urllib.request
 
     port = free_port()
-    env = {**os.environ, "ALIGNFLOW_HOME": str(toy_run["home"]), **TOY}
+    env = {**os.environ, "ALIGNFLOW_HOME": str(toy_run["home"]), "PYTHONPATH": str(REPO / "tests" / "plugins"), **TOY}
     ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", str(toy_run["spec"]), "--port", str(port)],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
