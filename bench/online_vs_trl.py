@@ -291,9 +291,9 @@ def run_ours(algo: str, setup: Setup) -> Result:
 
 def trl_reward(name: str):
     """Our named reward as a trl reward function: fn(prompts, completions, **kw) -> list[float]."""
-    from tasks.rewards import get_reward_fn
+    from tasks.rewards import resolve_reward_fn
 
-    reward = get_reward_fn(name)
+    reward = resolve_reward_fn(name)
 
     def score(prompts, completions, **kwargs):
         rewards = []

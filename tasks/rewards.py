@@ -195,7 +195,3 @@ def reward_code_files(names, folder: str | Path | None) -> dict[str, Path]:
     """{label: file} of the user modules among reward names (None entries skipped): for the key."""
     found = (reward_module_file(name, folder) for name in names if name is not None)
     return dict(item for item in found if item is not None)
-
-
-def get_reward_fn(name: str, folder: str | Path | None = None) -> RewardFn:
-    return resolve_reward_fn(name, folder)

@@ -75,7 +75,7 @@ def test_builtin_names_still_resolve():
     from tasks.rewards import REWARD_FNS, arithmetic_reward
 
     assert resolve_reward_fn("arithmetic") is arithmetic_reward
-    assert set(REWARD_FNS) == {"arithmetic", "demo_gold"}
+    assert set(REWARD_FNS) == {"arithmetic", "brevity", "demo_gold"}
     chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "food the"}]
     assert resolve_reward_fn("demo_gold")(chat, "good pizza") == resolve_reward_fn("demo_gold")("food the", "good pizza")
 

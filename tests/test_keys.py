@@ -103,7 +103,7 @@ def test_edits_reach_only_the_stages_that_call_the_edited_code(tmp_path):
     """The synthetic data and the tiny model do not go stale when the rewards or LoRA change."""
     base = _keys_in_copy(tmp_path)
     data_and_model = {"base", "sft_data", "rm_pairs", "rm_heldout", "train_prompts", "eval_prompts"}
-    after_rewards = _keys_in_copy(tmp_path, "tasks/rewards.py", lambda s: _edit_function(s, "get_reward_fn"))
+    after_rewards = _keys_in_copy(tmp_path, "tasks/rewards.py", lambda s: _edit_function(s, "resolve_reward_fn"))
     assert not changed(base, after_rewards) & data_and_model
     assert {"score@1", "evaluate@1"} <= changed(base, after_rewards)
     after_lora = _keys_in_copy(tmp_path, "tasks/train/lora.py", lambda s: _edit_function(s, "add_lora"))

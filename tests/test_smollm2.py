@@ -23,7 +23,7 @@ from conftest import REPO, alignflow, stage_runs
 from flows.cli import app
 from flows.keys import resolve
 from flows.spec import load_spec
-from tasks.rewards import arithmetic_answer, arithmetic_question, arithmetic_reward, get_reward_fn, prompt_text
+from tasks.rewards import arithmetic_answer, arithmetic_question, arithmetic_reward, resolve_reward_fn, prompt_text
 from tasks.sources import PretrainedParams, package_folder
 
 SPEC = REPO / "pipelines" / "smollm2_rso.yaml"
@@ -166,7 +166,7 @@ def test_arithmetic_reward_reads_the_question():
     assert arithmetic_answer("4 x 5 is 20", (4, 5)) == 20
     with pytest.raises(ValueError, match="a op b"):
         arithmetic_reward("Tell me a joke.", "no")
-    assert get_reward_fn("arithmetic") is arithmetic_reward
+    assert resolve_reward_fn("arithmetic") is arithmetic_reward
 
 
 def test_right_answers_always_beat_wrong_ones():

@@ -202,7 +202,7 @@ def test_score_needs_exactly_one_scorer():
         SCORE.model_validate({"kind": "score", "candidates": "c"})
     with pytest.raises(ValidationError, match="exactly one of reward_model"):
         SCORE.model_validate({"kind": "score", "candidates": "c", "reward_model": "rm", "reward_fn": "demo_gold"})
-    with pytest.raises(ValidationError, match="unknown reward function 'gold'; known: arithmetic, demo_gold"):
+    with pytest.raises(ValidationError, match="unknown reward function 'gold'; known: arithmetic, brevity, demo_gold"):
         SCORE.model_validate({"kind": "score", "candidates": "c", "reward_fn": "gold"})
     with pytest.raises(ValidationError, match="Extra inputs"):
         SCORE.model_validate({"kind": "score", "candidates": "c", "reward_fn": "demo_gold", "rewardfn": "x"})
