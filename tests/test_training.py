@@ -123,7 +123,10 @@ def dpo_params(**extra):
 def test_dpo_with_lora_learns_and_saves_merged_or_adapter_only(tiny_sft_model, demo_table, run_stage):
     inputs = {"policy": tiny_sft_model, "pairs": demo_table("preferences", 256)}
     log = []
-    merged, metrics = run_stage(dpo_params(lora={"r": 8, "alpha": 16}, lr=2e-2, epochs=3), inputs, log=log)
+    # lr 1e-2: at 2e-2 the loss jumps after warmup and the outcome hangs on the schedule's first
+    # steps (get_scheduler's warmup starts at lr 0: accuracy 0.58, against 0.73 with the old one).
+    options = {"lr": 1e-2, "epochs": 3}
+    merged, metrics = run_stage(dpo_params(lora={"r": 8, "alpha": 16}, **options), inputs, log=log)
     # Reference: the base with the adapter disabled, so the first step sees policy == reference.
     first_step = log[0][1]
     assert first_step["loss"] == pytest.approx(0.6931, abs=1e-3) and first_step["rewards/margins"] == pytest.approx(0, abs=1e-6)
@@ -133,7 +136,7 @@ def test_dpo_with_lora_learns_and_saves_merged_or_adapter_only(tiny_sft_model, d
     assert metrics["trainable_parameters"] < 0.5 * sum(p.numel() for p in load_causal_lm(tiny_sft_model, device="cpu")[0].parameters())
     assert (merged / "adapter" / "adapter_config.json").exists()
 
-    adapter_only, again = run_stage(dpo_params(lora={"r": 8, "alpha": 16, "merge": False}, lr=2e-2, epochs=3), inputs)
+    adapter_only, again = run_stage(dpo_params(lora={"r": 8, "alpha": 16, "merge": False}, **options), inputs)
     assert not (adapter_only / "model.safetensors").exists()
     assert (adapter_only / "adapter_model.safetensors").stat().st_size < 0.5 * (merged / "model.safetensors").stat().st_size
     assert again["loss"] == pytest.approx(metrics["loss"], abs=1e-5)  # same training either way
