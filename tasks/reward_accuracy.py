@@ -84,18 +84,35 @@ def reward_accuracy(ctx: StageContext) -> dict[str, float]:
     if p.dporm_policy is not None:
         rewards.append("dporm")
 
-    # scores[reward][set][side] = list of rewards
-    scores = {reward: {name: {} for name in tables} for reward in rewards}
-    batches = sum(math.ceil(len(t["prompt"]) / p.batch_size) for t in tables.values())
-    with ctx.progress("scoring pairs", total=2 * batches * (len(rewards) + (p.dporm_policy is not None))) as bar:
+    # Every (set, side) sequence in one list, scored by each model in one pass, in batches of
+    # similar length: padding is compute, and chosen and rejected differ in length by design
+    # (the brevity judge's pairs are a prompt's shortest sample against its longest).
+    keys = [(name, side) for name in tables for side in ("chosen", "rejected")]
+    prompts = [x for name, side in keys for x in tables[name]["prompt"]]
+    responses = [x for name, side in keys for x in tables[name][side]]
+    order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])) + len(str(responses[i])))
+    prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
+
+    def by_set(values: list[float]) -> dict[str, dict[str, list[float]]]:
+        """Scores in `order` back to {set: {side: scores in the table's order}}."""
+        flat = [0.0] * len(values)
+        for i, value in zip(order, values):
+            flat[i] = value
+        out, at = {name: {} for name in tables}, 0
+        for name, side in keys:
+            n = len(tables[name]["prompt"])
+            out[name][side], at = flat[at : at + n], at + n
+        return out
+
+    scores = {}  # scores[reward][set][side] = list of rewards
+    batches = math.ceil(len(prompts) / p.batch_size)
+    with ctx.progress("scoring pairs", total=batches * (len(rewards) + (p.dporm_policy is not None))) as bar:
         if p.exrm is not None:
             from tasks.models import batched_scores, load_reward_model
 
             model, tokenizer = load_reward_model(ctx.inputs["exrm"])
-            for name, t in tables.items():
-                for side in ("chosen", "rejected"):
-                    scores["exrm"][name][side] = batched_scores(
-                        model, tokenizer, t["prompt"], t[side], p.max_length, p.batch_size, bar.advance)
+            scores["exrm"] = by_set(batched_scores(model, tokenizer, prompts, responses, p.max_length, p.batch_size,
+                                                   bar.advance))
             del model
         if p.dporm_policy is not None:
             from tasks.logps import batched_logps
@@ -104,16 +121,10 @@ def reward_accuracy(ctx: StageContext) -> dict[str, float]:
             logps = {}
             for role in ("dporm_policy", "dporm_reference"):
                 model, tokenizer = load_causal_lm(ctx.inputs[role])
-                for name, t in tables.items():
-                    for side in ("chosen", "rejected"):
-                        logps[role, name, side], _ = batched_logps(
-                            model, tokenizer, t["prompt"], t[side], p.max_length, p.batch_size, bar.advance)
+                logps[role], _ = batched_logps(model, tokenizer, prompts, responses, p.max_length, p.batch_size,
+                                               bar.advance)
                 del model
-            for name in tables:
-                for side in ("chosen", "rejected"):
-                    scores["dporm"][name][side] = [
-                        p.beta * (lp - ref) for lp, ref in zip(logps["dporm_policy", name, side], logps["dporm_reference", name, side])
-                    ]
+            scores["dporm"] = by_set([p.beta * (lp - ref) for lp, ref in zip(logps["dporm_policy"], logps["dporm_reference"])])
 
     metrics = {}
     for reward in rewards:
