@@ -34,7 +34,7 @@ from flows.keys import resolve
 from flows.locks import CrashSafeLockManager, file_lock
 from flows.report import headline_by_round, log_report
 from flows.spec import load_spec
-from flows.store import Store, plain
+from flows.store import Store, pid_alive, plain
 from flows.tracking import StepLogger, Tracker, get_tracker, run_name
 from tasks import load_stage_kinds
 from tasks.base import BadInput, StageContext
@@ -273,18 +273,8 @@ def close_orphaned_runs(tracker: Tracker) -> None:
     for run in tracker.client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                           max_results=5000):
         owner_host, _, pid = run.data.tags.get(OWNER_TAG, "").partition("|")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        if owner_host == host and pid.isdigit() and not pid_alive(int(pid)):
             tracker.end(run.info.run_id, "KILLED")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _versions() -> dict[str, str]:

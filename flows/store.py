@@ -127,7 +127,8 @@ def file_problem(f: Path, rel: str, meta: dict, sealed: float | None) -> str | N
     return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -251,7 +252,7 @@ class Store:
                 tmp_host, pid = "-".join(parts[2:-2]), int(parts[-2])
             except (ValueError, IndexError):
                 continue
-            if tmp_host == host and not _pid_alive(pid):
+            if tmp_host == host and not pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
         # A crash between commit's two renames leaves the previous artifact as .old-<key>-*:
         # put it back if nothing replaced it (the renames are microseconds apart, hence the age).

@@ -74,6 +74,17 @@ def package_folder(name: str) -> Path:
     return Path(locations[0])
 
 
+def hub_revision(revision: str | None, path: str | None, what: str) -> str | None:
+    """A hub id must come with a pinned revision: the key cannot hash what the hub serves."""
+    if revision is None and path is not None and not _is_local(path):
+        raise ValueError(
+            f"a revision (commit sha or tag) for hub {what} {path!r}, so that the cache key names exactly "
+            f"what is read (if {path!r} is meant as a local folder: it was not found; relative paths are "
+            "relative to the spec's folder)"
+        )
+    return revision
+
+
 class PretrainedParams(StageParams):
     """A model loaded with transformers from a local folder (hashed into the key) or a hub id.
 
@@ -133,14 +144,7 @@ class PretrainedParams(StageParams):
     @field_validator("revision")
     @classmethod
     def _hub_needs_revision(cls, value: str | None, info: ValidationInfo) -> str | None:
-        path = info.data.get("path")
-        if value is None and path is not None and not _is_local(path):
-            raise ValueError(
-                f"a revision (commit sha or tag) for hub model {path!r}, so that the cache key names exactly "
-                f"the weights loaded (if {path!r} is meant as a local folder: it was not found; relative "
-                "paths are relative to the spec's folder)"
-            )
-        return value
+        return hub_revision(value, info.data.get("path"), "model")
 
     def source_files(self) -> list[Path]:
         if not _is_local(self.path):
@@ -216,11 +220,7 @@ class PretrainedRewardModelParams(StageParams):
     @field_validator("revision")
     @classmethod
     def _hub_needs_revision(cls, value: str | None, info: ValidationInfo) -> str | None:
-        path = info.data.get("path")
-        if value is None and path is not None and not _is_local(path):
-            raise ValueError(f"a revision (commit sha or tag) for hub reward model {path!r}, so that the cache key "
-                             "names exactly the weights loaded")
-        return value
+        return hub_revision(value, info.data.get("path"), "reward model")
 
     def source_files(self) -> list[Path]:
         return [Path(self.path)] if _is_local(self.path) else []
@@ -483,14 +483,7 @@ class HubParams(TableSourceParams):
     @field_validator("revision")
     @classmethod
     def _hub_needs_revision(cls, value: str | None, info: ValidationInfo) -> str | None:
-        path = info.data.get("path")
-        if value is None and path is not None and not _is_local(path):
-            raise ValueError(
-                f"a revision (commit sha or tag) for hub dataset {path!r}, so that the cache key names "
-                f"exactly the data read (if {path!r} is meant as a local folder: it was not found; "
-                "relative paths are relative to the spec's folder)"
-            )
-        return value
+        return hub_revision(value, info.data.get("path"), "dataset")
 
     def source_files(self) -> list[Path]:
         return [Path(self.path).expanduser()] if _is_local(self.path) else []
