@@ -239,7 +239,7 @@ def full_model(model_dir: str | Path, scratch: Path):
     """`model_dir` itself, or for an adapter-only LoRA artifact, its base with the adapter merged,
     saved under `scratch` for the time of the block (in the base's stored dtype: merged in float32
     as load_causal_lm merges it, then rounded once)."""
-    from tasks.train.lora import is_adapter_artifact
+    from tasks.models import is_adapter_artifact
 
     if not is_adapter_artifact(model_dir):
         yield Path(model_dir)
@@ -248,7 +248,7 @@ def full_model(model_dir: str | Path, scratch: Path):
     from transformers import AutoModelForCausalLM
 
     from tasks.models import load_tokenizer, save_model
-    from tasks.train.lora import load_adapter_merged
+    from tasks.models import load_adapter_merged
 
     base = json.loads((Path(model_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
     try:

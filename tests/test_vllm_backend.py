@@ -355,7 +355,7 @@ def test_evaluate_greedy_matches_the_hf_backend(tiny_demo_model, demo_table, run
 
 def test_an_adapter_only_artifact_is_merged_for_vllm(tiny_demo_model, demo_table, run_stage, fake_vllm, monkeypatch):
     import tasks.vllm_backend as backend
-    from tasks.train.lora import is_adapter_artifact
+    from tasks.models import is_adapter_artifact
 
     adapter, _ = run_stage(
         {"kind": "sft", "model": "m", "data": "d", "epochs": 1, "lr": 1e-2, "batch_size": 32,

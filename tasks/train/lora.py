@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.models import base_reference, is_adapter_artifact, load_adapter_merged, quiet_peft, save_model  # noqa: F401 (re-exported)
+from tasks.models import base_reference, quiet_peft, save_model
 from tasks.train import LoraParams
 
 ADAPTER_DIR = "adapter"
