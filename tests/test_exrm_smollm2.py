@@ -40,6 +40,7 @@ def ci_run(tmp_path_factory):
             "stages": {r.data.tags["alignflow.stage"]: r for r in stages}}
 
 
+@pytest.mark.timeout(2400)  # the first test waits for the cold run
 def test_three_seeds_are_three_pairs_of_runs_with_six_accuracies(ci_run):
     for seed in range(3):
         for reward in report.REWARDS:

@@ -1,4 +1,4 @@
-"""Write the open-ended prompts of pipelines/exrm_vs_dporm_smollm2.yaml: one user message each,
+"""Write the one-sentence prompts of pipelines/exrm_vs_dporm_smollm2.yaml: one user message each,
 "<ask> <topic>.", every topic with every ask, shuffled (seeded: the same file every time).
 
     python pipelines/data/make_topics.py        # rewrites topics.jsonl
@@ -10,7 +10,10 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ASKS = ("Write a sentence about", "Tell me about", "Describe", "What do you know about")
+# One-sentence asks: SmolLM2 finishes its answer (about 30 tokens) well within max_new_tokens, so the
+# judge `brevity` compares whole answers, not two cuts of the same length.
+ASKS = ("Write a sentence about", "Write one short sentence about", "In one sentence, describe",
+        "Give me one sentence about")
 TOPICS = """
 the ocean, mountains, a forest, the desert, rain, snow, the moon, the sun, stars, a river, a lake, volcanoes,
 cats, dogs, horses, birds, bees, whales, elephants, lions, owls, penguins, dolphins, butterflies,
