@@ -26,6 +26,18 @@ def correct(chosen, rejected) -> np.ndarray:
     return (chosen > rejected) + 0.5 * (chosen == rejected)
 
 
+def result_file(store: Store, spec_name: str, node):
+    """The stage's pairs.parquet: for the current spec and code, or else as the stage last ran
+    (said on stdout: `alignflow plan` tells what changed since)."""
+    for key in (node.key, (store.last_recipe(spec_name, node.id) or {}).get("key")):
+        path = store.local_root / "reward_accuracy" / str(key) / "pairs.parquet"
+        if key and path.is_file():
+            if key != node.key:
+                print(f"{node.id}: as last run (stale now: `alignflow plan` says why)")
+            return path
+    return None
+
+
 def main(spec_file: str, resamples: int = 5000) -> None:
     spec = load_spec(spec_file)
     store = Store(store_root(spec.store))
@@ -37,9 +49,10 @@ def main(spec_file: str, resamples: int = 5000) -> None:
         partner = f"dporm_acc_{match.group(1)}" if match else None
         if partner not in nodes:
             continue
-        paths = [store.local_root / "reward_accuracy" / nodes[n].key / "pairs.parquet" for n in (name, partner)]
-        if not all(p.is_file() for p in paths):
-            continue  # that seed has not run
+        paths = [result_file(store, spec.name, nodes[n]) for n in (name, partner)]
+        if not all(paths):
+            print(f"{match.group(1)}: {name} or {partner} has not run")
+            continue
         exrm, dporm = (pq.read_table(p).to_pydict() for p in paths)
         assert exrm["chosen"] == dporm["chosen"] and exrm["set"] == dporm["set"], "not the same pairs"
         seeds.append(match.group(1))
