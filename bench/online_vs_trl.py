@@ -172,7 +172,7 @@ class StepClock:
     def __init__(self):
         self.ends: list[float] = []  # ends[i]: the end of step i + 1
         self.cpu_ends: list[float] = []  # the same on this process's CPU clock (all its threads)
-        self.phases: dict[str, dict[int, float]] = {"generate": {}, "rollout": {}}
+        self.phases: dict[str, dict[int, float]] = {name: {} for name in ("rollout", *PHASES)}
         self.lengths: dict[int, float] = {}
         self.widths: dict[int, int] = {}
         self.rewards: dict[int, float] = {}
@@ -194,6 +194,13 @@ class StepClock:
             bucket = self.phases[name]
             bucket[self.step] = bucket.get(self.step, 0.0) + time.perf_counter() - started
 
+    def timed(self, name: str, fn):
+        """fn, its calls timed as phase `name`."""
+        def wrapper(*args, **kwargs):
+            with self.phase(name):
+                return fn(*args, **kwargs)
+        return wrapper
+
     def responses(self, mask: torch.Tensor, reward: float) -> None:
         """The rollout's response mask (N, width), for its mean length and padded width; its mean reward."""
         self.lengths[self.step] = float(mask.sum(1).float().mean())
@@ -206,8 +213,8 @@ class Result:
     name: str
     step_s: list[float] = field(default_factory=list)  # each timed step
     cpu_s: list[float] = field(default_factory=list)  # its CPU time
-    generate_s: list[float] = field(default_factory=list)
     rollout_s: list[float] = field(default_factory=list)
+    phase_s: dict[str, list[float]] = field(default_factory=dict)  # PHASES -> each timed step's seconds
     lengths: list[float] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
@@ -221,7 +228,7 @@ class Result:
         timed = range(warmup + 1, warmup + steps + 1)
         self.step_s = [clock.ends[s - 1] - clock.ends[s - 2] for s in timed]
         self.cpu_s = [clock.cpu_ends[s - 1] - clock.cpu_ends[s - 2] for s in timed]
-        self.generate_s = [clock.phases["generate"].get(s, 0.0) for s in timed]
+        self.phase_s = {name: [clock.phases[name].get(s, 0.0) for s in timed] for name in PHASES}
         self.rollout_s = [clock.phases["rollout"].get(s, 0.0) for s in timed]
         self.lengths = [clock.lengths.get(s, 0.0) for s in timed]
         self.widths = [clock.widths.get(s, 0) for s in timed]
@@ -236,10 +243,24 @@ class Result:
         update = med([s - r for s, r in zip(self.step_s, self.rollout_s)])
         return (f"{self.name:<22} {self.seconds_per_step:8.3f} {min(self.step_s):7.3f}-{max(self.step_s):<7.3f} "
                 f"{med(self.cpu_s):8.3f} "
-                f"{med(self.generate_s):8.3f} {med(self.rollout_s):8.3f} {update:8.3f} "
+                f"{med(self.phase_s['generate']):8.3f} {med(self.rollout_s):8.3f} {update:8.3f} "
                 f"{self.peak_bytes / 2**20:9.1f} {statistics.mean(self.lengths):6.1f} {med(self.widths):6.0f} "
                 f"{statistics.mean(self.rewards):7.3f}")
 
+
+    def phase_line(self) -> str:
+        """Median seconds per step in each phase; `other` is the rest of the step (decoding, advantages,
+        the optimizer step, metrics)."""
+        med = statistics.median
+        other = med([step - sum(self.phase_s[name][i] for name in PHASES) for i, step in enumerate(self.step_s)])
+        return f"{self.name:<22} " + " ".join(f"{med(self.phase_s[name]):9.3f}" for name in PHASES) + f" {other:9.3f}"
+
+
+# Phases of a step, both sides: generate (sampling); score (the reward); reference (its log-probs);
+# old logps (the policy's no-grad pass over the rollout, when a side makes one); forward and backward
+# (the training pass, with gradients).
+PHASES = ("generate", "score", "reference", "old logps", "forward", "backward")
+PHASE_HEADER = f"{'phases (s/step)':<22} " + " ".join(f"{name:>9}" for name in (*PHASES, "other"))
 
 HEADER = (f"{'side':<22} {'s/step':>8} {'min-max':^15} {'cpu s':>8} {'generate':>8} {'rollout':>8} {'update':>8} "
           f"{'peak MiB':>9} {'len':>6} {'width':>6} {'reward':>7}")
