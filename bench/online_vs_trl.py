@@ -273,7 +273,7 @@ def run_ours(algo: str, setup: Setup) -> Result:
     """Our rloo or grpo stage, as the engine runs it (tasks/train/online.py's run_online), timed."""
     from tasks import load_stage_kinds
     from tasks.base import StageContext
-    from tasks.train import online
+    from tasks.train import loop, online
 
     kind = load_stage_kinds()[algo]
     n = len(setup.prompts)
@@ -299,11 +299,31 @@ def run_ours(algo: str, setup: Setup) -> Result:
         clock.responses(rollout["mask"], metrics["reward"])
         return rollout, metrics
 
+    real_load, real_logps, real_accelerator = online.load_models, online.response_logps, loop.make_accelerator
+    reference = []
+
+    def load_models(*args, **kwargs):
+        models, tokenizer, score = real_load(*args, **kwargs)
+        reference.append(models.reference)
+        return models, tokenizer, clock.timed("score", score)
+
+    def response_logps(model, *args, **kwargs):  # the reference (a second model here), or the policy
+        phase = ("reference" if model is reference[-1] else "forward" if torch.is_grad_enabled() else "old logps")
+        return clock.timed(phase, real_logps)(model, *args, **kwargs)
+
+    def make_accelerator(*args, **kwargs):
+        accelerator = real_accelerator(*args, **kwargs)
+        accelerator.backward = clock.timed("backward", accelerator.backward)
+        return accelerator
+
     out = Path(tempfile.mkdtemp(dir=setup.workdir, prefix=f"ours-{algo}-"))
     ctx = StageContext(out=out, inputs={"policy": setup.model_dir, "prompts": setup.prompts_dir}, params=params,
                        seed=SEED, log_metrics=lambda metrics, step: clock.end_of_step())
     with peak_memory(result), mock.patch.object(online, "sample", sample), \
             mock.patch.object(online, "make_rollout", make_rollout), \
+            mock.patch.object(online, "load_models", load_models), \
+            mock.patch.object(online, "response_logps", response_logps), \
+            mock.patch.object(loop, "make_accelerator", make_accelerator), \
             mock.patch("tasks.train.lora.save_trained", lambda *args, **kwargs: {}):  # trl does not save either
         kind.run(ctx)
     result.record(clock, setup.warmup, setup.steps)
@@ -345,6 +365,15 @@ def run_trl(algo: str, setup: Setup) -> Result:
             with clock.phase("generate"):
                 return super()._generate_single_turn(*args, **kwargs)
 
+        def _calculate_rewards(self, *args, **kwargs):
+            with clock.phase("score"):
+                return super()._calculate_rewards(*args, **kwargs)
+
+        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+            phase = ("reference" if model is self.ref_model else "forward" if torch.is_grad_enabled() else "old logps")
+            with clock.phase(phase):
+                return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
         def _generate_and_score_completions(self, *args, **kwargs):
             with clock.phase("rollout"):
                 out = super()._generate_and_score_completions(*args, **kwargs)
@@ -382,6 +411,7 @@ def run_trl(algo: str, setup: Setup) -> Result:
                         train_dataset=dataset, processing_class=load_tokenizer(setup.model_dir),
                         callbacks=[StepEnd()])
         trainer.remove_callback(PrinterCallback)
+        trainer.accelerator.backward = clock.timed("backward", trainer.accelerator.backward)
         trainer.train()
         del trainer, model
     result.record(clock, setup.warmup, setup.steps)
@@ -513,6 +543,10 @@ def main() -> None:
                 print(r.line(), flush=True)
             results[algo] = (done[run_ours], done[run_trl])
 
+    print(PHASE_HEADER)
+    for ours, theirs in results.values():
+        print(ours.phase_line())
+        print(theirs.phase_line())
     method = next(iter(results.values()))[0].memory_method
     print(f"s/step: median over the timed steps (wall clock); cpu s: median CPU time per step, all threads "
           f"(less sensitive to other processes on the machine); generate, rollout, update: medians of wall time; "
