@@ -306,3 +306,25 @@ def test_single_update_path_gives_the_plain_paths_run(kind, tiny_sft_model, prom
     trained = load_causal_lm(tmp_path / "False")[0].state_dict()
     for name, value in load_causal_lm(tmp_path / "True")[0].state_dict().items():
         torch.testing.assert_close(value, trained[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_prompts_computed_once_give_the_same_samples(name, tiny_architectures, monkeypatch):
+    """Sampling from each prompt's KV cache, computed once and copied to its samples, draws the
+    very tokens that generate(num_return_sequences=k) draws from the same seed."""
+    from tasks.train import online
+
+    model, tokenizer = load_causal_lm(tiny_architectures[name])
+    bos = tokenizer.bos_token_id
+    prompts = [[bos, 3, 4, 5], [bos, 6], [bos, 7, 8, 9, 10, 11]]
+    calls, real = [], online.shared_prompt_cache
+    monkeypatch.setattr(online, "shared_prompt_cache", lambda *a: calls.append(1) or real(*a))
+    samples = []
+    for shared in (True, False):
+        monkeypatch.setattr(online, "SHARED_PROMPT_PREFILL", shared)
+        torch.manual_seed(0)
+        samples.append(online.sample(model, tokenizer, prompts, 4, 1.0, 1.0, 10))
+    assert calls == [1]
+    for key in ("sequences", "attention_mask", "mask"):
+        assert torch.equal(samples[0][key], samples[1][key]), key
+    assert samples[0]["sequences"][:, samples[0]["prompt_width"]:].unique().numel() > 3  # really sampled

@@ -66,11 +66,14 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: f
     input_ids = pad(prompt_ids, tokenizer.pad_token_id, left=True).to(device)
     prompt_mask = pad([[1] * len(p) for p in prompt_ids], 0, left=True).to(device)
     model.eval()
-    out = model.generate(
-        input_ids=input_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_p=top_p,
-        top_k=0, num_return_sequences=k, max_new_tokens=max_new_tokens, use_cache=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    settings = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                    use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    cache = shared_prompt_cache(model, input_ids, prompt_mask, k) if SHARED_PROMPT_PREFILL and k > 1 else None
+    if cache is None:
+        out = model.generate(input_ids=input_ids, attention_mask=prompt_mask, num_return_sequences=k, **settings)
+    else:  # generate computes only the prompts' last token, then samples as it would have
+        out = model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=prompt_mask.repeat_interleave(k, 0),
+                             cache=cache, **settings)
     response = out[:, input_ids.shape[1]:]
     is_eos = response == tokenizer.eos_token_id
     mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first eos
@@ -80,6 +83,26 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: f
         "mask": mask,
         "prompt_width": input_ids.shape[1],
     }
+
+
+SHARED_PROMPT_PREFILL = True  # False: generate computes each prompt once per sample (tests compare the two)
+
+
+def shared_prompt_cache(model, input_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int):
+    """The KV cache of each prompt but its last token, computed once and copied to its k samples,
+    or None where the model's cache cannot be copied so. generate(num_return_sequences=k) would
+    compute every prompt k times: with 4 samples of 46-token chat prompts, that is most of a
+    SmolLM2 rollout's prefill."""
+    if input_ids.shape[1] < 2:
+        return None
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    out = model(input_ids=input_ids[:, :-1], attention_mask=prompt_mask[:, :-1], position_ids=positions[:, :-1],
+                use_cache=True)
+    cache = getattr(out, "cache", None)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(k)
+    return cache
 
 
 def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1.0, entropy: bool = False,
