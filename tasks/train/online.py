@@ -147,46 +147,50 @@ def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1
 
 def shared_prompt_inputs(batch: dict, prompt_width: int, model=None) -> tuple[dict, torch.Tensor]:
     """The rollout rows as shared-prompt rows: each distinct prompt once, then its responses one
-    after the other; and the flat positions (row * width + column) whose outputs predict the
-    response tokens, in the order of `out[:, prompt_width - 1 : -1][mask]` (row by row).
+    after the other, each only as long as it is (up to and including eos); and the flat positions
+    (row * width + column) whose outputs predict the response tokens, in the order of
+    `out[:, prompt_width - 1 : -1][mask]` (row by row).
 
     A prompt's K samples then cost its P tokens once instead of K times (as collate_shared_prompt
-    does for a preference pair's two responses). A (G, 1, W, W) mask lets each response token see
-    the prompt's tokens and its own response's earlier tokens, never another response, and its
-    position ids continue from the prompt's: every token sees what it sees in its own row, so the
-    log-probs are the plain layout's (tests/test_online.py checks it)."""
+    does for a preference pair's two responses), and no position is spent on a response's padding.
+    A (G, 1, W, W) mask lets each response token see the prompt's tokens and its own response's
+    earlier tokens, never another response, and its position ids continue from the prompt's:
+    every token sees what it sees in its own row, so the log-probs are the plain layout's
+    (tests/test_online.py checks it)."""
     from tasks.logps import model_attention_mask
 
-    sequences, attention, p = batch["sequences"], batch["attention_mask"], prompt_width
-    n, t = len(sequences), sequences.shape[1] - prompt_width
-    prompts, group = torch.unique(torch.cat([sequences[:, :p], attention[:, :p]], 1), dim=0, return_inverse=True)
-    counts = torch.bincount(group, minlength=len(prompts))
+    sequences, mask, p = batch["sequences"], batch["mask"], prompt_width
+    n, t = mask.shape
+    prompts, group = torch.unique(torch.cat([sequences[:, :p], batch["attention_mask"][:, :p]], 1), dim=0,
+                                  return_inverse=True)
+    lengths = mask.sum(1)
+    totals = torch.zeros(len(prompts), dtype=lengths.dtype, device=lengths.device).index_add_(0, group, lengths)
     order = torch.argsort(group, stable=True)
-    slot = torch.empty_like(group)  # a row's place among its prompt's responses
-    slot[order] = torch.arange(n, device=group.device) - (counts.cumsum(0) - counts)[group[order]]
-    width = p + int(counts.max()) * t
-    steps = torch.arange(t, device=group.device)
-    cols = p + slot[:, None] * t + steps  # (N, T): where each response's tokens sit in its prompt's row
-    rows = group[:, None].expand(-1, t)
+    offset = torch.empty_like(lengths)  # where a response starts after its prompt: its prompt's earlier responses' tokens
+    offset[order] = lengths[order].cumsum(0) - lengths[order] - (totals.cumsum(0) - totals)[group[order]]
+    width = p + int(totals.max())
+    steps = torch.arange(t, device=mask.device)
+    cols = p + offset[:, None] + steps  # (N, T): where each response token sits in its prompt's row (where mask)
+    rows = group[:, None].expand(-1, t)[mask]
     prompt_mask = prompts[:, p:]
 
     input_ids = sequences.new_zeros((len(prompts), width))  # unused places: token 0, seen by nothing
     input_ids[:, :p] = prompts[:, :p]
-    input_ids[rows, cols] = sequences[:, p:]
+    input_ids[rows, cols[mask]] = sequences[:, p:][mask]
     positions = torch.zeros_like(input_ids)
     positions[:, :p] = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    positions[rows, cols] = prompt_mask.sum(1)[group][:, None] + steps
-    segment = torch.full_like(input_ids, -1)  # 0: the prompt, s + 1: response slot s, -1: padding
+    positions[rows, cols[mask]] = (prompt_mask.sum(1)[group][:, None] + steps)[mask]
+    segment = torch.full_like(input_ids, -1)  # 0: the prompt, i + 1: response i, -1: padding
     segment[:, :p] = torch.where(prompt_mask.bool(), 0, -1)
-    segment[rows, cols] = torch.where(attention[:, p:].bool(), slot[:, None] + 1, -1)
+    segment[rows, cols[mask]] = (torch.arange(1, n + 1, device=mask.device)[:, None].expand(-1, t))[mask]
     query, key = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
     # Padding attends to itself only (a row with nothing to attend to would give NaN).
-    mask = (causal & ((key == 0) | (key == query)) & (key != -1)) | torch.eye(width, dtype=torch.bool, device=causal.device)
+    attend = (causal & ((key == 0) | (key == query)) & (key != -1)) | torch.eye(width, dtype=torch.bool, device=causal.device)
     # token 0 is predicted at the prompt's last position, token s at the place of token s - 1
     predictors = torch.cat([torch.full_like(cols[:, :1], p - 1), cols[:, :-1]], 1)
-    index = (group[:, None] * width + predictors)[batch["mask"]]
-    inputs = {"input_ids": input_ids, "attention_mask": model_attention_mask(model, mask[:, None]),
+    index = (group[:, None] * width + predictors)[mask]
+    inputs = {"input_ids": input_ids, "attention_mask": model_attention_mask(model, attend[:, None]),
               "position_ids": positions}
     return inputs, index
 
