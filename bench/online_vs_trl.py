@@ -38,11 +38,16 @@ What is matched. Each algorithm runs twice, one side after the other in this pro
   checkpoint folder; the trained policy is not saved at the end, as trl does not save it).
 
 What is not the same, by design (each side's own way of doing the algorithm; "Where the time
-goes" below says what it costs): trl's GRPO skips the rollout's policy forward when num_iterations = 1
-(the old log-probs are the training forward's, detached); ours always takes the rollout's log-probs
-and the policy's entropy in a separate no-grad pass. trl's output layer scores every position,
-prompt and padding included, in one fused pass that returns log-probs and entropy (on CPU; on CUDA
-its Triton kernel scores only the completion's positions); ours scores only the response tokens.
+goes" below says what it costs). Ours (tasks/train/online.py): generation computes each prompt
+once and copies its KV cache to its K samples (generate(num_return_sequences=K) computes it K
+times; the same tokens are drawn); every forward over the rollout (reference, policy) computes a
+prompt once for its K samples and each response only up to its eos (shared-prompt rows; trl: K
+rows of prompt + padded completion each); the output layer scores only response tokens (trl, on
+CPU: every position, prompt and padding included, in one fused pass that returns log-probs and
+entropy; on CUDA its Triton kernel scores only the completion's positions); with one update per
+rollout, the old log-probs are the training forward's, detached, for rloo too (trl's GRPO does
+the same with num_iterations = 1; trl's RLOO makes a separate no-grad policy pass, for the KL in
+its reward).
 
 Time per step: each side stamps the clock at the end of each step (ours: the stage's log_metrics
 call, made once per step after the optimizer step; trl: a TrainerCallback's on_step_end), so a
@@ -54,8 +59,15 @@ from step to step, so steps do too), its range, the median CPU time of a step (`
 process's, all threads; less sensitive than the wall clock to other processes on a shared
 machine, so a check on the wall-clock ratio when the machine is busy) and the median time spent
 generating (ours: tasks/train/online.py's sample; trl: _generate_single_turn) and in the whole
-rollout (ours: make_rollout: generate, decode, score, the policy's and the reference's log-probs;
-trl: _generate_and_score_completions, the same); update = step - rollout. `len` is the mean
+rollout (ours: make_rollout: generate, decode, score, the reference's log-probs, and the policy's
+when it makes that pass; trl: _generate_and_score_completions, the same); update = step - rollout.
+A second table splits each step into phases (medians, seconds per step), timed by wrapping each
+side's own functions: generate (as above), score (ours: the stage's scorer; trl:
+_calculate_rewards), reference, old logps and forward (ours: response_logps, trl:
+_get_per_token_logps_and_entropies, told apart by the model they are given and whether
+gradients are on: the reference model; the policy without gradients; the policy with them),
+backward (each side's accelerator.backward) and other: the rest of the step (decoding, the
+advantages, gradient clipping, the optimizer step, the metrics). `len` is the mean
 sampled response length (tokens, up to and including eos), `width` the median padded response
 width and `reward` the samples' mean reward, over the timed steps: the two sides sample different
 responses (the reward checks that both score them alike), and longer ones cost more (a step whose
