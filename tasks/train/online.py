@@ -140,8 +140,8 @@ def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1
     with torch.no_grad():  # in chunks of rows: a 49k vocabulary's logits for every token are large
         total = states.new_zeros((), dtype=torch.float32)
         for start in range(0, len(states), 256):
-            dist = torch.distributions.Categorical(logits=logits_of(states[start : start + 256]).float())
-            total += dist.entropy().sum()
+            logp = torch.log_softmax(logits_of(states[start : start + 256]).float(), -1)
+            total -= (logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum()  # 0 log 0 = 0
     return logps, total / max(1, len(states))
 
 
