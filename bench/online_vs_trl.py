@@ -98,26 +98,25 @@ Threads: one torch thread for the tiny model (alignflow's own choice for models 
 parameters), all cores for SmolLM2; the same on both sides (--threads overrides; with a busy core,
 --threads 1 keeps SmolLM2's timings steady, see bench/dpo_vs_trl.py).
 
-Measured (2-core CPU shared with another job's test runs, load 1-3, so ratios move by up to +-15%;
-fp32, trl 1.16.0, transformers 5.23, torch 2.13; ratios ours / trl's, time then peak memory):
+Measured (2-core CPU shared with two other agents' jobs, load 4-10, so wall-clock steps stretch
+by up to 2x; `cpu s` ratios agree with the wall-clock ones within about 0.1; fp32, trl 1.16.0,
+transformers 5.25, one invocation each; ratios ours / trl's, time then peak memory):
 
-    options                                                  rloo: time   memory    grpo: time   memory
-    --model tiny                                             0.92-1.06  1.12-1.33   1.02-1.09  1.05-1.23
-    --model tiny --fixed-length --malloc-mmap-threshold 65536   0.94       0.90        1.06       0.90
-    --model smollm2 --threads 1 --warmup 1 --steps 3 (or 4)  0.80-0.87  0.91-0.95   0.80-1.04  0.93-0.94
-    ... the same with --fixed-length                         0.85-0.87     0.93     0.85-1.03  0.91-0.92
+    options                                           rloo: time   memory    grpo: time   memory
+    --model smollm2 --threads 1 --warmup 1 --steps 3     0.45       0.80        0.50       0.79
+    --model tiny                                         0.66       0.74        0.73       0.71
 
-Where the time goes (SmolLM2, fixed length, seconds per step, ours / trl's): generation 5.5-6.2 /
-5.9 (the same transformers generate); the rest of the rollout (the policy's and the reference's
-forwards) rloo 5.1 / 5.4, grpo 4.9 / 2.5; the update 7.5 / 10.0. trl's update is slower because
-on CPU its fused output layer scores every position, prompt and padding included, and computes
-the entropy at all of them (ours: the response tokens only); its GRPO rollout is faster because
-it leaves out the policy's no-grad pass when the rollout gets a single update, which ours always
-makes (for the old log-probs and the entropy): that pass is what keeps our GRPO from being faster.
-Memory: both sides hold the same models, gradients and optimizer state; trl's all-position output
-layer is its extra. At the tiny model's scale the peak RSS is mostly glibc keeping freed heap
-memory (it creeps up step after step, on both sides, more on ours); with
---malloc-mmap-threshold 65536 RSS follows live memory (~100 MiB) and ours is 0.90 of trl's.
+Where the time goes (SmolLM2, that run, medians in seconds per step, ours / trl's): generate 7.5 /
+7.9 (rloo), 6.5 / 8.1 (grpo): the same transformers generate, ours with each prompt's prefill
+once instead of K times (about 0.5 s on a quiet machine; the rest is 32 decoding steps of 8 rows,
+alike on both sides); reference 1.6 / 3.6 and 1.3 / 4.2; the rollout's no-grad policy pass 0 /
+5.1 (rloo; trl's GRPO leaves it out too); training forward 1.9 / 4.9 and 1.6 / 5.3; backward 3.3
+/ 7.2 and 2.7 / 8.8; the rest (decoding, advantages, clipping, AdamW) 0.8-1.0 / 0.4-0.7. Our
+forwards run on 2 rows of a 46-token prompt plus 4 responses of ~18 tokens each (shared-prompt
+rows) where trl's run on 8 rows of 46 + 32, and score only response tokens where trl's CPU path
+takes the log-softmax and entropy over the 49k vocabulary at every one of those positions (its
+backward is the larger part of its step). Memory: the same models, gradients and optimizer state
+on both sides; trl's extra is its all-position logits and its K-fold prompt activations.
 """
 from __future__ import annotations
 
