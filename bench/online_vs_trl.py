@@ -38,11 +38,16 @@ What is matched. Each algorithm runs twice, one side after the other in this pro
   checkpoint folder; the trained policy is not saved at the end, as trl does not save it).
 
 What is not the same, by design (each side's own way of doing the algorithm; "Where the time
-goes" below says what it costs): trl's GRPO skips the rollout's policy forward when num_iterations = 1
-(the old log-probs are the training forward's, detached); ours always takes the rollout's log-probs
-and the policy's entropy in a separate no-grad pass. trl's output layer scores every position,
-prompt and padding included, in one fused pass that returns log-probs and entropy (on CPU; on CUDA
-its Triton kernel scores only the completion's positions); ours scores only the response tokens.
+goes" below says what it costs). Ours (tasks/train/online.py): generation computes each prompt
+once and copies its KV cache to its K samples (generate(num_return_sequences=K) computes it K
+times; the same tokens are drawn); every forward over the rollout (reference, policy) computes a
+prompt once for its K samples and each response only up to its eos (shared-prompt rows; trl: K
+rows of prompt + padded completion each); the output layer scores only response tokens (trl, on
+CPU: every position, prompt and padding included, in one fused pass that returns log-probs and
+entropy; on CUDA its Triton kernel scores only the completion's positions); with one update per
+rollout, the old log-probs are the training forward's, detached, for rloo too (trl's GRPO does
+the same with num_iterations = 1; trl's RLOO makes a separate no-grad policy pass, for the KL in
+its reward).
 
 Time per step: each side stamps the clock at the end of each step (ours: the stage's log_metrics
 call, made once per step after the optimizer step; trl: a TrainerCallback's on_step_end), so a
@@ -54,8 +59,15 @@ from step to step, so steps do too), its range, the median CPU time of a step (`
 process's, all threads; less sensitive than the wall clock to other processes on a shared
 machine, so a check on the wall-clock ratio when the machine is busy) and the median time spent
 generating (ours: tasks/train/online.py's sample; trl: _generate_single_turn) and in the whole
-rollout (ours: make_rollout: generate, decode, score, the policy's and the reference's log-probs;
-trl: _generate_and_score_completions, the same); update = step - rollout. `len` is the mean
+rollout (ours: make_rollout: generate, decode, score, the reference's log-probs, and the policy's
+when it makes that pass; trl: _generate_and_score_completions, the same); update = step - rollout.
+A second table splits each step into phases (medians, seconds per step), timed by wrapping each
+side's own functions: generate (as above), score (ours: the stage's scorer; trl:
+_calculate_rewards), reference, old logps and forward (ours: response_logps, trl:
+_get_per_token_logps_and_entropies, told apart by the model they are given and whether
+gradients are on: the reference model; the policy without gradients; the policy with them),
+backward (each side's accelerator.backward) and other: the rest of the step (decoding, the
+advantages, gradient clipping, the optimizer step, the metrics). `len` is the mean
 sampled response length (tokens, up to and including eos), `width` the median padded response
 width and `reward` the samples' mean reward, over the timed steps: the two sides sample different
 responses (the reward checks that both score them alike), and longer ones cost more (a step whose
@@ -86,26 +98,25 @@ Threads: one torch thread for the tiny model (alignflow's own choice for models 
 parameters), all cores for SmolLM2; the same on both sides (--threads overrides; with a busy core,
 --threads 1 keeps SmolLM2's timings steady, see bench/dpo_vs_trl.py).
 
-Measured (2-core CPU shared with another job's test runs, load 1-3, so ratios move by up to +-15%;
-fp32, trl 1.16.0, transformers 5.23, torch 2.13; ratios ours / trl's, time then peak memory):
+Measured (2-core CPU shared with two other agents' jobs, load 4-10, so wall-clock steps stretch
+by up to 2x; `cpu s` ratios agree with the wall-clock ones within about 0.1; fp32, trl 1.16.0,
+transformers 5.25, one invocation each; ratios ours / trl's, time then peak memory):
 
-    options                                                  rloo: time   memory    grpo: time   memory
-    --model tiny                                             0.92-1.06  1.12-1.33   1.02-1.09  1.05-1.23
-    --model tiny --fixed-length --malloc-mmap-threshold 65536   0.94       0.90        1.06       0.90
-    --model smollm2 --threads 1 --warmup 1 --steps 3 (or 4)  0.80-0.87  0.91-0.95   0.80-1.04  0.93-0.94
-    ... the same with --fixed-length                         0.85-0.87     0.93     0.85-1.03  0.91-0.92
+    options                                           rloo: time   memory    grpo: time   memory
+    --model smollm2 --threads 1 --warmup 1 --steps 3     0.45       0.80        0.50       0.79
+    --model tiny                                         0.66       0.74        0.73       0.71
 
-Where the time goes (SmolLM2, fixed length, seconds per step, ours / trl's): generation 5.5-6.2 /
-5.9 (the same transformers generate); the rest of the rollout (the policy's and the reference's
-forwards) rloo 5.1 / 5.4, grpo 4.9 / 2.5; the update 7.5 / 10.0. trl's update is slower because
-on CPU its fused output layer scores every position, prompt and padding included, and computes
-the entropy at all of them (ours: the response tokens only); its GRPO rollout is faster because
-it leaves out the policy's no-grad pass when the rollout gets a single update, which ours always
-makes (for the old log-probs and the entropy): that pass is what keeps our GRPO from being faster.
-Memory: both sides hold the same models, gradients and optimizer state; trl's all-position output
-layer is its extra. At the tiny model's scale the peak RSS is mostly glibc keeping freed heap
-memory (it creeps up step after step, on both sides, more on ours); with
---malloc-mmap-threshold 65536 RSS follows live memory (~100 MiB) and ours is 0.90 of trl's.
+Where the time goes (SmolLM2, that run, medians in seconds per step, ours / trl's): generate 7.5 /
+7.9 (rloo), 6.5 / 8.1 (grpo): the same transformers generate, ours with each prompt's prefill
+once instead of K times (about 0.5 s on a quiet machine; the rest is 32 decoding steps of 8 rows,
+alike on both sides); reference 1.6 / 3.6 and 1.3 / 4.2; the rollout's no-grad policy pass 0 /
+5.1 (rloo; trl's GRPO leaves it out too); training forward 1.9 / 4.9 and 1.6 / 5.3; backward 3.3
+/ 7.2 and 2.7 / 8.8; the rest (decoding, advantages, clipping, AdamW) 0.8-1.0 / 0.4-0.7. Our
+forwards run on 2 rows of a 46-token prompt plus 4 responses of ~18 tokens each (shared-prompt
+rows) where trl's run on 8 rows of 46 + 32, and score only response tokens where trl's CPU path
+takes the log-softmax and entropy over the 49k vocabulary at every one of those positions (its
+backward is the larger part of its step). Memory: the same models, gradients and optimizer state
+on both sides; trl's extra is its all-position logits and its K-fold prompt activations.
 """
 from __future__ import annotations
 
@@ -172,7 +183,7 @@ class StepClock:
     def __init__(self):
         self.ends: list[float] = []  # ends[i]: the end of step i + 1
         self.cpu_ends: list[float] = []  # the same on this process's CPU clock (all its threads)
-        self.phases: dict[str, dict[int, float]] = {"generate": {}, "rollout": {}}
+        self.phases: dict[str, dict[int, float]] = {name: {} for name in ("rollout", *PHASES)}
         self.lengths: dict[int, float] = {}
         self.widths: dict[int, int] = {}
         self.rewards: dict[int, float] = {}
@@ -194,6 +205,13 @@ class StepClock:
             bucket = self.phases[name]
             bucket[self.step] = bucket.get(self.step, 0.0) + time.perf_counter() - started
 
+    def timed(self, name: str, fn):
+        """fn, its calls timed as phase `name`."""
+        def wrapper(*args, **kwargs):
+            with self.phase(name):
+                return fn(*args, **kwargs)
+        return wrapper
+
     def responses(self, mask: torch.Tensor, reward: float) -> None:
         """The rollout's response mask (N, width), for its mean length and padded width; its mean reward."""
         self.lengths[self.step] = float(mask.sum(1).float().mean())
@@ -206,8 +224,8 @@ class Result:
     name: str
     step_s: list[float] = field(default_factory=list)  # each timed step
     cpu_s: list[float] = field(default_factory=list)  # its CPU time
-    generate_s: list[float] = field(default_factory=list)
     rollout_s: list[float] = field(default_factory=list)
+    phase_s: dict[str, list[float]] = field(default_factory=dict)  # PHASES -> each timed step's seconds
     lengths: list[float] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
@@ -221,7 +239,7 @@ class Result:
         timed = range(warmup + 1, warmup + steps + 1)
         self.step_s = [clock.ends[s - 1] - clock.ends[s - 2] for s in timed]
         self.cpu_s = [clock.cpu_ends[s - 1] - clock.cpu_ends[s - 2] for s in timed]
-        self.generate_s = [clock.phases["generate"].get(s, 0.0) for s in timed]
+        self.phase_s = {name: [clock.phases[name].get(s, 0.0) for s in timed] for name in PHASES}
         self.rollout_s = [clock.phases["rollout"].get(s, 0.0) for s in timed]
         self.lengths = [clock.lengths.get(s, 0.0) for s in timed]
         self.widths = [clock.widths.get(s, 0) for s in timed]
@@ -236,10 +254,24 @@ class Result:
         update = med([s - r for s, r in zip(self.step_s, self.rollout_s)])
         return (f"{self.name:<22} {self.seconds_per_step:8.3f} {min(self.step_s):7.3f}-{max(self.step_s):<7.3f} "
                 f"{med(self.cpu_s):8.3f} "
-                f"{med(self.generate_s):8.3f} {med(self.rollout_s):8.3f} {update:8.3f} "
+                f"{med(self.phase_s['generate']):8.3f} {med(self.rollout_s):8.3f} {update:8.3f} "
                 f"{self.peak_bytes / 2**20:9.1f} {statistics.mean(self.lengths):6.1f} {med(self.widths):6.0f} "
                 f"{statistics.mean(self.rewards):7.3f}")
 
+
+    def phase_line(self) -> str:
+        """Median seconds per step in each phase; `other` is the rest of the step (decoding, advantages,
+        the optimizer step, metrics)."""
+        med = statistics.median
+        other = med([step - sum(self.phase_s[name][i] for name in PHASES) for i, step in enumerate(self.step_s)])
+        return f"{self.name:<22} " + " ".join(f"{med(self.phase_s[name]):9.3f}" for name in PHASES) + f" {other:9.3f}"
+
+
+# Phases of a step, both sides: generate (sampling); score (the reward); reference (its log-probs);
+# old logps (the policy's no-grad pass over the rollout, when a side makes one); forward and backward
+# (the training pass, with gradients).
+PHASES = ("generate", "score", "reference", "old logps", "forward", "backward")
+PHASE_HEADER = f"{'phases (s/step)':<22} " + " ".join(f"{name:>9}" for name in (*PHASES, "other"))
 
 HEADER = (f"{'side':<22} {'s/step':>8} {'min-max':^15} {'cpu s':>8} {'generate':>8} {'rollout':>8} {'update':>8} "
           f"{'peak MiB':>9} {'len':>6} {'width':>6} {'reward':>7}")
@@ -252,7 +284,7 @@ def run_ours(algo: str, setup: Setup) -> Result:
     """Our rloo or grpo stage, as the engine runs it (tasks/train/online.py's run_online), timed."""
     from tasks import load_stage_kinds
     from tasks.base import StageContext
-    from tasks.train import online
+    from tasks.train import loop, online
 
     kind = load_stage_kinds()[algo]
     n = len(setup.prompts)
@@ -278,11 +310,31 @@ def run_ours(algo: str, setup: Setup) -> Result:
         clock.responses(rollout["mask"], metrics["reward"])
         return rollout, metrics
 
+    real_load, real_logps, real_accelerator = online.load_models, online.response_logps, loop.make_accelerator
+    reference = []
+
+    def load_models(*args, **kwargs):
+        models, tokenizer, score = real_load(*args, **kwargs)
+        reference.append(models.reference)
+        return models, tokenizer, clock.timed("score", score)
+
+    def response_logps(model, *args, **kwargs):  # the reference (a second model here), or the policy
+        phase = ("reference" if model is reference[-1] else "forward" if torch.is_grad_enabled() else "old logps")
+        return clock.timed(phase, real_logps)(model, *args, **kwargs)
+
+    def make_accelerator(*args, **kwargs):
+        accelerator = real_accelerator(*args, **kwargs)
+        accelerator.backward = clock.timed("backward", accelerator.backward)
+        return accelerator
+
     out = Path(tempfile.mkdtemp(dir=setup.workdir, prefix=f"ours-{algo}-"))
     ctx = StageContext(out=out, inputs={"policy": setup.model_dir, "prompts": setup.prompts_dir}, params=params,
                        seed=SEED, log_metrics=lambda metrics, step: clock.end_of_step())
     with peak_memory(result), mock.patch.object(online, "sample", sample), \
             mock.patch.object(online, "make_rollout", make_rollout), \
+            mock.patch.object(online, "load_models", load_models), \
+            mock.patch.object(online, "response_logps", response_logps), \
+            mock.patch.object(loop, "make_accelerator", make_accelerator), \
             mock.patch("tasks.train.lora.save_trained", lambda *args, **kwargs: {}):  # trl does not save either
         kind.run(ctx)
     result.record(clock, setup.warmup, setup.steps)
@@ -324,6 +376,15 @@ def run_trl(algo: str, setup: Setup) -> Result:
             with clock.phase("generate"):
                 return super()._generate_single_turn(*args, **kwargs)
 
+        def _calculate_rewards(self, *args, **kwargs):
+            with clock.phase("score"):
+                return super()._calculate_rewards(*args, **kwargs)
+
+        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+            phase = ("reference" if model is self.ref_model else "forward" if torch.is_grad_enabled() else "old logps")
+            with clock.phase(phase):
+                return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
         def _generate_and_score_completions(self, *args, **kwargs):
             with clock.phase("rollout"):
                 out = super()._generate_and_score_completions(*args, **kwargs)
@@ -361,6 +422,7 @@ def run_trl(algo: str, setup: Setup) -> Result:
                         train_dataset=dataset, processing_class=load_tokenizer(setup.model_dir),
                         callbacks=[StepEnd()])
         trainer.remove_callback(PrinterCallback)
+        trainer.accelerator.backward = clock.timed("backward", trainer.accelerator.backward)
         trainer.train()
         del trainer, model
     result.record(clock, setup.warmup, setup.steps)
@@ -492,6 +554,10 @@ def main() -> None:
                 print(r.line(), flush=True)
             results[algo] = (done[run_ours], done[run_trl])
 
+    print(PHASE_HEADER)
+    for ours, theirs in results.values():
+        print(ours.phase_line())
+        print(theirs.phase_line())
     method = next(iter(results.values()))[0].memory_method
     print(f"s/step: median over the timed steps (wall clock); cpu s: median CPU time per step, all threads "
           f"(less sensitive to other processes on the machine); generate, rollout, update: medians of wall time; "

@@ -421,14 +421,19 @@ def pair_logps(model, batch: dict, head_ok: bool | None = None, shared_ok: bool 
         return lp.new_zeros(len(batch["input_ids"])).index_add(0, rows, lp), mask.sum(-1)
     if not (fast_paths(model).shared_prompt if shared_ok is None else shared_ok):
         raise ValueError("shared-prompt rows are not verified for this model: collate its pairs with pair_collate(model)")
-    mask = batch["attention_mask"]
-    config = getattr(_unwrapped(model), "config", None)
-    if getattr(config, "_attn_implementation", None) == "eager":  # eager attention adds the mask to its scores
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": model_attention_mask(model, batch["attention_mask"]),
+              "position_ids": batch["position_ids"]}
     lp = token_logps(model, inputs, batch["logp_index"], batch["logp_target"], head_ok)
     n_sequences, sequence = 2 * len(batch["input_ids"]), batch["logp_sequence"]
     return lp.new_zeros(n_sequences).index_add(0, sequence, lp), torch.bincount(sequence, minlength=n_sequences)
+
+
+def model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D attention mask (True: attend) as `model`'s attention takes it."""
+    config = getattr(_unwrapped(model), "config", None) if model is not None else None
+    if getattr(config, "_attn_implementation", None) == "eager":  # eager attention adds the mask to its scores
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
 
 
 # ---- many sequences at once: reference log-probs and evaluation --------------------------------

@@ -233,3 +233,98 @@ def test_a_killed_pipeline_run_resumes_its_online_stage(tmp_path):
     history = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_metric_history(train.info.run_id, "reward")
     assert sorted(m.step for m in history)[:-1] == list(range(1, 65))  # every step, then the final summary
     assert not list(checkpoints.glob("*/step-*/alignflow_state.json"))
+
+
+# ---- the fast paths give the plain path's numbers --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_architectures(tmp_path_factory):
+    from test_logps import save_model_folder
+
+    folders = {}
+    for name in ("llama", "gpt2"):
+        folders[name] = tmp_path_factory.mktemp(name)
+        save_model_folder(folders[name], name)
+    return folders
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_shared_prompt_rows_give_the_plain_log_probs(name, tiny_architectures):
+    """Each prompt once for its samples (shared_prompt_inputs) gives every response token the
+    log-prob, gradient and entropy of one row per response: for a whole rollout and for a
+    shuffled micro-batch whose prompts have unequal numbers of samples in it."""
+    from tasks.train.online import response_logps, sample
+
+    model, tokenizer = load_causal_lm(tiny_architectures[name])
+    bos = tokenizer.bos_token_id
+    prompts = [[bos, 3, 4, 5], [bos, 6], [bos, 7, 8], [bos, 9, 3, 5, 6, 7]]  # lengths differ: left padding
+    torch.manual_seed(0)
+    rollout = sample(model, tokenizer, prompts, 3, 1.0, 1.0, 8)
+    width = rollout.pop("prompt_width")
+    lengths = rollout["mask"].sum(1)
+    assert lengths.min() < lengths.max(), "some responses must end early to test the masking"
+    for rows in (torch.arange(12), torch.tensor([4, 0, 8, 2, 1, 11])):
+        part = {k: v[rows] for k, v in rollout.items()}
+        results = []
+        for shared in (False, True):
+            model.zero_grad()
+            logps, entropy = response_logps(model, part, width, 0.7, entropy=True, shared_ok=shared)
+            (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()
+            grads = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
+            results.append((logps, entropy, grads))
+        (plain, plain_entropy, plain_grads), (fast, fast_entropy, fast_grads) = results
+        assert (plain[~part["mask"]] == 0).all() and (plain[part["mask"]] < 0).all()
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast_entropy, plain_entropy, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast_grads, plain_grads, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["rloo", "grpo"])
+def test_single_update_path_gives_the_plain_paths_run(kind, tiny_sft_model, prompts, tmp_path, monkeypatch):
+    """A single update per rollout takes the old log-probs from the training forward instead of a
+    separate pass (and runs rloo's advantages inside it): the same metrics at every step and the
+    same trained weights as with the separate pass."""
+    from tasks.train import online
+
+    params = online_params(kind, epochs=1, kl_coef=0.1)
+    inputs = {"policy": tiny_sft_model, "prompts": prompts}
+    runs, real = {}, online.response_logps
+    for single in (True, False):
+        monkeypatch.setattr(online, "SINGLE_UPDATE_FORWARD", single)
+        calls = []
+        monkeypatch.setattr(online, "response_logps", lambda model, *a, **k: calls.append(torch.is_grad_enabled()) or real(model, *a, **k))
+        log: list = []
+        run_stage_in(tmp_path / str(single), params, inputs, log=log)
+        runs[single] = log, calls
+    (fast, fast_calls), (plain, plain_calls) = runs[True], runs[False]
+    assert fast_calls.count(False) < plain_calls.count(False)  # the rollout's policy pass is left out
+    assert [s for s, _ in fast] == [s for s, _ in plain] == list(range(1, 5))
+    for (_, a), (_, b) in zip(fast, plain):
+        assert a.keys() == b.keys()
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    trained = load_causal_lm(tmp_path / "False")[0].state_dict()
+    for name, value in load_causal_lm(tmp_path / "True")[0].state_dict().items():
+        torch.testing.assert_close(value, trained[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_prompts_computed_once_give_the_same_samples(name, tiny_architectures, monkeypatch):
+    """Sampling from each prompt's KV cache, computed once and copied to its samples, draws the
+    very tokens that generate(num_return_sequences=k) draws from the same seed."""
+    from tasks.train import online
+
+    model, tokenizer = load_causal_lm(tiny_architectures[name])
+    bos = tokenizer.bos_token_id
+    prompts = [[bos, 3, 4, 5], [bos, 6], [bos, 7, 8, 9, 10, 11]]
+    calls, real = [], online.shared_prompt_cache
+    monkeypatch.setattr(online, "shared_prompt_cache", lambda *a: calls.append(1) or real(*a))
+    samples = []
+    for shared in (True, False):
+        monkeypatch.setattr(online, "SHARED_PROMPT_PREFILL", shared)
+        torch.manual_seed(0)
+        samples.append(online.sample(model, tokenizer, prompts, 4, 1.0, 1.0, 10))
+    assert calls == [1]
+    for key in ("sequences", "attention_mask", "mask"):
+        assert torch.equal(samples[0][key], samples[1][key]), key
+    assert samples[0]["sequences"][:, samples[0]["prompt_width"]:].unique().numel() > 3  # really sampled

@@ -28,11 +28,12 @@ def prepare(rollout: dict, models, p: GRPOParams) -> dict:
     return {}
 
 
-def loss(models, batch: dict, p: GRPOParams):
+def loss(models, batch: dict, p: GRPOParams, logps=None):
     from tasks.train.losses import clipped_policy_loss, kl_estimate, masked_mean
     from tasks.train.online import response_logps
 
-    logps = response_logps(models.policy, batch, batch["prompt_width"], p.temperature)
+    if logps is None:
+        logps = response_logps(models.policy, batch, batch["prompt_width"], p.temperature)
     mask = batch["mask"]
     per_token, clipped = clipped_policy_loss(logps, batch["logps"], batch["advantages"][:, None], p.clip_eps)
     if p.kl_coef > 0:
@@ -44,4 +45,4 @@ def loss(models, batch: dict, p: GRPOParams):
 def grpo(ctx: StageContext) -> dict[str, float]:
     from tasks.train.online import run_online
 
-    return run_online(ctx, prepare, loss)
+    return run_online(ctx, prepare, loss, fused=True)

@@ -197,7 +197,9 @@ def optimizer_step(accelerator: Accelerator, optimizer, scheduler, parameters: l
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    finite = torch.stack([p.detach().isfinite().all() for p in parameters]).all() if parameters else True
+    # A sum is non-finite when any term is (nan, inf); in float32, weights of any trained scale do
+    # not overflow it. It reads each weight once and builds no mask (SmolLM2-135M, 1 thread: 0.03 s, not 0.6).
+    finite = torch.stack([p.detach().sum(dtype=torch.float32) for p in parameters]).isfinite().all() if parameters else True
     if not bool(finite):
         raise NonFiniteError(f"training step {step}: the weights are no longer finite (lower lr); nothing was saved")
     return used

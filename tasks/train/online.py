@@ -8,6 +8,12 @@ Each step, on the next `batch_size` prompts:
 2. advantages: the algorithm's `prepare` (rloo.py, grpo.py, ppo.py) turns scores into advantages.
 3. update: `updates_per_rollout` passes over the rollout, in `minibatches`, each an optimizer step
    on the algorithm's `loss`, in micro-batches of `micro_batch_size` responses.
+When the rollout gets a single update in a single forward pass (rloo and grpo with
+updates_per_rollout = minibatches = 1 and the whole rollout in one micro-batch), the old
+log-probs are that forward's, detached: step 1 leaves out the policy's pass and step 2 runs
+between the training forward and its loss. The numbers are the same (tests/test_online.py).
+Each forward over the rollout computes a prompt once for all its samples where the model
+takes shared-prompt rows (shared_prompt_inputs), and the output layer only over response tokens.
 The optimizer, schedule, micro-batches, precision, non-finite checks and checkpoints are the
 offline loop's (tasks/train/loop.py). A checkpoint every `checkpoint_every` steps (trained
 weights, optimizer, schedule, every RNG's state, the metric history) lets an interrupted run
@@ -60,11 +66,14 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: f
     input_ids = pad(prompt_ids, tokenizer.pad_token_id, left=True).to(device)
     prompt_mask = pad([[1] * len(p) for p in prompt_ids], 0, left=True).to(device)
     model.eval()
-    out = model.generate(
-        input_ids=input_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_p=top_p,
-        top_k=0, num_return_sequences=k, max_new_tokens=max_new_tokens, use_cache=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    settings = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                    use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    cache = shared_prompt_cache(model, input_ids, prompt_mask, k) if SHARED_PROMPT_PREFILL and k > 1 else None
+    if cache is None:
+        out = model.generate(input_ids=input_ids, attention_mask=prompt_mask, num_return_sequences=k, **settings)
+    else:  # generate computes only the prompts' last token, then samples as it would have
+        out = model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=prompt_mask.repeat_interleave(k, 0),
+                             cache=cache, **settings)
     response = out[:, input_ids.shape[1]:]
     is_eos = response == tokenizer.eos_token_id
     mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first eos
@@ -76,17 +85,48 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: f
     }
 
 
-def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1.0, entropy: bool = False):
+SHARED_PROMPT_PREFILL = True  # False: generate computes each prompt once per sample (tests compare the two)
+
+
+def shared_prompt_cache(model, input_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int):
+    """The KV cache of each prompt but its last token, computed once and copied to its k samples,
+    or None where the model's cache cannot be copied so. generate(num_return_sequences=k) would
+    compute every prompt k times: with 4 samples of 46-token chat prompts, that is most of a
+    SmolLM2 rollout's prefill."""
+    if input_ids.shape[1] < 2:
+        return None
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    out = model(input_ids=input_ids[:, :-1], attention_mask=prompt_mask[:, :-1], position_ids=positions[:, :-1],
+                use_cache=True)
+    cache = getattr(out, "cache", None)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(k)
+    return cache
+
+
+def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1.0, entropy: bool = False,
+                   shared_ok: bool | None = None):
     """Log-probs (N, T) of the response tokens under `model` at the sampling temperature (0 where
-    mask is false); with `entropy`, also the mean entropy of its next-token distributions there."""
-    from tasks.logps import head_logps, selected_outputs
+    mask is false); with `entropy`, also the mean entropy of its next-token distributions there.
+
+    Rows with the same prompt (a prompt's samples) go through the model as one shared-prompt row
+    (shared_prompt_inputs) where that layout is verified for the model (tasks/logps.py's
+    fast_paths; shared_ok overrides), else one row per response."""
+    from tasks.logps import fast_paths, head_logps, selected_outputs
 
     mask, targets = batch["mask"], batch["sequences"][:, prompt_width:]
-    attention = batch["attention_mask"]
-    inputs = {"input_ids": batch["sequences"], "attention_mask": attention,
-              "position_ids": (attention.cumsum(-1) - 1).clamp(min=0)}  # as generate numbers left-padded rows
+    shared = fast_paths(model).shared_prompt if shared_ok is None else shared_ok
+    if shared:
+        inputs, index = shared_prompt_inputs(batch, prompt_width, model)
+        select = lambda out: out.reshape(-1, out.shape[-1])[index]  # noqa: E731
+    else:
+        attention = batch["attention_mask"]
+        inputs = {"input_ids": batch["sequences"], "attention_mask": attention,
+                  "position_ids": (attention.cumsum(-1) - 1).clamp(min=0)}  # as generate numbers left-padded rows
+        select = lambda out: out[:, prompt_width - 1 : -1][mask]  # noqa: E731
     # hidden states (or logits, head None) at the positions that predict each response token
-    states, head = selected_outputs(model, inputs, lambda out: out[:, prompt_width - 1 : -1][mask])
+    states, head = selected_outputs(model, inputs, select)
     if head is not None and head.bias is None:  # head(h) / t == head(h / t): the logits are never built
         token_logps = head_logps(head, states / temperature, targets[mask])
         logits_of = lambda rows: head(rows / temperature)  # noqa: E731
@@ -100,9 +140,59 @@ def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1
     with torch.no_grad():  # in chunks of rows: a 49k vocabulary's logits for every token are large
         total = states.new_zeros((), dtype=torch.float32)
         for start in range(0, len(states), 256):
-            dist = torch.distributions.Categorical(logits=logits_of(states[start : start + 256]).float())
-            total += dist.entropy().sum()
+            logp = torch.log_softmax(logits_of(states[start : start + 256]).float(), -1)
+            total -= (logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum()  # 0 log 0 = 0
     return logps, total / max(1, len(states))
+
+
+def shared_prompt_inputs(batch: dict, prompt_width: int, model=None) -> tuple[dict, torch.Tensor]:
+    """The rollout rows as shared-prompt rows: each distinct prompt once, then its responses one
+    after the other, each only as long as it is (up to and including eos); and the flat positions
+    (row * width + column) whose outputs predict the response tokens, in the order of
+    `out[:, prompt_width - 1 : -1][mask]` (row by row).
+
+    A prompt's K samples then cost its P tokens once instead of K times (as collate_shared_prompt
+    does for a preference pair's two responses), and no position is spent on a response's padding.
+    A (G, 1, W, W) mask lets each response token see the prompt's tokens and its own response's
+    earlier tokens, never another response, and its position ids continue from the prompt's:
+    every token sees what it sees in its own row, so the log-probs are the plain layout's
+    (tests/test_online.py checks it)."""
+    from tasks.logps import model_attention_mask
+
+    sequences, mask, p = batch["sequences"], batch["mask"], prompt_width
+    n, t = mask.shape
+    prompts, group = torch.unique(torch.cat([sequences[:, :p], batch["attention_mask"][:, :p]], 1), dim=0,
+                                  return_inverse=True)
+    lengths = mask.sum(1)
+    totals = torch.zeros(len(prompts), dtype=lengths.dtype, device=lengths.device).index_add_(0, group, lengths)
+    order = torch.argsort(group, stable=True)
+    offset = torch.empty_like(lengths)  # where a response starts after its prompt: its prompt's earlier responses' tokens
+    offset[order] = lengths[order].cumsum(0) - lengths[order] - (totals.cumsum(0) - totals)[group[order]]
+    width = p + int(totals.max())
+    steps = torch.arange(t, device=mask.device)
+    cols = p + offset[:, None] + steps  # (N, T): where each response token sits in its prompt's row (where mask)
+    rows = group[:, None].expand(-1, t)[mask]
+    prompt_mask = prompts[:, p:]
+
+    input_ids = sequences.new_zeros((len(prompts), width))  # unused places: token 0, seen by nothing
+    input_ids[:, :p] = prompts[:, :p]
+    input_ids[rows, cols[mask]] = sequences[:, p:][mask]
+    positions = torch.zeros_like(input_ids)
+    positions[:, :p] = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    positions[rows, cols[mask]] = (prompt_mask.sum(1)[group][:, None] + steps)[mask]
+    segment = torch.full_like(input_ids, -1)  # 0: the prompt, i + 1: response i, -1: padding
+    segment[:, :p] = torch.where(prompt_mask.bool(), 0, -1)
+    segment[rows, cols[mask]] = (torch.arange(1, n + 1, device=mask.device)[:, None].expand(-1, t))[mask]
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
+    # Padding attends to itself only (a row with nothing to attend to would give NaN).
+    attend = (causal & ((key == 0) | (key == query)) & (key != -1)) | torch.eye(width, dtype=torch.bool, device=causal.device)
+    # token 0 is predicted at the prompt's last position, token s at the place of token s - 1
+    predictors = torch.cat([torch.full_like(cols[:, :1], p - 1), cols[:, :-1]], 1)
+    index = (group[:, None] * width + predictors)[mask]
+    inputs = {"input_ids": input_ids, "attention_mask": model_attention_mask(model, attend[:, None]),
+              "position_ids": positions}
+    return inputs, index
 
 
 def token_values(value_model, batch: dict, prompt_width: int):
@@ -223,8 +313,10 @@ def disable_dropout(model) -> None:
 
 @torch.no_grad()
 def make_rollout(models: OnlineModels, tokenizer, prompt_ids: list, prompts: list, p: OnlineParams, score,
-                 monitor=None) -> tuple[dict, dict]:
-    """Sample, score and take log-probs (see the rollout layout above); and the rollout's metrics."""
+                 monitor=None, policy_pass: bool = True) -> tuple[dict, dict]:
+    """Sample, score and take log-probs (see the rollout layout above); and the rollout's metrics.
+    Without `policy_pass` the policy's log-probs (and the kl and entropy metrics) are left to the
+    training forward (run_online's single-update path)."""
     from tasks.train.lora import reference_context
 
     k = p.samples_per_prompt
@@ -242,37 +334,53 @@ def make_rollout(models: OnlineModels, tokenizer, prompt_ids: list, prompts: lis
     models.policy.eval()
     for rows in chunks(n, size):
         part = select(rollout, rows)
-        lp, ent = response_logps(models.policy, part, width, p.temperature, entropy=True)
-        logps.append(lp.float())
-        entropy += float(ent) * float(part["mask"].sum() / rollout["mask"].sum().clamp(min=1))  # ent: a token mean
+        if policy_pass:
+            lp, ent = response_logps(models.policy, part, width, p.temperature, entropy=True)
+            logps.append(lp.float())
+            entropy += float(ent) * float(part["mask"].sum() / rollout["mask"].sum().clamp(min=1))  # ent: a token mean
         if p.kl_coef > 0:
             if models.reference is not None:
                 ref_logps.append(response_logps(models.reference, part, width, p.temperature).float())
             else:
                 with reference_context(models.policy):
                     ref_logps.append(response_logps(models.policy, part, width, p.temperature).float())
-    rollout["logps"] = torch.cat(logps)
-    rollout["ref_logps"] = torch.cat(ref_logps) if ref_logps else rollout["logps"].clone()
+    if ref_logps:
+        rollout["ref_logps"] = torch.cat(ref_logps)
     rollout["prompt_width"] = width
 
     scores, lengths = rollout["scores"], rollout["mask"].sum(1).float()
     metrics = {
         "reward": scores.mean().item(),
         "reward_std": scores.view(-1, k).std(1).mean().item(),  # within a prompt's samples
-        "kl": ((rollout["logps"] - rollout["ref_logps"]) * rollout["mask"]).sum(1).mean().item(),
-        "entropy": entropy,
         "response_length": lengths.mean().item(),
         # Responses that ended (with eos) within max_new_tokens.
         "eos_fraction": ((rollout["sequences"][:, width:] == tokenizer.eos_token_id) & rollout["mask"]).any(1).float().mean().item(),
     }
     if monitor is not None:
         metrics["monitor_reward"] = float(np.mean([monitor(prompt, text) for prompt, text in zip(repeated, texts)]))
+    if policy_pass:
+        metrics.update(add_policy_logps(rollout, torch.cat(logps), entropy))
     return rollout, metrics
 
 
+def add_policy_logps(rollout: dict, logps: torch.Tensor, entropy: float) -> dict:
+    """Store the policy's log-probs (N, T) in the rollout (and the reference's, the same, when
+    there is no KL term); the kl and entropy metrics."""
+    rollout["logps"] = logps
+    rollout.setdefault("ref_logps", logps.clone())
+    return {"kl": ((logps - rollout["ref_logps"]) * rollout["mask"]).sum(1).mean().item(), "entropy": float(entropy)}
+
+
+SINGLE_UPDATE_FORWARD = True  # False: always the rollout's own policy pass (tests compare the two)
+
+
 def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: bool = False,
-               loss_weight: Callable[[dict], object] = lambda batch: len(batch["mask"])) -> dict[str, float]:
+               loss_weight: Callable[[dict], object] = lambda batch: len(batch["mask"]),
+               fused: bool = False) -> dict[str, float]:
     """Train ctx.params.policy online with one algorithm's `prepare` and `loss`; save it to ctx.out.
+
+    fused: `loss_fn(models, batch, p, logps)` takes the policy's log-probs of the batch when given
+    them (with gradients), so a single update per rollout can skip the rollout's policy pass.
 
     Each minibatch is one optimizer step, computed in micro-batches of `micro_batch_size` sampled
     responses (tasks.train.loop.accumulate), each weighted by `loss_weight(micro-batch)` over the
@@ -314,23 +422,42 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
     setup = {"total_steps": total_steps}
     start, history = resume(accelerator, ctx.checkpoints, setup, ctx.log_metrics)
 
+    # One update over the whole rollout in one forward pass: the log-probs the rollout would take
+    # under the policy are that forward's, detached (the same weights, no dropout), so the
+    # rollout's own policy pass is left out and the training forward gives them (as trl's GRPO
+    # does with num_iterations = 1). The algorithm's loss then takes them as its `logps`.
+    single = (SINGLE_UPDATE_FORWARD and fused and p.updates_per_rollout == 1 and p.minibatches == 1
+              and (p.micro_batch_size or math.inf) >= p.batch_size * p.samples_per_prompt)
+
     def compute_loss(models, batch):
         return loss_fn(models, batch, p)
+
+    def compute_single_update_loss(models, rollout):
+        logps, entropy = response_logps(models.policy, rollout, rollout["prompt_width"], p.temperature, entropy=True)
+        metrics.update(add_policy_logps(rollout, logps.detach().float(), entropy))
+        metrics.update(prepare(rollout, models, p))
+        return loss_fn(models, rollout, p, logps)
 
     with ctx.progress("online training" + (f" (resumed after step {start})" if start else ""), total=total_steps) as bar:
         bar.advance(start)
         for step in range(start, total_steps):
             rows = step_prompts(step, len(prompts), p.batch_size, ctx.seed)
             rollout, metrics = make_rollout(models, tokenizer, [prompt_ids[i] for i in rows], [prompts[i] for i in rows],
-                                            p, score, monitor)
-            metrics.update(prepare(rollout, models, p))
+                                            p, score, monitor, policy_pass=not single)
+            if not single:
+                metrics.update(prepare(rollout, models, p))
             n = len(rollout["sequences"])
             sums: dict[str, float] = {}
             for module in (models.policy, models.value):  # dropout is off: see disable_dropout
                 if module is not None:
                     module.train()
             for _ in range(p.updates_per_rollout):
-                order = torch.randperm(n)
+                order = torch.randperm(n)  # drawn on both paths: the same random stream
+                if single:
+                    values = accumulate(accelerator, models, [(rollout, 1.0)], compute_single_update_loss, step + 1)
+                    lr = optimizer_step(accelerator, optimizer, scheduler, models.trainable, 1.0, step + 1)
+                    sums.update(values)
+                    continue
                 for minibatch in chunks(n, n // p.minibatches):
                     parts = [select(rollout, order[minibatch][micro]) for micro in chunks(minibatch.stop - minibatch.start,
                                                                                           p.micro_batch_size or n)]

@@ -34,11 +34,12 @@ def prepare(rollout: dict, models, p: RLOOParams) -> dict:
     return {"rlhf_reward": rewards.mean().item()}
 
 
-def loss(models, batch: dict, p: RLOOParams):
+def loss(models, batch: dict, p: RLOOParams, logps=None):
     from tasks.train.losses import clipped_policy_loss
     from tasks.train.online import response_logps
 
-    logps = response_logps(models.policy, batch, batch["prompt_width"], p.temperature)
+    if logps is None:
+        logps = response_logps(models.policy, batch, batch["prompt_width"], p.temperature)
     mask = batch["mask"]
     # The whole response is one action: its log-prob is the sum over its tokens.
     losses, clipped = clipped_policy_loss((logps * mask).sum(1), (batch["logps"] * mask).sum(1), batch["advantages"], p.clip_eps)
@@ -49,4 +50,4 @@ def loss(models, batch: dict, p: RLOOParams):
 def rloo(ctx: StageContext) -> dict[str, float]:
     from tasks.train.online import run_online
 
-    return run_online(ctx, prepare, loss)
+    return run_online(ctx, prepare, loss, fused=True)
