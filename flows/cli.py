@@ -77,25 +77,33 @@ def run(
     """Run a pipeline: every stage whose artifact is not already in the store."""
     from flows.inputs import check_local_inputs
 
+    from flows import timings
+
     started = time.time()
     try:
-        loaded, nodes = _load(spec, set_, rounds, force)
-        check_local_inputs(nodes, store_root(loaded.store))  # a bad data file: exit 2 before anything is written
+        with timings.phase("spec and keys"):
+            loaded, nodes = _load(spec, set_, rounds, force)
+            check_local_inputs(nodes, store_root(loaded.store))  # a bad data file: exit 2 before anything is written
     except SpecError as err:
         _fail_spec(err)
     configure_environment()
     from flows.prefect_server import start_if_needed
 
     server = start_if_needed()  # boots in parallel with the imports and MLflow set-up below
-    from flows.pipeline import pipeline
-    from flows.tracking import get_tracker
+    with timings.phase("imports"):
+        from flows.pipeline import pipeline
+        from flows.tracking import get_tracker, quiet_mlflow
 
-    get_tracker(tracking_uri(loaded.tracking_uri), loaded.name)
+        quiet_mlflow()
+    with timings.phase("mlflow open"):
+        get_tracker(tracking_uri(loaded.tracking_uri), loaded.name)
     if server is not None:
-        server.wait_ready()
+        with timings.phase("prefect wait"):
+            server.wait_ready()
     console.print(f"[bold]{loaded.name}[/]: {len(nodes)} stage executions, store {store_root(loaded.store)}")
     try:
-        result = pipeline(spec, list(set_), rounds, list(force))
+        with timings.phase("flow"):
+            result = pipeline(spec, list(set_), rounds, list(force))
     except StageFailed as err:
         import traceback
 
@@ -107,6 +115,7 @@ def run(
         console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(2)
     ran = sum(s["cache"] == "miss" for s in result["stages"])
+    timings.write(stages=len(result["stages"]), per_stage=round(timings.PHASES["flow"] / max(1, len(result["stages"])), 4))
     console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached; "
                   f"MLflow {tracking_uri(loaded.tracking_uri)} (run {result['parent_run_id']})")
     if result.get("headline"):

@@ -7,7 +7,9 @@ import json
 import time
 
 from flows.home import mlflow_artifact_root
+from flows.timings import timed
 
+LOGGING = "mlflow logging"  # the phase (flows/timings.py) the calls below count to
 BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch call
 # MLflow 3's UI opens an experiment without this tag on its GenAI "Traces" view, which hides the
 # runs, metrics and charts a pipeline logs; this value opens it on the model-training view.
@@ -102,12 +104,14 @@ class Tracker:
         self.__dict__.update(state)
         self.client = MlflowClient(self.uri)
 
+    @timed(LOGGING)
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
         if parent:
             tags = {**tags, "mlflow.parentRunId": parent}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
+    @timed(LOGGING)
     def log(self, run_id: str, metrics: dict | None = None, params: dict | None = None,
             tags: dict | None = None, step: int = 0, history: list[dict] = ()) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -125,16 +129,20 @@ class Tracker:
             self.client.log_batch(run_id, metrics=chunk, params=params_ if i == 0 else [],
                                   tags=tags_ if i == 0 else [])
 
+    @timed(LOGGING)
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    @timed(LOGGING)
     def log_table(self, run_id: str, table: dict[str, list], name: str) -> None:
         """An MLflow table artifact (shown as a table in the UI; `mlflow.load_table` reads it)."""
         self.client.log_table(run_id, data=table, artifact_file=name)
 
+    @timed(LOGGING)
     def log_file(self, run_id: str, path, folder: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), folder)
 
+    @timed(LOGGING)
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
