@@ -30,9 +30,11 @@ def timed(args: list[str], home: Path, timings: Path | None = None) -> float:
     if timings is not None:
         env["ALIGNFLOW_TIMINGS"] = str(timings)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"alignflow {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return seconds
 
 
 def phases(timings: Path) -> str:
