@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -24,16 +25,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of the finished child processes, theirs included (the Prefect
+    server's): on a shared machine, the figure the other processes do not inflate."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def timed(args: list[str], home: Path, timings: Path | None = None) -> float:
     env = {**os.environ, "ALIGNFLOW_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)  # the run's own temporary server, as a user gets by default
     if timings is not None:
         env["ALIGNFLOW_TIMINGS"] = str(timings)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     done = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"alignflow {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+    timed.cpu = cpu_seconds() - cpu
     return seconds
 
 
@@ -57,14 +66,15 @@ def measure(spec: str, home: Path, warm_runs: int) -> None:
     if cold.get("spec") == spec_path:
         print(f"cold {cold['seconds']:.1f}s (measured earlier in {home})")
     else:
-        cold = {"spec": spec_path, "seconds": timed(["run", spec], home)}
+        cold = {"spec": spec_path, "seconds": timed(["run", spec], home), "cpu": timed.cpu}
         record.write_text(json.dumps(cold))
-        print(f"cold {cold['seconds']:.1f}s")
+        print(f"cold {cold['seconds']:.1f}s (cpu {cold['cpu']:.1f}s)")
     warm = []
     for i in range(warm_runs):
         timings = home / f"bench-timings-{i}.json"
         warm.append(timed(["run", spec], home, timings))
-        print(f"no-change run {i + 1}: {warm[-1]:.2f}s; {phases(timings, warm[-1])}")
+        print(f"no-change run {i + 1}: {warm[-1]:.2f}s (cpu {timed.cpu:.2f}s, Prefect server's included); "
+              f"{phases(timings, warm[-1])}")
     plans = [timed(["plan", spec], home) for _ in range(3)]
     print(f"plan: {', '.join(f'{p:.2f}s' for p in plans)}")
     best = min(warm)
