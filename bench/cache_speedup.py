@@ -13,6 +13,7 @@ Last line: `cache_speedup: warm/cold X.XXX (cold C s, warm W s); plan P s`. Targ
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -61,17 +62,18 @@ def phases(timings: Path, wall: float) -> str:
 
 def measure(spec: str, home: Path, warm_runs: int) -> None:
     record = home / "bench-cold.json"
-    spec_path = str(Path(spec).resolve())
+    spec_hash = hashlib.sha256(Path(spec).read_bytes()).hexdigest()  # the same spec in another checkout too
     cold = json.loads(record.read_text()) if record.is_file() else {}
-    if cold.get("spec") == spec_path:
+    if cold.get("spec_sha256") == spec_hash:
         print(f"cold {cold['seconds']:.1f}s (measured earlier in {home})")
     else:
-        cold = {"spec": spec_path, "seconds": timed(["run", spec], home), "cpu": timed.cpu}
+        cold = {"spec_sha256": spec_hash, "seconds": timed(["run", spec], home), "cpu": timed.cpu}
         record.write_text(json.dumps(cold))
         print(f"cold {cold['seconds']:.1f}s (cpu {cold['cpu']:.1f}s)")
     warm = []
     for i in range(warm_runs):
         timings = home / f"bench-timings-{i}.json"
+        timings.unlink(missing_ok=True)  # an earlier bench's
         warm.append(timed(["run", spec], home, timings))
         print(f"no-change run {i + 1}: {warm[-1]:.2f}s (cpu {timed.cpu:.2f}s, Prefect server's included); "
               f"{phases(timings, warm[-1])}")
