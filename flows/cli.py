@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
+from flows import timings
 from flows.console import console
 from flows.errors import Problem, SpecError, StageFailed, did_you_mean
 from flows.home import configure_environment, mlflow_artifact_root, quiet_telemetry, store_root, tracking_uri
@@ -77,8 +78,6 @@ def run(
     """Run a pipeline: every stage whose artifact is not already in the store."""
     from flows.inputs import check_local_inputs
 
-    from flows import timings
-
     started = time.time()
     try:
         with timings.phase("spec and keys"):
@@ -115,7 +114,8 @@ def run(
         console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(2)
     ran = sum(s["cache"] == "miss" for s in result["stages"])
-    timings.write(stages=len(result["stages"]), per_stage=round(timings.PHASES["flow"] / max(1, len(result["stages"])), 4))
+    stages = len(result["stages"])
+    timings.write(stages=stages, per_stage=round(timings.PHASES["flow"] / max(1, stages), 4))
     console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached; "
                   f"MLflow {tracking_uri(loaded.tracking_uri)} (run {result['parent_run_id']})")
     if result.get("headline"):

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Iterator
 
-STARTED = time.perf_counter()  # when flows/ was first imported: the interpreter's start is before it
+STARTED = time.perf_counter()  # when the CLI first imports flows/: the interpreter's start is before it
 PHASES: dict[str, float] = {}
 
 
