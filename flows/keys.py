@@ -121,7 +121,8 @@ def _uses(node: ast.AST, module: str, packages) -> set[tuple[str, str | None]]:
     """The project definitions `node` (a top-level definition of `module`) refers to, as
     (module, name); (module, None) for a module used as a whole."""
     parsed = _parse(module, packages)
-    local = _import_bindings([n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))],
+    subs = list(ast.walk(node))  # one walk, read three times
+    local = _import_bindings([n for n in subs if isinstance(n, (ast.Import, ast.ImportFrom))],
                              module, parsed.rel.endswith("__init__.py"))
 
     def resolve(name: str):
@@ -142,7 +143,7 @@ def _uses(node: ast.AST, module: str, packages) -> set[tuple[str, str | None]]:
 
     found = set()
     attribute_bases = set()
-    for sub in ast.walk(node):
+    for sub in subs:
         if isinstance(sub, ast.Attribute):
             chain, base = [sub.attr], sub.value
             while isinstance(base, ast.Attribute):
@@ -158,7 +159,7 @@ def _uses(node: ast.AST, module: str, packages) -> set[tuple[str, str | None]]:
                     break
                 else:
                     found.add((mod, None))
-    for sub in ast.walk(node):
+    for sub in subs:
         if isinstance(sub, ast.Name) and id(sub) not in attribute_bases:
             target = resolve(sub.id)
             if target is None:
@@ -168,6 +169,19 @@ def _uses(node: ast.AST, module: str, packages) -> set[tuple[str, str | None]]:
     for mod, attr in local.values():  # importing a module runs its top-level code (registration...)
         found.add((f"{mod}.{attr}", "") if attr and _module_file(f"{mod}.{attr}", packages) else (mod, ""))
     return {(m, n) for m, n in found if m.split(".")[0] in packages}
+
+
+@functools.lru_cache(maxsize=None)
+def _definition(module: str, name: str, packages: tuple[str, ...]) -> tuple[str, frozenset]:
+    """A top-level definition's normalised code and the definitions it uses: once a process, as
+    the closures of the stage kinds share most of their definitions."""
+    node = _parse(module, packages).definitions[name]
+    return _normalised(node), frozenset(_uses(node, module, packages))
+
+
+@functools.lru_cache(maxsize=None)
+def _preamble(module: str, packages: tuple[str, ...]) -> str:
+    return "".join(map(_normalised, _parse(module, packages).preamble))
 
 
 def code_closure(entries: list[tuple[str, str]], packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -184,16 +198,17 @@ def code_closure(entries: list[tuple[str, str]], packages: tuple[str, ...]) -> t
         parsed = _parse(mod, packages)
         if parsed is None:
             continue
-        code = reached.setdefault(parsed.rel, {"": "".join(map(_normalised, parsed.preamble))})
+        if parsed.rel not in reached:
+            reached[parsed.rel] = {"": _preamble(mod, packages)}
+        code = reached[parsed.rel]
         names = list(parsed.definitions) if name is None else [name] if name else []
         if name and name not in parsed.definitions:
             if name in parsed.imports:  # a name the module imports (a re-export): follow it
                 todo.append(parsed.imports[name])
             continue
         for n in names:
-            node = parsed.definitions[n]
-            code[n] = _normalised(node)
-            todo.extend(_uses(node, mod, packages))
+            code[n], uses = _definition(mod, n, packages)
+            todo.extend(uses)
     return tuple(sorted((rel, sha256(canonical(defs))[:16]) for rel, defs in reached.items()))
 
 
@@ -229,10 +244,9 @@ def _cached_closure(entries, packages, shallow=()) -> tuple[tuple[str, str], ...
     own = [(m, n) for m, n in entries if m.split(".")[0] in shallow]
     result = dict(code_closure([e for e in entries if e not in own], deep))
     for mod, name in own:
-        parsed = _parse(mod, packages)
-        rel = f"{parsed.rel}:{name}"
-        result[rel] = sha256(_normalised(parsed.definitions[name]))[:16]
-        tables = code_closure([u for u in _uses(parsed.definitions[name], mod, packages) if u[0].split(".")[0] in deep], deep)
+        code, uses = _definition(mod, name, packages)
+        result[f"{_parse(mod, packages).rel}:{name}"] = sha256(code)[:16]
+        tables = code_closure([u for u in uses if u[0].split(".")[0] in deep], deep)
         result.update(tables)
     return tuple(sorted(result.items()))
 

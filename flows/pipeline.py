@@ -361,7 +361,8 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         for node in nodes:
             current = node.id
             refs[node.id] = _record(node, futures[node.id], refs, tracker, run_ids[node.id], store)
-            store.record_recipe(spec.name, node.id, node.key, node.recipe)
+            if (store.last_recipe(spec.name, node.id) or {}).get("key") != node.key:  # same key, same recipe
+                store.record_recipe(spec.name, node.id, node.key, node.recipe)
             recorded.add(node.id)
             summary.append({"stage": node.name, "round": node.round, "key": node.key,
                             "cache": "miss" if refs[node.id]["computed"] else "hit",

@@ -66,14 +66,35 @@ def test_cold_run_records_every_stage(demo):
     assert "spec.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
 
+def prefect_task_runs(home: Path, flow_run_id: str) -> dict[str, str]:
+    """Task run name -> state name of one flow run, read from the Prefect database the run's
+    temporary server kept under the home (read directly: no server needed to look)."""
+    import contextlib
+    import sqlite3
+
+    db = home / "prefect" / "prefect.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        return dict(conn.execute("SELECT name, state_name FROM task_run WHERE flow_run_id = ?", (flow_run_id,)))
+
+
 def test_second_run_runs_nothing(demo):
     started = time.time()
-    out = alignflow("run", demo["spec"], home=demo["home"], check=True)
+    out = alignflow("run", demo["spec"], home=demo["home"], check=True,
+                    env={"ALIGNFLOW_TIMINGS": str(demo["home"] / "timings.json")})
     warm = time.time() - started
     assert "0 ran" in out.stderr
-    assert set(statuses(stage_runs(demo["home"], EXPERIMENT)).values()) == {"hit"}
+    runs = stage_runs(demo["home"], EXPERIMENT)
+    assert set(statuses(runs).values()) == {"hit"} and len(runs) == 8 + 2 * 5
+    # ... and in Prefect: the run's flow run has a task run per stage, each answered from the cache.
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(f"sqlite:///{demo['home'] / 'mlflow.db'}").get_run(runs[0].data.tags["mlflow.parentRunId"])
+    tasks = prefect_task_runs(demo["home"], parent.data.tags["alignflow.flow_run_id"])
+    assert len(tasks) == len(runs) and set(tasks.values()) == {"Cached"}, tasks
     assert warm < demo["cold_seconds"], (warm, demo["cold_seconds"])
-    print(f"cold {demo['cold_seconds']:.1f}s, warm {warm:.1f}s")
+    phases = json.loads((demo["home"] / "timings.json").read_text())
+    assert phases["stages"] == len(runs) and phases["flow"] < phases["total"]
+    print(f"cold {demo['cold_seconds']:.1f}s, warm {warm:.1f}s; phases {phases}")
 
 
 def test_plan_explains_what_changed(demo):
