@@ -65,17 +65,42 @@ def test_compare_prints_exrm_against_dporm_by_set(ci_run):
     assert "mean over 3 seeds" in versus
 
 
+# True once the metric's row is in view; else scroll the metrics table half a box further down
+# (back to the top after the end). MLflow 3.17 draws the metric names and the values in two
+# grids; scrolling the values' grid alone leaves the names where they were (a screenshot would
+# show each name beside another metric's values), so both are scrolled.
+SCROLL_TO_METRIC = """
+const grids = [...document.querySelectorAll('.ReactVirtualized__Grid')].filter(g => g.scrollHeight > g.clientHeight + 2);
+const beside = v => grids.find(g => g !== v && Math.abs(g.getBoundingClientRect().top - v.getBoundingClientRect().top) < 40);
+const values = grids.find(g => /(auto|scroll)/.test(getComputedStyle(g).overflowY) && beside(g));
+if (!values) return false;
+const names = beside(values);
+const link = [...names.querySelectorAll('a')].find(a => a.textContent.trim() === arguments[0]);
+if (link) {
+  const box = names.getBoundingClientRect(), row = link.getBoundingClientRect();
+  if (box.top >= 0 && box.bottom <= window.innerHeight && row.top >= box.top && row.bottom <= box.bottom - 15) return true;
+}
+values.scrollIntoView({block: 'center'});
+const top = values.scrollTop + values.clientHeight >= values.scrollHeight - 2 ? 0 : values.scrollTop + values.clientHeight / 2;
+for (const grid of [values, names]) {
+  grid.scrollTop = top;
+  grid.dispatchEvent(new Event('scroll'));
+}
+return false;
+"""
+
+
 @pytest.mark.timeout(600)
 def test_mlflow_compare_page_shows_exrm_and_dporm_side_by_side(ci_run, tmp_path):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_browser import PAGE_TIMEOUT, SCROLL_METRICS, artifacts_dir, chrome
+    from test_browser import PAGE_TIMEOUT, artifacts_dir, chrome
     from test_mlflow_server import mlflow_server
 
     runs = [ci_run["stages"]["exrm_acc_s0"].info.run_id, ci_run["stages"]["dporm_acc_s0"].info.run_id]
-    wanted = ["exrm_acc_response_shift", "dporm_acc_response_shift"]
+    wanted = ["dporm_acc_response_shift", "exrm_acc_response_shift"]  # the table's order: scrolling down
     values = [str(ci_run["stages"][stage].data.metrics[name])[:4]  # MLflow shows the value unrounded
-              for stage, name in (("exrm_acc_s0", wanted[0]), ("dporm_acc_s0", wanted[1]))]
+              for stage, name in (("dporm_acc_s0", wanted[0]), ("exrm_acc_s0", wanted[1]))]
     shots = [artifacts_dir() / f"mlflow-compare-exrm-dporm-smollm2-{name}.png" for name in wanted]
     with mlflow_server(tmp_path, backend=f"sqlite:///{ci_run['home'] / 'mlflow.db'}") as url:
         driver = chrome(tmp_path / "chromium-profile")
@@ -83,18 +108,14 @@ def test_mlflow_compare_page_shows_exrm_and_dporm_side_by_side(ci_run, tmp_path)
             query = urllib.parse.urlencode({"runs": json.dumps(runs),
                                             "experiments": json.dumps([ci_run["experiment"].experiment_id])})
             driver.get(f"{url}/#/compare-runs?{query}")
-            # The metrics grid renders only the rows in its box, and the EXRM and DPORM rows are a
-            # dozen rows apart: scroll to each in turn, read its value and take its screenshot.
+            # The metrics grid shows a few rows at a time, and the EXRM and DPORM rows are a dozen
+            # apart: scroll to each in turn, read its value and take its screenshot.
             for name, value, shot in zip(wanted, values, shots):
                 def shows(d, name=name, value=value) -> bool:
-                    if any(a.is_displayed() for a in d.find_elements("xpath", f"//a[normalize-space(text())='{name}']")) \
-                            and value in d.find_element("tag name", "body").text:
-                        return True
-                    d.execute_script(SCROLL_METRICS)
-                    return False
+                    return d.execute_script(SCROLL_TO_METRIC, name) and value in d.find_element("tag name", "body").text
 
                 try:
-                    WebDriverWait(driver, PAGE_TIMEOUT, poll_frequency=0.5,
+                    WebDriverWait(driver, PAGE_TIMEOUT, poll_frequency=1,
                                   ignored_exceptions=(StaleElementReferenceException,)).until(shows)
                 finally:
                     driver.save_screenshot(str(shot))
