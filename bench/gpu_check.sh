@@ -7,6 +7,8 @@
 # 1. The walkthrough (pipelines/byo/reward_model.yaml, exported, then pipelines/byo_iterative_dpo.yaml)
 #    with dtype: auto (bfloat16 on a GPU that has it) and the vLLM backend for generate and evaluate.
 # 2. The DPO bench on SmolLM2 in bfloat16 (peak memory against float32), then against trl.
+# First, bench/gpu_core_check.py: log-probs per architecture in float32, bfloat16 and under autocast on
+# the GPU against a float32 CPU reference (needs only torch and transformers; runs where vLLM does not).
 # Everything it keeps lives under ALIGNFLOW_HOME (default: a fresh temporary folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,7 @@ PY=${PYTHON:-.venv/bin/python}
 export ALIGNFLOW_HOME=${ALIGNFLOW_HOME:-$(mktemp -d -t alignflow-gpu-XXXX)}
 echo "ALIGNFLOW_HOME=$ALIGNFLOW_HOME"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: this check is for a GPU machine')"
+"$PY" bench/gpu_core_check.py
 "$PY" -c "import vllm" 2>/dev/null || { echo "vLLM is not installed: pip install 'alignflow[vllm]'"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 

@@ -8,6 +8,7 @@ computes `ref_logps` and trains `dpo` on each. The reference log-probs and dpo's
 from __future__ import annotations
 
 import json
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ import torch
 import transformers as T
 import yaml
 
-from conftest import alignflow, stage_runs
+from conftest import REPO, alignflow, stage_runs
 from tasks.models import build_word_tokenizer, encode_examples
 
 WORDS = "a b c d e f g h i j k l m n o p :".split()
@@ -233,3 +234,17 @@ def test_win_rate_has_the_wilson_interval_with_ties_half(outcomes):
     chosen = [1.0 if o == 1 else 0.0 if o == 0.5 else -1.0 for o in outcomes]
     acc = ranking_accuracy(chosen, [0.0] * n)
     assert (acc["ci_low"], acc["ci_high"]) == pytest.approx((m["win_rate_ci_low"], m["win_rate_ci_high"]))
+
+
+def test_the_gpu_check_compares_reference_logps_with_full_logits(tmp_path):
+    """bench/gpu_core_check.py, what a GPU machine runs first, here on the CPU: reference_logps
+    equals float32 full logits; under bfloat16 autocast it is off by rounding, within the probe's
+    half-precision tolerance."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_core_check
+
+    save_model_folder(tmp_path / "llama", "llama")
+    verdict, error = gpu_core_check.check(tmp_path / "llama", PAIRS, "float32", "cpu")
+    assert verdict.head and verdict.shared_prompt and error <= 2e-3
+    _, error = gpu_core_check.check(tmp_path / "llama", PAIRS, "autocast", "cpu")
+    assert 0 < error <= 5e-2
