@@ -321,9 +321,8 @@ def test_prompts_computed_once_give_the_same_samples(name, tiny_architectures, m
     monkeypatch.setattr(online, "shared_prompt_cache", lambda *a: calls.append(1) or real(*a))
     samples = []
     for shared in (True, False):
-        monkeypatch.setattr(online, "SHARED_PROMPT_PREFILL", shared)
         torch.manual_seed(0)
-        samples.append(online.sample(model, tokenizer, prompts, 4, 1.0, 1.0, 10))
+        samples.append(online.sample(model, tokenizer, prompts, 4, 1.0, 1.0, 10, shared_prefill=shared))
     assert calls == [1]
     for key in ("sequences", "attention_mask", "mask"):
         assert torch.equal(samples[0][key], samples[1][key]), key

@@ -58,8 +58,10 @@ class OnlineModels:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: float, top_p: float,
-           max_new_tokens: int) -> dict:
-    """k sampled responses to each prompt (token ids in, token ids out), in the rollout layout."""
+           max_new_tokens: int, shared_prefill: bool = True) -> dict:
+    """k sampled responses to each prompt (token ids in, token ids out), in the rollout layout.
+    shared_prefill: each prompt's cache computed once for its k samples where the model allows
+    (shared_prompt_cache; the same tokens are drawn); False computes it k times."""
     from tasks.models import pad
 
     device = next(model.parameters()).device
@@ -68,7 +70,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: f
     model.eval()
     settings = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                     use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    cache = shared_prompt_cache(model, input_ids, prompt_mask, k) if SHARED_PROMPT_PREFILL and k > 1 else None
+    cache = shared_prompt_cache(model, input_ids, prompt_mask, k) if shared_prefill and k > 1 else None
     if cache is None:
         out = model.generate(input_ids=input_ids, attention_mask=prompt_mask, num_return_sequences=k, **settings)
     else:  # generate computes only the prompts' last token, then samples as it would have
@@ -83,9 +85,6 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: f
         "mask": mask,
         "prompt_width": input_ids.shape[1],
     }
-
-
-SHARED_PROMPT_PREFILL = True  # False: generate computes each prompt once per sample (tests compare the two)
 
 
 def shared_prompt_cache(model, input_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int):
