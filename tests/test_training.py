@@ -243,7 +243,7 @@ def test_shared_prompt_rows_give_the_same_logps_and_gradients(tiny_demo_model, a
 def test_chunked_output_layer_matches_the_plain_one(monkeypatch, bias):
     """head_logps with logits too big to keep (chunked, recomputed in backward) against
     log_softmax(head(hidden)): values and gradients for the hidden states, weight and bias."""
-    import tasks.logps as models
+    from tasks import logps
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).double()
@@ -253,8 +253,8 @@ def test_chunked_output_layer_matches_the_plain_one(monkeypatch, bias):
 
     expected = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None])[:, 0]
     expected_grads = torch.autograd.grad((expected * weights).sum(), [hidden, *head.parameters()])
-    monkeypatch.setattr(models, "HEAD_CHUNK_BYTES", 4 * 50 * 8)  # 8 rows per chunk: 5 chunks, the last partial
-    ours = models.head_logps(head, hidden, targets)
+    monkeypatch.setattr(logps, "HEAD_CHUNK_BYTES", 4 * 50 * 8)  # 8 rows per chunk: 5 chunks, the last partial
+    ours = logps.head_logps(head, hidden, targets)
     grads = torch.autograd.grad((ours * weights).sum(), [hidden, *head.parameters()])
     torch.testing.assert_close(ours.double(), expected, atol=1e-6, rtol=1e-6)
     for a, b in zip(grads, expected_grads):
