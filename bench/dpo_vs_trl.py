@@ -80,22 +80,20 @@ positions the model computed per token counted: padding pushes it above 1, a sha
 
 The last line: `dpo_vs_trl: tokens/s ratio X.XX, peak memory ratio Y.YY` (ours / trl's).
 
-Measured (2-core CPU shared with other jobs, fp32, trl 1.16.0, transformers 5.23; ours / the
-stronger trl variant, which was the precomputed-reference one every time):
+Measured (2-core CPU, nothing else running, 2 threads, fp32, trl 1.16.0; ours / trl length-grouped
+with precomputed reference, the stronger trl variant every time):
 
-    options                                                 tokens/s  peak memory
-    --model tiny                                              1.58     0.83 (0.79)
-    --model tiny --lora                                       1.49     0.92 (0.78)
-    --model smollm2 --threads 1 --warmup 1 --steps 6          2.27     0.73
-    --model smollm2 --lora --threads 1 --warmup 1 --steps 6   2.08     0.76
-    (in brackets: with --malloc-mmap-threshold 65536, which slows both sides)
+    options                      tokens/s  peak memory
+    --model smollm2                1.66     0.76
+    --model smollm2 --lora         1.60     0.72
+    --model tiny                   1.41     0.84
 
-Positions per token (SmolLM2: 0.87 ours, 1.44 trl's) explain ~1.7x of SmolLM2's gap; the rest is
+Positions per token (SmolLM2: 0.88 ours, 1.23 trl's length-grouped) explain ~1.4x of SmolLM2's gap; the rest is
 trl's step beyond the transformer (on CPU its fused output layer scores every position, padding
 and prompt included, and computes entropy and top-1 statistics; its Triton kernel, which scores
 only the completion's positions, runs on CUDA and XPU only), so expect a smaller gap on GPUs.
 With two threads on a machine whose other core is busy, OpenMP's spin-waiting makes SmolLM2's
-steps ~3x slower on both sides and the timings erratic: hence --threads 1 above.
+steps ~3x slower on both sides and the timings erratic: on a busy machine, use --threads 1.
 """
 from __future__ import annotations
 
