@@ -8,7 +8,6 @@ computes `ref_logps` and trains `dpo` on each. The reference log-probs and dpo's
 from __future__ import annotations
 
 import json
-import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -236,11 +235,11 @@ def test_win_rate_has_the_wilson_interval_with_ties_half(outcomes):
     assert (acc["ci_low"], acc["ci_high"]) == pytest.approx((m["win_rate_ci_low"], m["win_rate_ci_high"]))
 
 
-def test_the_gpu_check_compares_reference_logps_with_full_logits(tmp_path):
+def test_the_gpu_check_compares_reference_logps_with_full_logits(tmp_path, monkeypatch):
     """bench/gpu_core_check.py, what a GPU machine runs first, here on the CPU: reference_logps
     equals float32 full logits; under bfloat16 autocast it is off by rounding, within the probe's
     half-precision tolerance."""
-    sys.path.insert(0, str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     import gpu_core_check
 
     save_model_folder(tmp_path / "llama", "llama")
