@@ -6,7 +6,8 @@ the next. Parameters that reference other nodes hold their names; two names are 
 rounds: `policy` (round 1: `rounds.policy.start`; round r+1: round r's `rounds.policy.next`) and
 `reference` (`fixed`: round 1's policy in every round; `previous`: the round's starting policy).
 `rounds.fresh` gives each round its own slice of a table (new prompts every round), and
-`rounds.serve` says how `alignflow serve` grows the iteration run after run.
+`rounds.serve` says how `alignflow serve` grows the iteration run after run. `sweep:` and `seeds:`
+are checked here (each swept key names a value the spec can hold); flows/sweep.py expands them.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.errors import Problem, SpecError, did_you_mean
 from tasks import load_stage_kinds
@@ -45,6 +46,10 @@ MAX_NODES = 1_000  # models + datasets + stages
 MAX_EXECUTIONS = 10_000  # stage executions over all rounds
 MAX_INT = 2**63 - 1  # what every integer field can hold (numpy, torch, sqlite)
 MAX_SEED = 2**32 - 1  # numpy's seeds
+MAX_VARIANTS = 1_000  # a sweep's variants, seeds included
+MAX_SWEEP_EXECUTIONS = 100_000  # stage executions over all variants (before shared ones merge)
+# What one sweep shares by construction: one experiment, one store, one MLflow, one task runner.
+UNSWEPT = ("name", "store", "tracking", "runner", "sweep", "seeds")
 
 # Keys trl, the alignment handbook and OpenRLHF users bring, and alignflow's names for them.
 FOREIGN_KEYS = {
@@ -157,6 +162,19 @@ class Runner(_Strict):
     num_cpus: int | None = Field(default=None, ge=1)
 
 
+class Seeds(_Strict):
+    """`seeds: N`: every variant N times, with the spec's `seed` + 0 .. N-1. With `stages`, only
+    those stages take the variant's seed; every other stage keeps its own, so the seeds share it."""
+
+    count: int = Field(ge=1, le=MAX_VARIANTS)
+    stages: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count_alone(cls, value):
+        return {"count": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class SpecFile(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     description: str = ""
@@ -168,6 +186,9 @@ class SpecFile(_Strict):
     datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     rounds: Rounds = Field(default_factory=Rounds)
+    # dotted key -> values (a grid); `zip`: one mapping (or a list of them) of lists that go together
+    sweep: dict[str, Any] = Field(default_factory=dict)
+    seeds: Seeds | None = None
 
 
 @dataclass
@@ -194,7 +215,9 @@ class Spec:
     nodes: dict[str, NodeDef]
     rounds: Rounds
     resolved: dict[str, Any]  # the spec after overrides, as run
-    overridden: set[str] = field(default_factory=set)
+    overridden: dict[str, str] = field(default_factory=dict)  # dotted path -> where it was set (--set, ...)
+    sweep: dict[str, Any] = field(default_factory=dict)  # as validated; flows/sweep.py expands it
+    seeds: Seeds | None = None
 
     @property
     def repeated(self) -> list[str]:
@@ -240,6 +263,12 @@ def apply_override(raw: dict, keys: list[str], value: Any, file: str) -> None:
 
 def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = None) -> Spec:
     """Read, override and validate a spec. Raises SpecError listing every problem found."""
+    raw = read_spec(path)
+    return validate_spec(raw, str(path), apply_options(raw, str(path), overrides, rounds))
+
+
+def read_spec(path: str | Path) -> dict:
+    """The spec file's YAML mapping, or a SpecError (missing, too big, not UTF-8, not YAML)."""
     file = str(path)
     p = Path(path)
     if not p.is_file():
@@ -259,19 +288,30 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
         raise SpecError(Problem(file, "", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"))
     if not isinstance(raw, dict):
         raise SpecError(Problem(file, "", "expected a mapping with name, stages, ..."))
+    return raw
 
-    overridden = set()
+
+def apply_options(raw: dict, file: str, overrides: list[str] = (), rounds: int | None = None) -> dict[str, str]:
+    """Apply `--set` overrides and `--rounds` to `raw` in place; return what they set (path -> option)."""
+    overridden = {}
     for item in overrides:
         keys, value = parse_override(item, file)
         apply_override(raw, keys, value, file)
-        overridden.add(".".join(keys))
+        overridden[".".join(keys)] = "--set"
     if rounds is not None:
         raw.setdefault("rounds", {})
         if not isinstance(raw["rounds"], dict):
             raise SpecError(Problem(file, "rounds", "expected a mapping"))
         raw["rounds"]["count"] = rounds
-        overridden.add("rounds.count")
+        overridden["rounds.count"] = "--rounds"
+    return overridden
 
+
+def validate_spec(raw: dict, file: str, overridden: dict[str, str] | None = None) -> Spec:
+    """Validate a spec's mapping (`file` names it in messages; relative paths are relative to its
+    folder). Raises SpecError listing every problem found."""
+    overridden = overridden or {}
+    p = Path(file)
     value_problems: list[Problem] = []
     _check_values(raw, file, value_problems)
     if value_problems:
@@ -294,6 +334,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
     nodes = _validate_nodes(top, file, p.parent, overridden, problems, failed)
     _check_names_and_refs(top, nodes, file, problems, failed)
     _check_reference_lengths(nodes, file, problems)
+    _check_sweep(top, raw, nodes, file, problems, failed)
     if not problems:
         _check_cycles(top, nodes, file, problems)
         _check_combinations(nodes, top, file, problems)
@@ -302,7 +343,97 @@ def load_spec(path: str | Path, overrides: list[str] = (), rounds: int | None = 
     return Spec(
         file=file, name=top.name, seed=top.seed, store=top.store, tracking_uri=top.tracking.uri, runner=top.runner,
         nodes=nodes, rounds=top.rounds, resolved=copy.deepcopy(raw), overridden=overridden,
+        sweep=copy.deepcopy(top.sweep), seeds=top.seeds,
     )
+
+
+def sweep_axes(sweep: dict[str, Any]) -> list[dict[str, list]]:
+    """A validated `sweep:` as its axes, in order: each a mapping of dotted keys to equally long
+    lists that vary together (a grid key alone; a `zip` group together)."""
+    axes = []
+    for key, values in sweep.items():
+        if key != "zip":
+            axes.append({key: list(values)})
+        else:
+            axes += [dict(group) for group in (values if isinstance(values, list) else [values])]
+    return axes
+
+
+def _check_sweep(top: SpecFile, raw: dict, nodes: dict[str, NodeDef], file, problems, failed: set) -> None:
+    """Each swept key names a value the spec can hold (a field of its node's kind, or of the spec);
+    its values are a non-empty list; a zip's lists are equally long; seeds name stages."""
+    seen: dict[str, str] = {}
+    axes: list[int] = []
+    for key, values in top.sweep.items():
+        if key != "zip":
+            groups, where = [({key: values}, "sweep")], "sweep"
+        elif isinstance(values, dict) or (isinstance(values, list) and values and all(isinstance(v, dict) for v in values)):
+            groups = [(g, "sweep.zip" if isinstance(values, dict) else f"sweep.zip[{i}]")
+                      for i, g in enumerate(values if isinstance(values, list) else [values])]
+        else:
+            problems.append(Problem(file, "sweep.zip", "expected a mapping of dotted keys to lists of values that go "
+                                    "together (or a list of such mappings)"))
+            continue
+        for group, where in groups:
+            lengths = {}
+            for dotted, listed in group.items():
+                path = f"{where}.{dotted}"
+                if not isinstance(listed, list) or not listed:
+                    problems.append(Problem(file, path, f"expected a non-empty list of values, got {listed!r}"))
+                    continue
+                lengths[dotted] = len(listed)
+                if dotted in seen:
+                    problems.append(Problem(file, path, f"'{dotted}' is swept twice (also in {seen[dotted]})"))
+                seen[dotted] = where
+                if (problem := _sweep_key_problem(dotted, top, raw, nodes, failed)) is not None:
+                    problems.append(Problem(file, path, problem))
+            if len(set(lengths.values())) > 1:
+                shown = ", ".join(f"{k} has {n}" for k, n in lengths.items())
+                problems.append(Problem(file, where, f"expected lists of one length, zipped together; got {shown}"))
+            if lengths:
+                axes.append(max(lengths.values()))
+    if top.seeds is not None:
+        for i, name in enumerate(top.seeds.stages or []):
+            if name not in top.stages:
+                problems.append(Problem(file, f"seeds.stages[{i}]", f"no stage named '{name}'{did_you_mean(name, top.stages)}"))
+        if "seed" in seen:
+            problems.append(Problem(file, "sweep.seed", "seeds: varies the seed already; expected one of the two"))
+    variants = math.prod(axes) * (top.seeds.count if top.seeds else 1)
+    executions = len(nodes) + len(top.rounds.repeat) * top.rounds.count
+    if variants > MAX_VARIANTS:
+        problems.append(Problem(file, "sweep", f"expected at most {MAX_VARIANTS} variants (seeds included), got {variants}"))
+    elif variants * executions > MAX_SWEEP_EXECUTIONS:
+        problems.append(Problem(file, "sweep", f"expected at most {MAX_SWEEP_EXECUTIONS} stage executions over all "
+                                f"variants, got {variants} x {executions}"))
+
+
+def _sweep_key_problem(dotted: str, top: SpecFile, raw: dict, nodes: dict[str, NodeDef], failed: set) -> str | None:
+    """Why a swept dotted key cannot name a value of this spec (None: it can)."""
+    keys = dotted.split(".")
+    if not all(keys):
+        return "expected a dotted key like stages.dpo.beta"
+    if keys[0] in UNSWEPT:
+        return f"'{keys[0]}' is one for the whole sweep (one experiment, store, tracking store and runner); it cannot vary"
+    if keys[0] not in SpecFile.model_fields:
+        return f"unknown key '{keys[0]}'{did_you_mean(keys[0], SpecFile.model_fields)}"
+    if keys[0] in SECTIONS and len(keys) > 1:
+        section = getattr(top, keys[0])
+        if keys[1] not in section:
+            return f"no {keys[0][:-1]} named '{keys[1]}'{did_you_mean(keys[1], section)}"
+        if len(keys) == 2 or keys[1] in failed:
+            return None  # a whole definition, or one whose own error is reported
+        owner = _model_at(type(nodes[keys[1]].params), keys[2:-1])
+    else:
+        owner = _model_at(SpecFile, keys[:-1])
+    if owner is not None and keys[-1] not in owner.model_fields:
+        return (f"unknown key '{keys[-1]}'{did_you_mean(keys[-1], owner.model_fields)}; "
+                f"known keys: {', '.join(owner.model_fields)}")
+    node = raw
+    for depth, key in enumerate(keys[:-1]):  # as --set: the parents exist (below a node's own fields, they may not)
+        if not isinstance(node, dict) or (key not in node and depth < 2):
+            return f"there is no '{'.'.join(keys[:depth + 1])}' in the spec"
+        node = node.get(key, {})
+    return None
 
 
 def slice_name(table: str) -> str:
@@ -508,7 +639,7 @@ def pydantic_problems(exc: ValidationError, file: str, prefix: str, model: type[
     for err in exc.errors():
         loc = [str(x) for x in err["loc"]]
         path = ".".join([prefix] + loc if prefix else loc)
-        via = " (from --set)" if path in overridden else ""
+        via = f" (from {overridden[path]})" if path in overridden else ""
         if err["type"] == "extra_forbidden" and loc[-1] in FOREIGN_KEYS:
             problems.append(Problem(file, path, f"unknown key '{loc[-1]}'{via}: {FOREIGN_KEYS[loc[-1]]}"))
         elif err["type"] == "extra_forbidden":
