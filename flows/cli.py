@@ -23,18 +23,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Declarative preference-alignment pipelines on Prefect and MLflow.")
 
 SET_HELP = "Override a spec value: dotted.key=value (value parsed as YAML). Repeatable."
+SWEEP_HELP = ("Sweep a spec value over a list: dotted.key=V1,V2,... (values parsed as YAML); with several, "
+              "every combination runs. Repeatable; adds to (or replaces a key of) the spec's `sweep:`.")
+SEEDS_HELP = "Run every variant with this many seeds (the spec's seed, +1, ...); sets the spec's `seeds:` count."
 
 
-def _load(spec: str, overrides: list[str], rounds: int | None, force: list[str] = ()):
-    from flows.keys import resolve
-    from flows.spec import load_spec
+def _load(spec: str, overrides: list[str], rounds: int | None, force: list[str] = (), sweep: list[str] = (),
+          seeds: int | None = None):
+    """The spec's variants (flows/sweep.py; a plain spec is one), checked and resolved."""
+    from flows.sweep import expand
 
-    loaded = load_spec(spec, overrides, rounds)
+    expanded = expand(spec, overrides, rounds, sweep, seeds)
+    loaded = expanded.spec
     for name in force:
         if name not in loaded.nodes:
             raise SpecError(Problem(spec, f"--force {name}", f"no stage named '{name}'{did_you_mean(name, loaded.nodes)}"))
     _check_store(spec, loaded.store)
-    return loaded, resolve(loaded)
+    return expanded
 
 
 def _check_store(spec: str, store: str | None) -> None:
@@ -74,14 +79,19 @@ def run(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     force: List[str] = typer.Option([], "--force", help="Recompute this stage and everything downstream."),
     rounds: Optional[int] = typer.Option(None, "--rounds", min=0, help="Number of rounds (overrides rounds.count)."),
+    sweep: List[str] = typer.Option([], "--sweep", help=SWEEP_HELP),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help=SEEDS_HELP),
 ):
-    """Run a pipeline: every stage whose artifact is not already in the store."""
+    """Run a pipeline: every stage whose artifact is not already in the store. A sweep runs every
+    variant in one flow run, each stage key once."""
+    from flows.errors import SweepFailed
     from flows.inputs import check_local_inputs
 
     started = time.time()
     try:
         with timings.phase("spec and keys"):
-            loaded, nodes = _load(spec, set_, rounds, force)
+            expanded = _load(spec, set_, rounds, force, sweep, seeds)
+            loaded, nodes = expanded.spec, expanded.unique()
             check_local_inputs(nodes, store_root(loaded.store))  # a bad data file: exit 2 before anything is written
     except SpecError as err:
         _fail_spec(err)
@@ -99,10 +109,17 @@ def run(
     if server is not None:
         with timings.phase("prefect wait"):
             server.wait_ready()
-    console.print(f"[bold]{loaded.name}[/]: {len(nodes)} stage executions, store {store_root(loaded.store)}")
+    executions = sum(len(v.nodes) for v in expanded.variants)
+    variants = f"sweep of {len(expanded.variants)} variants, " if expanded.is_sweep else ""
+    unique = f" ({len(nodes)} unique)" if expanded.is_sweep else ""
+    console.print(f"[bold]{loaded.name}[/]: {variants}{executions} stage executions{unique}, "
+                  f"store {store_root(loaded.store)}")
+    failed = None
     try:
         with timings.phase("flow"):
-            result = pipeline(spec, list(set_), rounds, list(force))
+            result = pipeline(spec, list(set_), rounds, list(force), list(sweep), seeds)
+    except SweepFailed as err:  # the other variants finished: report them, then the failures
+        result, failed = err.result, err
     except StageFailed as err:
         import traceback
 
@@ -116,8 +133,14 @@ def run(
     ran = sum(s["cache"] == "miss" for s in result["stages"])
     stages = len(result["stages"])
     timings.write(stages=stages, per_stage=round(timings.PHASES["flow"] / max(1, stages), 4))
-    console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached; "
+    what = f" (stage keys; {executions} stage executions in {len(expanded.variants)} variants)" if expanded.is_sweep else ""
+    console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached{what}; "
                   f"MLflow {tracking_uri(loaded.tracking_uri)} (run {result['parent_run_id']})")
+    for variant in result.get("variants", []):
+        shown = "; ".join(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                          for r, metrics in variant["headline"].items())
+        state = "[red]failed[/]" if variant["failed"] else (shown or "finished")
+        console.print(f"  {escape(variant['label'])}: {state}", highlight=False, soft_wrap=True)
     if result.get("headline"):
         console.print("headline metrics by round (a mean over a round's seeds):")
         for round_, metrics in result["headline"].items():
@@ -127,6 +150,16 @@ def run(
 
     console.print(f"look further:\n  alignflow compare {shlex.quote(spec)}\n  alignflow ui {shlex.quote(spec)}",
                   highlight=False, soft_wrap=True)
+    if failed is not None:
+        import traceback
+
+        for cause in {id(e): e for _, e in failed.failures}.values():  # a shared stage's failure once
+            console.print("".join(traceback.format_exception(cause.cause)).rstrip(), style="dim", markup=False)
+        console.print(f"[red]error:[/] {len(failed.failures)} of {len(result['variants'])} variants failed:")
+        for label, err in failed.failures:
+            console.print(f"  {escape(label)}: {escape(str(err))}", highlight=False, soft_wrap=True)
+        console.print("Finished stages are kept; `alignflow run` again resumes from them.")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -134,26 +167,49 @@ def plan(
     spec: str = typer.Argument(..., help="Path to the pipeline spec (YAML)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     rounds: Optional[int] = typer.Option(None, "--rounds", min=0),
+    sweep: List[str] = typer.Option([], "--sweep", help=SWEEP_HELP),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help=SEEDS_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per row, for scripts."),
 ):
-    """Show every stage of every round as fresh, stale or missing, and why. Runs nothing."""
+    """Show every stage of every round as fresh, stale or missing, and why. Runs nothing. For a
+    sweep: each variant's counts, and how many stages are to compute in all."""
     from rich.table import Table
 
     from flows.plan import plan as make_plan
     from flows.store import Store
 
     try:
-        loaded, nodes = _load(spec, set_, rounds)
+        expanded = _load(spec, set_, rounds, (), sweep, seeds)
     except SpecError as err:
         _fail_spec(err)
-    rows = make_plan(loaded.name, nodes, Store(store_root(loaded.store)))
+    loaded, store = expanded.spec, Store(store_root(expanded.spec.store))
+    plans = [(v, make_plan(v.recipes, v.nodes, store)) for v in expanded.variants]
     if as_json:
         import json
 
-        for row in rows:
-            print(json.dumps({"stage": row.node.name, "round": row.node.round, "kind": row.node.kind,
-                              "status": row.status, "key": row.node.key, "reason": row.reason}))
+        for variant, rows in plans:
+            for row in rows:
+                print(json.dumps({**({"variant": variant.label} if expanded.is_sweep else {}),
+                                  "stage": row.node.name, "round": row.node.round, "kind": row.node.kind,
+                                  "status": row.status, "key": row.node.key, "reason": row.reason}))
         return
+    from rich.console import Console
+
+    if expanded.is_sweep:
+        table = Table(title=f"{loaded.name}: plan of a sweep of {len(plans)} variants")
+        for column in ("variant", "stage executions", "fresh", "stale", "missing"):
+            table.add_column(column, justify="left" if column == "variant" else "right")
+        for variant, rows in plans:
+            counts = [sum(r.status == status for r in rows) for status in ("fresh", "stale", "missing")]
+            table.add_row(escape(variant.label), str(len(rows)), *map(str, counts))
+        screen = Console(width=max(120, console.width), soft_wrap=True)
+        screen.print(table)
+        todo = {r.node.key for _, rows in plans for r in rows if r.status != "fresh"}
+        executions = sum(len(rows) for _, rows in plans)
+        screen.print(f"{len(todo)} unique stage executions to compute in all, of {len(expanded.unique())} stage keys "
+                      f"({executions} stage executions in the variants); `--json` lists each with its reason.")
+        return
+    rows = plans[0][1]
     table = Table(title=f"{loaded.name}: plan", show_lines=False)
     for column in ("round", "stage", "kind", "status", "key", "reason"):
         table.add_column(column, overflow="fold")
@@ -161,7 +217,6 @@ def plan(
     for row in rows:
         table.add_row(str(row.node.round), row.node.name, row.node.kind,
                       f"[{colour[row.status]}]{row.status}[/]", row.node.key[:12], row.reason)
-    from rich.console import Console
 
     Console(width=max(160, console.width), soft_wrap=True).print(table)
 
@@ -203,7 +258,7 @@ def serve(
         console.print(f"[red]error:[/] serve: --interval: expected a positive number of seconds, got {interval}")
         raise typer.Exit(2)
     try:
-        loaded, _ = _load(spec, set_, None)
+        loaded = _load(spec, set_, None).spec
     except SpecError as err:
         _fail_spec(err)
     api = os.environ.get("PREFECT_API_URL")
@@ -288,8 +343,8 @@ def compare(
     from rich.table import Table
     from rich.text import Text
 
-    from flows.report import (BASE_COLUMNS, SET_LABELS, NotFound, display_columns, find_parent_run, format_interval,
-                              headline_columns, read_summary, reward_comparison, select_columns)
+    from flows.report import (BASE_COLUMNS, NotFound, display_columns, find_parent_run, headline_columns, read_summary,
+                              reward_comparison, select_columns)
     from flows.tracking import quiet_mlflow
 
     quiet_mlflow()
@@ -302,6 +357,9 @@ def compare(
         console.print(f"[red]error:[/] {err} (tracking store {uri})")
         raise typer.Exit(2)
     summary = read_summary(client, run)
+    if "variant" in summary:  # a sweep's parent run
+        _compare_sweep(client, run, summary, metric, all_)
+        return
     chosen = select_columns(summary, metric) if metric or all_ else headline_columns(summary)
     table = display_columns(chosen)
     name = client.get_experiment(run.info.experiment_id).name
@@ -322,18 +380,80 @@ def compare(
         width = max(width, Console(width=10_000).measure(out).maximum)
     Console(width=width, soft_wrap=True).print(out)
 
-    comparison = reward_comparison(summary) if not metric else []
-    if comparison:
-        pairs = max(entry["n"] for entry in comparison)
-        versus = Table(title="EXRM vs DPORM: preference accuracy on held-out pairs, by set",
-                       caption=(f"mean over {pairs} seeds \\[95% t-interval over seeds]" if pairs > 1 else
-                                "accuracy \\[95% Wilson interval]") + "; difference: DPORM - EXRM, paired by seed")
-        for column in ("set", "EXRM", "DPORM", "difference"):
-            versus.add_column(column, justify="left" if column == "set" else "right", no_wrap=True)
-        for entry in comparison:
-            versus.add_row(SET_LABELS[entry["set"]], format_interval(entry["exrm"]), format_interval(entry["dporm"]),
-                           format_interval(entry["difference"]) if "difference" in entry else "")
-        Console(width=120, soft_wrap=True).print(versus)
+    if not metric:
+        _print_reward_comparison(reward_comparison(summary))
+
+
+def _print_reward_comparison(comparison: list[dict], variant: str = "") -> None:
+    """EXRM against DPORM by set (flows/report.py's reward_comparison), as a table of 120 columns."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.report import SET_LABELS, format_interval
+
+    if not comparison:
+        return
+    pairs = max(entry["n"] for entry in comparison)
+    versus = Table(title="EXRM vs DPORM: preference accuracy on held-out pairs, by set" + (f" ({variant})" if variant else ""),
+                   caption=(f"mean over {pairs} seeds \\[95% t-interval over seeds]" if pairs > 1 else
+                            "accuracy \\[95% Wilson interval]") + "; difference: DPORM - EXRM, paired by seed")
+    for column in ("set", "EXRM", "DPORM", "difference"):
+        versus.add_column(column, justify="left" if column == "set" else "right", no_wrap=True)
+    for entry in comparison:
+        versus.add_row(SET_LABELS[entry["set"]], format_interval(entry["exrm"]), format_interval(entry["dporm"]),
+                       format_interval(entry["difference"]) if "difference" in entry else "")
+    Console(width=120, soft_wrap=True).print(versus)
+
+
+SWEEP_CELL = 23  # "0.620 [0.550, 0.690]" and a column's borders
+
+
+def _compare_sweep(client, run, summary: dict[str, list], metric: list[str], all_: bool) -> None:
+    """A sweep's parent run: per metric, the variants by round with their intervals (over seeds,
+    with seeds), then each variant's difference from the first, paired by seed; then EXRM against
+    DPORM per variant where they were measured. Fits 120 columns (--all: every round)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.report import format_interval, reward_comparison, sweep_comparison, sweep_metrics, table_rows
+
+    name = client.get_experiment(run.info.experiment_id).name
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
+    groups = list(dict.fromkeys(summary["variant"]))
+    seeds = len({s for s in summary["seed"] if s is not None})
+    screen = Console(width=120 if not all_ else max(120, console.width), soft_wrap=True)
+    screen.print(f"{name}: sweep run {run.info.run_id} ({run.info.status.lower()}, started {started}), "
+                  f"{len(groups)} variant{'s' if len(groups) != 1 else ''}" + (f" x {seeds} seeds" if seeds else ""),
+                  highlight=False, soft_wrap=True)
+    label = lambda v: v or "as written"  # noqa: E731 - the seeds of the spec as written
+    for chosen in sweep_metrics(summary, metric):
+        entries = sweep_comparison(summary, chosen)
+        rounds = sorted({r for e in entries for r in e["rounds"]})
+        width = max(len("variant"), *(len(label(e["variant"])) for e in entries))
+        fits = max(1, (120 - 4 - width) // SWEEP_CELL)
+        shown = rounds if all_ or len(rounds) <= fits else rounds[:1] + rounds[len(rounds) - fits + 1:]
+        n = max(e["seeds"] for e in entries)
+        over = f"mean over {n} seeds \\[95% t-interval over seeds]" if n > 1 else "value \\[95% interval of its own]"
+        hidden = f"; rounds {', '.join(str(r) for r in rounds if r not in shown)} not shown (--all)" if shown != rounds else ""
+        tables = [(f"{chosen} by round", "rounds", over + hidden)]
+        if len(entries) > 1:
+            paired = ("paired by seed, 95% t-interval over the paired differences" if n > 1 else
+                      "one seed: no interval (--seeds N gives one)")
+            tables.append((f"{chosen}: difference from {label(entries[0]['variant'])}", "difference", paired + hidden))
+        for title, part, caption in tables:
+            out = Table(title=title, caption=caption)
+            out.add_column("variant", overflow="fold")
+            for r in shown:
+                out.add_column(f"round {r}", justify="right", no_wrap=True)
+            for entry in entries[1:] if part == "difference" else entries:
+                out.add_row(label(entry["variant"]), *(format_interval(entry[part][r]) if r in entry[part] else ""
+                                                      for r in shown))
+            screen.print(out)
+    if not metric:
+        for group in groups:
+            rows = [row for row in table_rows(summary) if row["variant"] == group]
+            table = {column: [row[column] for row in rows] for column in summary}
+            _print_reward_comparison(reward_comparison(table), group)
 
 
 UI_READY_S = 180  # MLflow's server takes tens of seconds to boot on a busy 2-core machine

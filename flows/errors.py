@@ -32,6 +32,17 @@ class StageFailed(Exception):
         super().__init__(f"stage '{stage}' (round {round}) failed: {type(cause).__name__}: {cause}")
 
 
+class SweepFailed(Exception):
+    """Variants of a sweep failed (the others finished): the CLI prints how many and exits 1.
+    `result` is the sweep's result as a finished one has it; `failures`: (variant, StageFailed)."""
+
+    def __init__(self, result: dict, failures: list[tuple[str, StageFailed]]):
+        self.result, self.failures = result, failures
+        total = len(result["variants"])
+        super().__init__(f"{len(failures)} of {total} variants failed: "
+                         + "; ".join(f"{label}: {err}" for label, err in failures))
+
+
 def did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -5,6 +5,13 @@ Prefect's cache is keyed on the stage key (flows/keys.py), its result is a small
 runs that need the same artifact compute it once. A cached result is only trusted while its
 artifact is whole: the flow checks the store first and refreshes the cache entry otherwise.
 MLflow is written from the flow (and, for live step metrics, through an explicit run id).
+
+A sweep (flows/sweep.py) is one flow run over the union of its variants' graphs: one task per
+stage key, so a stage that several variants need is computed once. In MLflow it is a parent run,
+a child run per variant, and under each variant a stage run per execution, as a plain run has:
+a shared stage is recorded under the first variant that needs it, and as a cache hit (with
+`alignflow.original_run_id`) under the others. A variant whose stage fails stops there; the
+others go on, and the flow raises SweepFailed at the end.
 """
 from __future__ import annotations
 
@@ -27,15 +34,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.transactions import IsolationLevel
 
 from flows import console as term
-from flows.errors import StageFailed
+from flows.errors import StageFailed, SweepFailed
 from flows.graph import Node, downstream
 from flows.home import store_root, tracking_uri
-from flows.keys import resolve
 from flows.locks import CrashSafeLockManager, file_lock
 from flows.report import headline_by_round, log_report
-from flows.spec import load_spec
 from flows.store import Store, pid_alive, plain
-from flows.tracking import StepLogger, Tracker, get_tracker, run_name
+from flows.sweep import Variant, expand
+from flows.tracking import StepLogger, Tracker, get_tracker, pipeline_run_name, run_name
 from tasks import load_stage_kinds
 from tasks.base import BadInput, StageContext
 
@@ -289,15 +295,16 @@ def _versions() -> dict[str, str]:
 
 @flow(name="alignflow", validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | None = None,
-             force: list[str] | None = None) -> dict:
-    """Run a spec: its stages on this flow's threads (runner: local), or in a subflow on Ray
-    workers (runner: ray). Parameters are the spec file and options, not objects, so a
-    deployment can run it as well."""
-    spec = load_spec(spec_file, overrides or [], rounds)
+             force: list[str] | None = None, sweep: list[str] | None = None, seeds: int | None = None) -> dict:
+    """Run a spec, or every variant of a sweep: its stages on this flow's threads (runner: local),
+    or in a subflow on Ray workers (runner: ray). Parameters are the spec file and options, not
+    objects, so a deployment can run it as well."""
+    args = (spec_file, overrides, rounds, force, sweep, seeds)
+    spec = expand(spec_file, overrides or [], rounds, sweep or [], seeds).spec
     if spec.runner.kind == "local":
-        return run_stages(spec_file, overrides, rounds, force)
+        return run_stages(*args)
     on_ray = flow(run_stages, name="alignflow-stages", validate_parameters=False)
-    return on_ray.with_options(task_runner=ray_task_runner(spec.runner))(spec_file, overrides, rounds, force)
+    return on_ray.with_options(task_runner=ray_task_runner(spec.runner))(*args)
 
 
 def ray_task_runner(runner):
@@ -310,42 +317,64 @@ def ray_task_runner(runner):
     return RayTaskRunner(init_kwargs={"num_cpus": runner.num_cpus} if runner.num_cpus else {})
 
 
+@dataclass
+class VariantRecord:
+    """One variant's MLflow runs as the flow fills them: its pipeline run (a plain run's parent, or
+    the variant's child of the sweep's parent) and a stage run per execution."""
+
+    variant: Variant
+    run_id: str
+    stage_runs: dict[str, str] = dataclasses.field(default_factory=dict)  # node id -> MLflow run id
+    refs: dict[str, dict] = dataclasses.field(default_factory=dict)  # node id -> its artifact's reference
+    summary: list[dict] = dataclasses.field(default_factory=list)
+    headline: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    failure: StageFailed | None = None
+
+
 def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int | None = None,
-               force: list[str] | None = None) -> dict:
-    """Submit every stage execution with its inputs as upstream futures (Prefect orders them and
-    resolves cached ones concurrently), then record each in MLflow, in order, as it finishes."""
+               force: list[str] | None = None, sweep: list[str] | None = None, seeds: int | None = None) -> dict:
+    """Submit every stage execution, one task per key, with its inputs as upstream futures
+    (Prefect orders them and resolves cached ones concurrently), then record each in MLflow, in
+    order, as it finishes."""
     from prefect.runtime import flow_run
 
-    spec = load_spec(spec_file, overrides or [], rounds)
-    nodes = resolve(spec)
+    expanded = expand(spec_file, overrides or [], rounds, sweep or [], seeds)
+    spec, is_sweep = expanded.spec, expanded.is_sweep
+    unique = expanded.unique()
     BAD_INPUTS.clear()
-    forced = downstream(nodes, set(force or []))
+    forced = {n.key for v in expanded.variants for n in v.nodes if n.id in downstream(v.nodes, set(force or []))}
     root = store_root(spec.store)
     store = Store(root)
     store.sweep()
-    forget_foreign_records(root, [node.key for node in nodes])
+    forget_foreign_records(root, [node.key for node in unique])
     policy = cache_policy(root)
     kinds = load_stage_kinds()
     tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)
     close_orphaned_runs(tracker)
-    parent = tracker.start_run(f"{spec.name}", {
-        "alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
-        "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count),
-        OWNER_TAG: OWNER,
-    })
+    tags = {"alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
+            "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count), OWNER_TAG: OWNER}
+    variants = expanded.variants
+    parent = tracker.start_run(pipeline_run_name(spec.name, variants=len(variants) if is_sweep else 0),
+                               {**tags, "alignflow.sweep": str(len(variants))} if is_sweep else tags)
     tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
-    futures, run_ids, summary, recorded, current = {}, {}, [], set(), None
+    records = [VariantRecord(v, parent if not is_sweep else _start_variant(tracker, parent, v)) for v in variants]
+    needers: dict[str, list[tuple[VariantRecord, Node]]] = {}  # key -> (variant, execution), in variant order
+    futures, failed, computed, current = {}, set(), set(), None
     try:
-        for node in nodes:
-            run_ids[node.id] = tracker.start_run(run_name(node.name, node.round), {
-                "alignflow.stage": node.name, "alignflow.round": str(node.round),
-                "alignflow.key": node.key, "alignflow.kind": node.kind, OWNER_TAG: OWNER,
-            }, parent=parent)
+        for record in records:
+            for node in record.variant.nodes:
+                record.stage_runs[node.id] = tracker.start_run(run_name(node.name, node.round), {
+                    "alignflow.stage": node.name, "alignflow.round": str(node.round),
+                    "alignflow.key": node.key, "alignflow.kind": node.kind, OWNER_TAG: OWNER,
+                }, parent=record.run_id)
+                needers.setdefault(node.key, []).append((record, node))
+        for node in unique:
+            first, _ = needers[node.key][0]
             damaged = store.check(node.kind, node.key, download=True) is not None  # never trust a cached reference to it
             name = node.label.replace(" ", "-")
-            job = StageJob(node=node, store_root=str(store.root), force=node.id in forced,
-                           tracker=tracker, mlflow_run_id=run_ids[node.id])
-            inputs = {p: futures[i] for p, i in node.inputs.items()}
+            job = StageJob(node=node, store_root=str(store.root), force=node.key in forced,
+                           tracker=tracker, mlflow_run_id=first.stage_runs[node.id])  # live steps: the first's run
+            inputs = {p: futures[node.recipe["inputs"][p]] for p in node.inputs}
             shards = getattr(node.params, "shards", 1)
             if shards > 1 and kinds[node.kind].shard_input:  # see run_shard
                 parts = [run_shard.with_options(name=f"{node.kind}-shard", task_run_name=f"{name}-shard{i}",
@@ -354,36 +383,124 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
                 task_, args = merge_shards, (job, inputs, parts)
             else:
                 task_, args = run_stage, (job, inputs)
-            futures[node.id] = task_.with_options(
-                name=node.kind, task_run_name=name, cache_policy=policy, refresh_cache=node.id in forced or damaged,
+            futures[node.key] = task_.with_options(
+                name=node.kind, task_run_name=name, cache_policy=policy, refresh_cache=node.key in forced or damaged,
             ).submit(*args)
-        refs: dict[str, dict] = {}
-        for node in nodes:
-            current = node.id
-            refs[node.id] = _record(node, futures[node.id], refs, tracker, run_ids[node.id], store)
-            if (store.last_recipe(spec.name, node.id) or {}).get("key") != node.key:  # same key, same recipe
-                store.record_recipe(spec.name, node.id, node.key, node.recipe)
-            recorded.add(node.id)
-            summary.append({"stage": node.name, "round": node.round, "key": node.key,
-                            "cache": "miss" if refs[node.id]["computed"] else "hit",
-                            "seconds": refs[node.id]["seconds"], "metrics": refs[node.id]["metrics"]})
+        for node in unique:
+            current = node.key
+            users = needers[node.key]
+            if any(k in failed for k in node.recipe["inputs"].values()):  # an input failed: never ran
+                futures[node.key].wait()
+                failed.add(node.key)
+                for record, execution in users:
+                    tracker.end(record.stage_runs.pop(execution.id), "KILLED")
+                    record.summary.append(_summary_row(execution, "killed"))
+                term.console.print(f"[yellow]-[/] {node.label:<24} not run: an input failed{_shared(users, records)}")
+                continue
+            try:
+                ref = _outcome(node, futures[node.key], store)
+            except StageFailed as err:
+                if not is_sweep:
+                    raise
+                failed.add(node.key)
+                for record, execution in users:
+                    tracker.end(record.stage_runs.pop(execution.id), "FAILED")
+                    record.summary.append(_summary_row(execution, "failed"))
+                    record.failure = record.failure or err
+                continue
+            if ref["computed"]:
+                computed.add(node.key)
+            for i, (record, execution) in enumerate(users):  # the first computed it; the rest share it
+                mine = ref if i == 0 else {**ref, "computed": False}
+                line = _log_stage(execution, mine, record.refs, tracker, record.stage_runs.pop(execution.id))
+                if i == 0:
+                    term.console.print(line + _shared(users, records))
+                if (store.last_recipe(record.variant.recipes, execution.id) or {}).get("key") != execution.key:
+                    store.record_recipe(record.variant.recipes, execution.id, execution.key, execution.recipe)
+                record.refs[execution.id] = mine
+                record.summary.append(_summary_row(execution, "hit" if i or not ref["computed"] else "miss", mine))
     except BaseException:
-        for node_id, run_id in run_ids.items():
-            if node_id not in recorded:  # the stage that failed, and those that never finished
-                tracker.end(run_id, "FAILED" if node_id == current else "KILLED")
+        for record in records:
+            for node_id, run_id in record.stage_runs.items():  # the stage that failed, and those that never finished
+                node = next(n for n in record.variant.nodes if n.id == node_id)
+                tracker.end(run_id, "FAILED" if node.key == current else "KILLED")
+            if record.run_id != parent:
+                tracker.end(record.run_id, "FAILED")
         tracker.end(parent, "FAILED")
         raise
-    hits = sum(row["cache"] == "hit" for row in summary)
-    tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
-    headline = headline_by_round(summary)  # MLflow's charts draw the parent's metrics by round
+    reports = store.local_root / "_reports"
+    for record in records:  # each variant's (or the plain run's) own metrics, headline and report
+        done = [row for row in record.summary if row["cache"] in ("hit", "miss")]
+        hits = sum(row["cache"] == "hit" for row in done)
+        tracker.log(record.run_id, metrics={"stages_run": len(done) - hits, "stages_cached": hits})
+        record.headline = headline_by_round(done)  # MLflow's charts draw the parent's metrics by round
+        tracker.log(record.run_id, history=[{"step": r, **metrics} for r, metrics in record.headline.items()])
+        log_report(tracker, record.run_id, done, cache_dir=reports)  # table and plots
+        if is_sweep:
+            tracker.end(record.run_id, "FAILED" if record.failure else "FINISHED")
+    if not is_sweep:
+        tracker.end(parent)
+        only = records[0]
+        return {"parent_run_id": parent, "stages": only.summary, "headline": only.headline}
+    return _finish_sweep(tracker, parent, expanded, records, unique, computed, reports)
+
+
+def _start_variant(tracker: Tracker, parent: str, variant: Variant) -> str:
+    """A variant's child run of the sweep's parent: named by what differs, its values as params."""
+    spec = variant.spec
+    run_id = tracker.start_run(pipeline_run_name(spec.name, variant=variant.label), {
+        "alignflow.variant": variant.label, "alignflow.variant_group": variant.group,
+        **({"alignflow.seed": str(variant.seed)} if variant.seed is not None else {}),
+        "alignflow.spec": spec.file, "alignflow.rounds": str(spec.rounds.count), OWNER_TAG: OWNER,
+    }, parent=parent)
+    tracker.log(run_id, params=variant.values)
+    tracker.log_text(run_id, _dump_yaml(spec.resolved), "spec.yaml")  # this variant alone, as a plain spec
+    return run_id
+
+
+def _finish_sweep(tracker: Tracker, parent: str, expanded, records: list[VariantRecord], unique: list[Node],
+                  computed: set[str], reports: Path) -> dict:
+    """The sweep's parent: its counts, its report over every variant (the headline by round, a
+    mean over seeds, when the seeds are all that varies), and SweepFailed if a variant failed."""
+    rows = [{**row, "variant": r.variant.group, "seed": r.variant.seed} for r in records for row in r.summary]
+    failures = [(r.variant.label, r.failure) for r in records if r.failure]
+    tracker.log(parent, metrics={"stages_run": len(computed), "stages_cached": len(unique) - len(computed),
+                                 "variants": len(records), "variants_failed": len(failures)})
+    headline = headline_by_round(rows) if len(expanded.groups()) == 1 else {}
     tracker.log(parent, history=[{"step": r, **metrics} for r, metrics in headline.items()])
-    log_report(tracker, parent, summary, cache_dir=store.local_root / "_reports")  # table and plots
-    tracker.end(parent)
-    return {"parent_run_id": parent, "stages": summary, "headline": headline}
+    log_report(tracker, parent, rows, cache_dir=reports)
+    tracker.end(parent, "FAILED" if failures else "FINISHED")
+    result = {"parent_run_id": parent, "headline": headline, "failed": failures,
+              "stages": [{"stage": n.name, "round": n.round, "key": n.key, "cache": "miss" if n.key in computed else "hit",
+                          "seconds": next((row["seconds"] for r in records for row in r.summary
+                                           if row["key"] == n.key and row["cache"] == "miss"), 0.0)}
+                         for n in unique],
+              "variants": [{"label": r.variant.label, "run_id": r.run_id, "headline": r.headline,
+                            "failed": r.failure is not None} for r in records]}
+    if failures:
+        raise SweepFailed(result, failures)
+    return result
 
 
-def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store: Store) -> dict:
-    """Wait for one stage, log it to its MLflow run, print its line; raise if it failed."""
+def _summary_row(node: Node, cache: str, ref: dict | None = None) -> dict:
+    return {"stage": node.name, "round": node.round, "key": node.key, "cache": cache,
+            "seconds": ref["seconds"] if ref else 0.0, "metrics": ref["metrics"] if ref else {}}
+
+
+def _shared(users: list, records: list) -> str:
+    """Which variants an execution serves, where the run is a sweep: ` [all 4]`, ` [beta=0.1 +1]`."""
+    from rich.markup import escape
+
+    if len(records) == 1 or not users[0][0].variant.label:
+        return ""
+    if len(users) == len(records):
+        return f" [dim]{escape(f'[all {len(records)}]')}[/]"
+    more = f" +{len(users) - 1}" if len(users) > 1 else ""
+    return f" [dim]{escape(f'[{users[0][0].variant.label}{more}]')}[/]"
+
+
+def _outcome(node: Node, future, store: Store) -> dict:
+    """Wait for one stage; its artifact's reference, or raise if it failed."""
     future.wait()
     state = future.state
     if not state.is_completed():
@@ -397,6 +514,11 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store
     ref = dict(state.result())
     ref["computed"] = ref["computed"] and state.name != "Cached"  # a cache record replays the original
     ref["uri"] = str(store.path(ref["kind"], ref["key"]))  # where it is now: the home may have moved
+    return ref
+
+
+def _log_stage(node: Node, ref: dict, refs: dict, tracker: Tracker, run_id: str) -> str:
+    """Log one finished stage to its MLflow run and end it; return its line for the terminal."""
     hit = not ref["computed"]
     tags = {"alignflow.cache": "hit" if hit else "miss", "alignflow.uri": ref["uri"]}
     if hit and ref.get("mlflow_run_id"):  # the run that computed it holds the step curves
@@ -409,8 +531,7 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store
     tracker.end(run_id)
     shown = ", ".join(f"{k}={v:.3g}" for k, v in list(ref["metrics"].items())[:4])
     mark = "[dim]cached[/]" if hit else f"[green]ran[/] {ref['seconds']:6.1f}s"
-    term.console.print(f"[green]✓[/] {node.label:<24} {mark:<22} {shown}")
-    return ref
+    return f"[green]✓[/] {node.label:<24} {mark:<22} {shown}"
 
 
 def _exception(state) -> BaseException:

@@ -11,6 +11,10 @@ seconds, metrics). The flow calls `log_report` once at its end:
   response_shift), one point per stage execution (several seeds show their spread), error bars
   from the `_ci_low`/`_ci_high` metrics.
 
+A sweep's parent run (flows/sweep.py) gets the same over every variant: `summary.json` with
+`variant` and `seed` columns, and `plots/win_rate.png` with one line per variant (its interval
+over seeds, with seeds). `sweep_comparison` is what `alignflow compare` prints for it.
+
 A plot is only drawn when its metrics are there, and is cached by the content of what it shows
 (`<store>/_reports/<hash>/`; for a remote store, in its local folder under ALIGNFLOW_HOME, see
 flows/store.py): a fully cached run shows the same numbers, so it logs the PNGs it
@@ -20,12 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 BASE_COLUMNS = ("stage", "round", "cache")
+SWEEP_COLUMNS = ("variant", "seed")  # a sweep's rows: which variant (without its seed), which seed
 REWARDS = ("exrm", "dporm")
 SETS = ("id", "prompt_shift", "response_shift")
 REWARD_LABELS = {"exrm": "EXRM (explicit reward model)", "dporm": "DPORM (DPO implicit reward)"}
@@ -34,14 +40,17 @@ SUMMARY_FILE = "summary.json"
 
 # ---------------------------------------------------------------- the table
 def summary_table(rows: Iterable[dict]) -> dict[str, list]:
-    """Column name -> values: stage, round, cache, then every metric in order of first appearance
-    (None where a stage has no such metric)."""
+    """Column name -> values: (a sweep's variant and seed,) stage, round, cache, then every metric
+    in order of first appearance (None where a stage has no such metric)."""
     rows = list(rows)
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row.get("metrics") or {}))
-    table: dict[str, list] = {column: [] for column in (*BASE_COLUMNS, *names)}
+    extra = [column for column in SWEEP_COLUMNS if any(column in row for row in rows)]
+    table: dict[str, list] = {column: [] for column in (*extra, *BASE_COLUMNS, *names)}
     for row in rows:
+        for column in extra:
+            table[column].append(row.get(column))
         table["stage"].append(row["stage"])
         table["round"].append(int(row["round"]))
         table["cache"].append(row["cache"])
@@ -113,6 +122,8 @@ def reward_accuracy_points(rows: Iterable[dict]) -> list[dict]:
                                                   float(m.get(f"{name}_ci_high", acc)))
         if values:
             label = row["stage"] + (f" (round {row['round']})" if int(row["round"]) else "")
+            label = " ".join(str(x) for x in (row.get("variant"), label) if x) + (
+                f" seed {row['seed']}" if row.get("seed") is not None else "")
             points.append({"label": label, "values": values})
     return points
 
@@ -131,12 +142,15 @@ def _error(value: float, low: float, high: float) -> tuple[float, float]:
     return max(0.0, value - low), max(0.0, high - value)
 
 
-def draw_win_rate(series: dict[str, list], out: Path) -> None:
+def draw_win_rate(series: dict[str, list], out: Path, title: str = "Win rate by round (error bars: interval)",
+                  dodge: float = 0.0) -> None:
+    """One line per series; `dodge` shifts each line's points sideways by that many rounds, so that
+    error bars at one round stay apart."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     try:
-        for stage, points in series.items():
-            rounds = [p[0] for p in points]
+        for i, (stage, points) in enumerate(series.items()):
+            rounds = [p[0] + dodge * (i - (len(series) - 1) / 2) for p in points]
             rates = [p[1] for p in points]
             errors = list(zip(*(_error(*p[1:]) for p in points)))
             ax.errorbar(rounds, rates, yerr=errors, marker="o", capsize=4, label=stage)
@@ -148,7 +162,7 @@ def draw_win_rate(series: dict[str, list], out: Path) -> None:
         ax.set_xticks(rounds)
         if len(rounds) == 1:
             ax.set_xlim(rounds[0] - 1, rounds[0] + 1)
-        ax.set_title("Win rate by round (error bars: interval)")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
         fig.tight_layout()
@@ -237,9 +251,9 @@ def plot(name: str, data, draw: Callable, cache_dir: Path) -> Path:
 
 
 def plots(rows: list[dict], cache_dir: Path) -> dict[str, Path]:
-    """Plot name -> PNG file, for each plot whose metrics the rows have."""
+    """Plot name -> PNG file, for each plot whose metrics the rows have (a sweep's: by variant)."""
     made = {}
-    for name, extract, draw in PLOTS:
+    for name, extract, draw in SWEEP_PLOTS if any("variant" in row for row in rows) else PLOTS:
         data = extract(rows)
         if data:
             made[name] = plot(name, data, draw, cache_dir)
@@ -280,7 +294,8 @@ def find_parent_run(client, experiment: str | None = None, run_id: str | None = 
         except MlflowException:
             raise NotFound(f"no run '{run_id}' in the tracking store") from None
         parent_id = run.data.tags.get("mlflow.parentRunId")
-        run = client.get_run(parent_id) if parent_id else run
+        if parent_id and "alignflow.variant" not in run.data.tags:  # a sweep's variant is a pipeline run too
+            run = client.get_run(parent_id)
         if experiment is not None:
             found = client.get_experiment_by_name(experiment)
             if found is None or found.experiment_id != run.info.experiment_id:
@@ -313,15 +328,22 @@ def read_summary(client, run) -> dict[str, list]:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run.info.run_id, SUMMARY_FILE, tmp)
             return parse_table(Path(path).read_text())
-    stages = client.search_runs([run.info.experiment_id],
-                                filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
-                                order_by=["attribute.start_time ASC"], max_results=5000)
-    rows = [{"stage": r.data.tags.get("alignflow.stage", r.info.run_name),
-             "round": int(r.data.tags.get("alignflow.round", 0)),
-             "cache": r.data.tags.get("alignflow.cache", r.info.status.lower()),
-             "metrics": r.data.metrics} for r in stages]
-    rows.sort(key=lambda row: row["round"])  # stable: creation order within a round
-    return summary_table(rows)
+    def children(run_id: str) -> list:
+        return client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                                  order_by=["attribute.start_time ASC"], max_results=5000)
+
+    def stage_rows(run_id: str, **variant) -> list[dict]:
+        rows = [{**variant, "stage": r.data.tags.get("alignflow.stage", r.info.run_name),
+                 "round": int(r.data.tags.get("alignflow.round", 0)),
+                 "cache": r.data.tags.get("alignflow.cache", r.info.status.lower()),
+                 "metrics": r.data.metrics} for r in children(run_id)]
+        return sorted(rows, key=lambda row: row["round"])  # stable: creation order within a round
+
+    if "alignflow.sweep" not in run.data.tags:
+        return summary_table(stage_rows(run.info.run_id))
+    seed = lambda tags: int(tags["alignflow.seed"]) if "alignflow.seed" in tags else None  # noqa: E731
+    return summary_table([row for v in children(run.info.run_id) for row in stage_rows(
+        v.info.run_id, variant=v.data.tags.get("alignflow.variant_group", ""), seed=seed(v.data.tags))])
 
 
 def select_columns(table: dict[str, list], patterns: list[str]) -> dict[str, list]:
@@ -370,7 +392,7 @@ def reward_comparison(table: dict[str, list]) -> list[dict]:
     {"set", "n", "exrm": (mean, low, high), "dporm": (...), "difference": (mean, low, high)}.
 
     Executions (seeds) pair up by stage name without its "exrm"/"dporm" part (`exrm_acc_s1` with
-    `dporm_acc_s1`; a stage that measures both pairs with itself) and round. With several pairs:
+    `dporm_acc_s1`; a stage that measures both pairs with itself), round and (a sweep's) seed. With several pairs:
     the mean over them, and a 95% t-interval over them (the paired differences for the difference);
     with one: its accuracies' own intervals, and no interval on the difference."""
     import re
@@ -384,7 +406,7 @@ def reward_comparison(table: dict[str, list]) -> list[dict]:
             for row in rows:
                 if row.get(name) is None:
                     continue
-                key = (re.sub(r"_?(exrm|dporm)_?", "_", str(row["stage"])).strip("_"), row["round"])
+                key = (re.sub(r"_?(exrm|dporm)_?", "_", str(row["stage"])).strip("_"), row["round"], row.get("seed"))
                 found.setdefault(reward, {})[key] = (row[name], row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high"))
         if len(found) < 2:
             continue
@@ -431,3 +453,78 @@ def display_columns(table: dict[str, list]) -> dict[str, list[str]]:
                              if format_value(lo) and format_value(hi) else format_value(v)
                              for v, lo, hi in zip(values, low, high)]
     return shown
+
+
+# ---------------------------------------------------------------- a sweep: variants by round
+def sweep_metrics(table: dict[str, list], patterns: list[str] = ()) -> list[str]:
+    """The metrics a sweep is compared on: those matching `patterns`; by default the win rate, or
+    where there is none and no EXRM vs DPORM accuracies (their own table), the sweep's first metric."""
+    from fnmatch import fnmatchcase
+
+    metrics = [c for c in table if c not in (*SWEEP_COLUMNS, *BASE_COLUMNS) and not c.endswith(("_ci_low", "_ci_high"))
+               and any(v is not None for v in table[c])]
+    if patterns:
+        return [m for m in metrics if any(fnmatchcase(m, p) for p in patterns)]
+    if "win_rate" in metrics or any(m in HEADLINE for m in metrics):
+        return ["win_rate"] if "win_rate" in metrics else []
+    return metrics[:1]
+
+
+def sweep_comparison(table: dict[str, list], metric: str) -> list[dict]:
+    """`metric` by variant and round, one entry per variant (its seeds together), in sweep order:
+    {"variant", "seeds": n, "rounds": {round: (mean, low, high)}, "difference": {round: (mean, low,
+    high)}}. A seed's value in a round is the mean of the round's executions reporting it. With
+    several seeds: the mean over seeds and a 95% t-interval over them; with one, the execution's
+    own interval (`<metric>_ci_low/_high`). "difference" (every variant but the first): minus the
+    first variant, paired by seed, with a t-interval over the paired differences (none with one
+    seed)."""
+    rate = metric in HEADLINE  # a rate or an accuracy: intervals stay in [0, 1]
+    bounds, spread = ((0.0, 1.0), (-1.0, 1.0)) if rate else ((-math.inf, math.inf), (-math.inf, math.inf))
+    values: dict[str, dict[int, dict]] = {}  # variant -> round -> seed -> [(value, low, high)]
+    for row in table_rows(table):
+        if row.get(metric) is None:
+            continue
+        cell = values.setdefault(row.get("variant") or "", {}).setdefault(int(row["round"]), {})
+        cell.setdefault(row.get("seed"), []).append((row[metric], row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")))
+    order = list(dict.fromkeys(v or "" for v in table.get("variant", [])))
+
+    def by_seed(cells: dict) -> dict:
+        return {seed: sum(c[0] for c in found) / len(found) for seed, found in cells.items()}
+
+    out, first = [], None
+    for variant in [v for v in order if v in values]:
+        entry = {"variant": variant, "seeds": max(len(c) for c in values[variant].values()), "rounds": {}, "difference": {}}
+        for round_, cells in sorted(values[variant].items()):
+            means = by_seed(cells)
+            only = next(iter(cells.values()))
+            single = only[0][1:] if len(cells) == 1 and len(only) == 1 and None not in only[0][1:] else None
+            entry["rounds"][round_] = _mean_interval(list(means.values()), single, bounds)
+            if first is not None and round_ in values[first]:
+                base = by_seed(values[first][round_])
+                paired = [means[s] - base[s] for s in means if s in base]
+                if paired:
+                    entry["difference"][round_] = _mean_interval(paired, bounds=spread)
+        first = variant if first is None else first
+        out.append(entry)
+    return out
+
+
+def sweep_win_rate_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float, float, float]]]:
+    """Variant -> [(round, win rate, low, high)]: the compare table's numbers (mean over seeds and
+    their interval), one line per variant."""
+    table = summary_table(rows)
+    if "win_rate" not in table:
+        return {}
+    return {entry["variant"] or "as written": [(r, m, m if lo is None else lo, m if hi is None else hi)
+                                               for r, (m, lo, hi) in entry["rounds"].items()]
+            for entry in sweep_comparison(table, "win_rate")}
+
+
+def draw_sweep_win_rate(series: dict[str, list], out: Path) -> None:
+    draw_win_rate(series, out, "Win rate by round, by variant (error bars: 95% interval)", dodge=0.04)
+
+
+SWEEP_PLOTS: tuple[tuple[str, Callable[[list[dict]], object], Callable], ...] = (
+    ("win_rate", sweep_win_rate_series, draw_sweep_win_rate),
+    ("reward_accuracy", reward_accuracy_points, draw_reward_accuracy),
+)

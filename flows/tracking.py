@@ -22,6 +22,14 @@ def run_name(stage: str, round: int) -> str:
     return f"{stage} · round {round}" if round else stage
 
 
+def pipeline_run_name(spec_name: str, variant: str | None = None, variants: int = 0) -> str:
+    """A pipeline-level run's name: a plain run's, `demo`; a sweep's parent, `demo · sweep of 4`;
+    a sweep's variant, what differs from the others (`beta=0.05 reference=previous seed=1`)."""
+    if variant:
+        return variant
+    return f"{spec_name} · sweep of {variants}" if variants else spec_name
+
+
 def is_remote(uri: str) -> bool:
     """A tracking server (or Databricks), as opposed to a store this process opens itself."""
     return uri.split(":", 1)[0].lower() in ("http", "https", "databricks")

@@ -41,10 +41,17 @@ class ToyPolicyParams(StageParams):
     kind: Literal["toy_policy"] = "toy_policy"
     previous: OptionalRef("model") = None
     gain: float = 0.0
+    fail: bool = False  # raise instead (a sweep's failing variant)
+    counter: str | None = None  # a file that gets one line per execution
 
 
 @stage_kind("toy_policy", ToyPolicyParams, output="model")
 def toy_policy(ctx):
+    if ctx.params.counter:
+        with open(ctx.params.counter, "a") as f:
+            f.write(f"{ctx.params.gain} {ctx.seed}\n")
+    if ctx.params.fail:
+        raise RuntimeError("toy policy failing on purpose")
     quality = ctx.params.gain
     if ctx.params.previous:
         quality += json.loads((ctx.inputs["previous"] / "quality.json").read_text())["quality"]
@@ -60,11 +67,13 @@ class ToyMetricsParams(StageParams):
     metrics: dict[str, float] = {}
     policy: OptionalRef("model") = None
     shift: list[str] = []
+    per_seed: dict[str, float] = {}  # metric -> added once per unit of the stage's seed
 
 
 @stage_kind("toy_metrics", ToyMetricsParams, output="metrics")
 def toy_metrics(ctx):
     metrics = dict(ctx.params.metrics)
+    metrics.update({name: metrics[name] + step * ctx.seed for name, step in ctx.params.per_seed.items()})
     if ctx.params.policy:
         quality = json.loads((ctx.inputs["policy"] / "quality.json").read_text())["quality"]
         metrics.update({name: metrics[name] + quality for name in ctx.params.shift})
