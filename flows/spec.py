@@ -334,7 +334,7 @@ def validate_spec(raw: dict, file: str, overridden: dict[str, str] | None = None
     nodes = _validate_nodes(top, file, p.parent, overridden, problems, failed)
     _check_names_and_refs(top, nodes, file, problems, failed)
     _check_reference_lengths(nodes, file, problems)
-    _check_sweep(top, raw, nodes, file, problems, failed)
+    _check_sweep(top, raw, nodes, file, problems, failed, overridden)
     if not problems:
         _check_cycles(top, nodes, file, problems)
         _check_combinations(nodes, top, file, problems)
@@ -359,7 +359,7 @@ def sweep_axes(sweep: dict[str, Any]) -> list[dict[str, list]]:
     return axes
 
 
-def _check_sweep(top: SpecFile, raw: dict, nodes: dict[str, NodeDef], file, problems, failed: set) -> None:
+def _check_sweep(top: SpecFile, raw: dict, nodes: dict[str, NodeDef], file, problems, failed: set, overridden) -> None:
     """Each swept key names a value the spec can hold (a field of its node's kind, or of the spec);
     its values are a non-empty list; a zip's lists are equally long; seeds name stages."""
     seen: dict[str, str] = {}
@@ -386,7 +386,8 @@ def _check_sweep(top: SpecFile, raw: dict, nodes: dict[str, NodeDef], file, prob
                     problems.append(Problem(file, path, f"'{dotted}' is swept twice (also in {seen[dotted]})"))
                 seen[dotted] = where
                 if (problem := _sweep_key_problem(dotted, top, raw, nodes, failed)) is not None:
-                    problems.append(Problem(file, path, problem))
+                    via = f" (from {overridden[f'sweep.{dotted}']})" if f"sweep.{dotted}" in overridden else ""
+                    problems.append(Problem(file, path, problem + via))
             if len(set(lengths.values())) > 1:
                 shown = ", ".join(f"{k} has {n}" for k, n in lengths.items())
                 problems.append(Problem(file, where, f"expected lists of one length, zipped together; got {shown}"))

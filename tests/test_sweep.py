@@ -1,0 +1,320 @@
+"""Sweeps (flows/sweep.py): variants of one spec in one run, each stage key computed once.
+
+Expansion first (no run: the demo's 2 x 2, the EXRM seeds against the same seeds written out by
+hand, bad sweeps), then end to end through the CLI on toy stages (tests/plugins/toy_stages.py):
+shared stages computed once (counted), one Prefect flow run, the MLflow tree, `plan` counts, a
+rerun that computes nothing, `compare`'s numbers against the children's metrics, and a failing
+variant that leaves the others finished."""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import Counter
+
+import pytest
+import yaml
+
+from conftest import DEMO_SPEC, REPO, alignflow
+from flows import report
+from flows.errors import SpecError
+from flows.keys import resolve
+from flows.spec import validate_spec
+from flows.sweep import expand, short_names
+from test_spec import run_cli
+
+TOY = {"ALIGNFLOW_PLUGINS": "toy_stages"}
+T_975_1 = 12.706204736174698  # the t distribution's 0.975 quantile, 1 degree of freedom (2 seeds)
+
+
+# ---------------------------------------------------------------- expansion
+def test_demo_2x2_shares_every_stage_whose_inputs_agree():
+    sweep = expand(str(DEMO_SPEC), sweep=["stages.dpo.beta=0.05,0.1", "rounds.reference=fixed,previous"])
+    assert [v.label for v in sweep.variants] == ["beta=0.05 reference=fixed", "beta=0.05 reference=previous",
+                                                 "beta=0.1 reference=fixed", "beta=0.1 reference=previous"]
+    assert sweep.variants[1].values == {"stages.dpo.beta": 0.05, "rounds.reference": "previous"}
+    keys = Counter()  # stage execution -> how many different keys it has over the variants
+    for id_ in {n.id for v in sweep.variants for n in v.nodes}:
+        keys[id_] = len({n.key for v in sweep.variants for n in v.nodes if n.id == id_})
+    once = {i for i, n in keys.items() if n == 1}
+    assert {"sft", "reward_model", "generate@1", "score@1", "pairs@1"} <= once  # round 1's reference is SFT in both
+    assert keys["dpo@1"] == keys["evaluate@1"] == keys["generate@2"] == 2  # beta
+    assert keys["pairs@2"] == keys["dpo@3"] == 4  # beta x reference
+    single = len(resolve(validate_spec(yaml.safe_load(DEMO_SPEC.read_text()), str(DEMO_SPEC))))
+    assert sum(len(v.nodes) for v in sweep.variants) == 4 * single == 92
+    assert len(sweep.unique()) == sum(keys.values()) == 51
+    unique = sweep.unique()  # run order: every execution after its inputs
+    seen = set()
+    for node in unique:
+        assert set(node.recipe["inputs"].values()) <= seen, node.id
+        seen.add(node.key)
+
+
+def test_zip_goes_together_and_seeds_repeat_every_variant(tmp_path):
+    sweep = expand(str(DEMO_SPEC), rounds=1, sweep=["stages.sft.lr=0.001"], seeds=2, overrides=[])
+    assert [v.label for v in sweep.variants] == ["lr=0.001 seed=0", "lr=0.001 seed=1"]
+    assert all(v.spec.seed == v.seed for v in sweep.variants)  # seeds without stages: the spec's seed
+    spec = yaml.safe_load(DEMO_SPEC.read_text())
+    spec["sweep"] = {"zip": {"stages.dpo.lr": [1e-4, 5e-4], "stages.sft.lr": [1e-3, 2e-3]},
+                     "stages.dpo.beta": [0.05, 0.1]}
+    spec["seeds"] = {"count": 2, "stages": ["dpo"]}
+    spec["rounds"]["count"] = 1
+    sweep = expand(str(write(tmp_path / "zip.yaml", spec)))
+    assert len(sweep.variants) == 2 * 2 * 2
+    assert sweep.variants[0].label == "dpo.lr=0.0001 sft.lr=0.001 beta=0.05 seed=0"
+    assert sweep.variants[0].group == "dpo.lr=0.0001 sft.lr=0.001 beta=0.05"
+    paired = {(v.values["stages.dpo.lr"], v.values["stages.sft.lr"]) for v in sweep.variants}
+    assert paired == {(1e-4, 1e-3), (5e-4, 2e-3)}
+    by = {(v.values["stages.dpo.lr"], v.values["stages.dpo.beta"], v.seed): {n.id: n.key for n in v.nodes}
+          for v in sweep.variants}
+    first, second = by[1e-4, 0.05, 0], by[1e-4, 0.05, 1]  # seeds: {stages: [dpo]}: only dpo and after differ
+    assert first["sft"] == second["sft"] and first["pairs@1"] == second["pairs@1"]
+    assert first["dpo@1"] != second["dpo@1"] and first["evaluate@1"] != second["evaluate@1"]
+    assert short_names(["stages.dpo.lr", "stages.sft.lr", "rounds.reference"]) == {
+        "stages.dpo.lr": "dpo.lr", "stages.sft.lr": "sft.lr", "rounds.reference": "reference"}
+
+
+def test_seeds_give_the_keys_of_the_seeds_written_out_by_hand():
+    """pipelines/exrm_vs_dporm.yaml's `seeds:` against the same stages copied per seed, as the spec
+    had them: the same keys, so a store of the hand-written spec stays cached."""
+    path = REPO / "pipelines" / "exrm_vs_dporm.yaml"
+    spec = yaml.safe_load(path.read_text())
+    by_hand = {k: v for k, v in spec.items() if k != "seeds"}
+    stages = by_hand["stages"] = {k: v for k, v in spec["stages"].items() if k not in ("exrm", "dpo", "acc", "evaluate")}
+    for s in range(spec["seeds"]["count"]):
+        stages[f"exrm_s{s}"] = {**spec["stages"]["exrm"], "seed": s}
+        stages[f"dpo_s{s}"] = {**spec["stages"]["dpo"], "seed": s}
+        stages[f"acc_s{s}"] = {**spec["stages"]["acc"], "exrm": f"exrm_s{s}", "dporm_policy": f"dpo_s{s}"}
+        stages[f"evaluate_s{s}"] = {**spec["stages"]["evaluate"], "policy": f"dpo_s{s}"}
+    written = {n.key for n in resolve(validate_spec(by_hand, str(path)))}
+    swept = expand(str(path))
+    assert [v.label for v in swept.variants] == ["seed=0", "seed=1", "seed=2"]
+    assert {n.key for n in swept.unique()} == written
+    assert len(written) == 9 + 3 * 4  # the data, the model, SFT and the reference log-probs: shared by the seeds
+
+
+@pytest.mark.parametrize("args,path,words", [
+    (["--sweep", "stages.dpo.betta=0.1,0.2"], "sweep.stages.dpo.betta", ["did you mean 'beta'", "(from --sweep)"]),
+    (["--sweep", "stages.dpoo.beta=0.1,0.2"], "sweep.stages.dpoo.beta", ["no stage named 'dpoo'"]),
+    (["--sweep", "stages.dpo.beta=0.1,high"], "stages.dpo.beta", ["'high'", "(from --sweep)", "(variant beta=high)"]),
+    (["--sweep", "name=a,b"], "sweep.name", ["cannot vary"]),
+    (["--sweep", "rounds.reference=fixed,moving"], "rounds.reference", ["'fixed' or 'previous'", "moving"]),
+    (["--sweep", "seed=1,2", "--seeds", "2"], "sweep.seed", ["one of the two"]),
+    (["--sweep", "stages.dpo.beta"], "", ["expected dotted.key=V1,V2"]),
+])
+def test_bad_sweeps_exit_2_naming_the_field_and_write_nothing(tmp_path, monkeypatch, args, path, words):
+    for command in ("plan", "run"):
+        result = run_cli(tmp_path, monkeypatch, command, DEMO_SPEC, *args)
+        assert result.exit_code == 2, result.output
+        assert f"{DEMO_SPEC}: {path}" in result.output, result.output
+        for word in words:
+            assert word in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("sweep,seeds,path,words", [
+    ({"zip": {"stages.dpo.lr": [1e-4, 5e-4], "stages.dpo.beta": [0.1]}}, None, "sweep.zip",
+     ["lists of one length", "stages.dpo.lr has 2, stages.dpo.beta has 1"]),
+    ({"stages.dpo.beta": 0.1}, None, "sweep.stages.dpo.beta", ["expected a non-empty list"]),
+    ({"stages.dpo.beta": [0.1, 0.2], "zip": {"stages.dpo.beta": [0.3]}}, None, "sweep.zip.stages.dpo.beta",
+     ["swept twice"]),
+    ({}, {"count": 2, "stages": ["dpoo"]}, "seeds.stages[0]", ["no stage named 'dpoo'", "did you mean 'dpo'"]),
+    ({}, 0, "seeds.count", ["greater than or equal to 1"]),
+    ({"stages.dpo.beta": list(range(1, 40)), "stages.dpo.lr": [0.1] * 40}, None, "sweep", ["at most 1000 variants"]),
+])
+def test_bad_sweep_sections_are_spec_errors(tmp_path, sweep, seeds, path, words):
+    spec = yaml.safe_load(DEMO_SPEC.read_text())
+    spec["sweep"] = sweep
+    if seeds is not None:
+        spec["seeds"] = seeds
+    with pytest.raises(SpecError) as err:
+        expand(str(write(tmp_path / "spec.yaml", spec)))
+    found = [p for p in err.value.problems if p.path == path]
+    assert found, err.value
+    for word in words:
+        assert word in found[0].message, found[0].message
+
+
+# ---------------------------------------------------------------- end to end, on toy stages
+def toy_sweep(tmp_path, name: str, counter, gains=(0.1, 0.2), per_seed=(0.01, 0.03), fail=None, rounds=2) -> dict:
+    """Policy quality grows by `gain` (+ `per_seed` x seed) a round; the win rate follows it (and
+    moves 0.02 a seed). Swept: gain and per_seed together; 2 seeds of `improve` and `evaluate`."""
+    spec = {
+        "name": name,
+        "seeds": {"count": 2, "stages": ["improve", "evaluate"]},
+        "sweep": {"zip": {"stages.improve.gain": list(gains), "stages.evaluate.per_seed.win_rate": list(per_seed)}},
+        "stages": {
+            "start": {"kind": "toy_policy", "counter": str(counter)},
+            "improve": {"kind": "toy_policy", "previous": "policy", "gain": 0.1, "counter": str(counter)},
+            "evaluate": {"kind": "toy_metrics", "policy": "improve",
+                         "metrics": {"win_rate": 0.45, "win_rate_ci_low": 0.4, "win_rate_ci_high": 0.5},
+                         "shift": ["win_rate", "win_rate_ci_low", "win_rate_ci_high"], "per_seed": {"win_rate": 0.0}},
+        },
+        "rounds": {"count": rounds, "repeat": ["improve", "evaluate"], "policy": {"start": "start", "next": "improve"}},
+    }
+    if fail is not None:
+        spec["sweep"] = {"stages.improve.fail": fail}
+    return spec
+
+
+def write(path, spec):
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def plan_rows(spec, home, *args) -> list[dict]:
+    out = alignflow("plan", spec, "--json", *args, home=home, env=TOY, check=True, timeout=120)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    home, counter = root / "home", root / "executions.txt"
+    spec = write(root / "toy.yaml", toy_sweep(root, "sweep-toy", counter))
+    before = plan_rows(spec, home)
+    cold = alignflow("run", spec, home=home, env=TOY, check=True, timeout=600)
+    executions = counter.read_text().splitlines()
+    warm = alignflow("run", spec, home=home, env=TOY, check=True, timeout=600)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweep-toy")
+    parents = client.search_runs([experiment.experiment_id], filter_string=report.PARENT_FILTER,
+                                 order_by=["attribute.start_time ASC"])
+    return {"root": root, "home": home, "spec": spec, "counter": counter, "before": before, "cold": cold,
+            "warm": warm, "executions": executions, "client": client, "experiment": experiment, "parents": parents}
+
+
+def children(client, experiment, run_id: str) -> list:
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                              order_by=["attribute.start_time ASC"], max_results=1000)
+
+
+def test_shared_stages_are_computed_once_in_one_flow_run(swept):
+    # start: once for all 4 variants; improve: once per gain and seed and round (2 x 2 x 2)
+    assert Counter(line.split()[0] for line in swept["executions"]) == {"0.0": 1, "0.1": 4, "0.2": 4}
+    assert len(swept["executions"]) == 9
+    out = swept["cold"].stderr
+    assert "sweep of 4 variants, 20 stage executions (17 unique)" in out  # + 8 evaluate executions
+    assert re.search(r"done in .*: 17 ran, 0 cached \(stage keys; 20 stage executions in 4 variants\)", out)
+    import contextlib
+    import sqlite3
+
+    flow_run = swept["parents"][0].data.tags["alignflow.flow_run_id"]
+    with contextlib.closing(sqlite3.connect(f"file:{swept['home'] / 'prefect' / 'prefect.db'}?mode=ro", uri=True)) as db:
+        states = Counter(s for (s,) in db.execute("SELECT state_name FROM task_run WHERE flow_run_id = ?", (flow_run,)))
+        flows = db.execute("SELECT count(*) FROM flow_run").fetchone()[0]
+    assert states == {"Completed": 17}  # one task per key, in the sweep's one flow run
+    assert flows == 2  # the cold run's and the rerun's
+
+
+def test_mlflow_has_the_sweep_a_child_per_variant_and_its_stages(swept):
+    client, experiment, parent = swept["client"], swept["experiment"], swept["parents"][0]
+    assert parent.info.run_name == "sweep-toy · sweep of 4" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["stages_run"] == 17 and parent.data.metrics["variants"] == 4
+    assert "plots/win_rate.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    variants = children(client, experiment, parent.info.run_id)
+    assert [v.info.run_name for v in variants] == ["gain=0.1 win_rate=0.01 seed=0", "gain=0.1 win_rate=0.01 seed=1",
+                                                   "gain=0.2 win_rate=0.03 seed=0", "gain=0.2 win_rate=0.03 seed=1"]
+    assert variants[3].data.params == {"stages.improve.gain": "0.2", "stages.evaluate.per_seed.win_rate": "0.03",
+                                       "seed": "1"}
+    history = client.get_metric_history(variants[2].info.run_id, "win_rate")  # step = round
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [(1, 0.65), (2, 0.85)]
+    first = {r.info.run_name: r for r in children(client, experiment, variants[0].info.run_id)}
+    second = {r.info.run_name: r for r in children(client, experiment, variants[1].info.run_id)}
+    assert set(first) == set(second) == {"start", "improve · round 1", "evaluate · round 1", "improve · round 2",
+                                         "evaluate · round 2"}
+    # start is the first variant's to compute; the others record it as a hit, pointing at that run
+    assert first["start"].data.tags["alignflow.cache"] == "miss"
+    assert second["start"].data.tags["alignflow.cache"] == "hit"
+    assert second["start"].data.tags["alignflow.original_run_id"] == first["start"].info.run_id
+    assert second["improve · round 1"].data.tags["alignflow.cache"] == "miss"  # its own seed
+
+
+def test_plan_counts_per_variant_and_in_all(swept):
+    before = swept["before"]
+    assert len(before) == 20 and {r["status"] for r in before} == {"missing"}
+    assert Counter(r["variant"] for r in before) == {v: 5 for v in (
+        "gain=0.1 win_rate=0.01 seed=0", "gain=0.1 win_rate=0.01 seed=1",
+        "gain=0.2 win_rate=0.03 seed=0", "gain=0.2 win_rate=0.03 seed=1")}
+    assert len({r["key"] for r in before}) == 17
+    home, spec = swept["home"], swept["spec"]
+    assert {r["status"] for r in plan_rows(spec, home)} == {"fresh"}
+    text = alignflow("plan", spec, "--seeds", "3", home=home, env=TOY, check=True, timeout=120).stdout
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if "seed=" in line}
+    assert re.search(r"│\s+5 │\s+5 │\s+0 │\s+0 │", lines["gain=0.1 win_rate=0.01 seed=0"])
+    assert re.search(r"│\s+5 │\s+1 │\s+0 │\s+4 │", lines["gain=0.2 win_rate=0.03 seed=2"])  # only start is shared
+    assert "8 unique stage executions to compute in all, of 25 stage keys (30 stage executions" in text
+    changed = plan_rows(spec, home, "--set", "stages.evaluate.metrics.win_rate=0.4")
+    stale = [r for r in changed if r["status"] == "stale"]
+    assert {r["stage"] for r in stale} == {"evaluate"} and len(stale) == 8
+    assert all("metrics" in r["reason"] for r in stale)
+
+
+def test_a_rerun_computes_nothing(swept):
+    assert "0 ran, 17 cached" in swept["warm"].stderr
+    assert len(swept["counter"].read_text().splitlines()) == len(swept["executions"])
+    warm = swept["parents"][1]
+    assert warm.data.metrics["stages_run"] == 0 and warm.data.metrics["stages_cached"] == 17
+
+
+def test_compare_prints_the_children_numbers(swept):
+    client, experiment, parent = swept["client"], swept["experiment"], swept["parents"][-1]
+    # the reference, from MLflow alone: each variant's evaluate runs
+    rate: dict[tuple[str, int], list[float]] = {}  # (gain, round) -> by seed
+    for variant in children(client, experiment, parent.info.run_id):
+        for stage in children(client, experiment, variant.info.run_id):
+            if stage.data.tags["alignflow.stage"] == "evaluate":
+                key = (variant.data.params["stages.improve.gain"], int(stage.data.tags["alignflow.round"]))
+                rate.setdefault(key, []).append(stage.data.metrics["win_rate"])
+
+    def interval(values, low=0.0, high=1.0):
+        mean, half = statistics.mean(values), T_975_1 * statistics.stdev(values) / 2 ** 0.5
+        return f"{mean:.3f} [{max(low, mean - half):.3f}, {min(high, mean + half):.3f}]"
+
+    out = alignflow("compare", swept["spec"], home=swept["home"], env=TOY, check=True, timeout=120).stdout
+    assert max(map(len, out.splitlines())) <= 120
+    assert f"sweep-toy: sweep run {parent.info.run_id}" in out and "2 variants x 2 seeds" in out
+    by_round, difference = out.split("difference from")
+    row = lambda text, label: next(l for l in text.splitlines() if l.startswith(f"│ {label}"))  # noqa: E731
+    for gain in ("0.1", "0.2"):
+        cells = row(by_round, f"gain={gain} win_rate=")
+        for r in (1, 2):
+            assert interval(rate[gain, r]) in cells, (gain, r, cells)
+    paired = row(difference, "gain=0.2 win_rate=0.03")
+    for r in (1, 2):
+        diffs = [b - a for a, b in zip(rate["0.1", r], rate["0.2", r])]  # seed by seed
+        assert interval(diffs, -1.0, 1.0) in paired, (r, paired)
+        assert statistics.stdev(diffs) > 0, "a real interval, not a point"
+    assert "mean over 2 seeds [95% t-interval over seeds]" in by_round
+    assert "paired by seed" in difference
+
+
+def test_a_failing_variant_leaves_the_others_finished(tmp_path):
+    counter = tmp_path / "executions.txt"
+    spec = write(tmp_path / "fail.yaml", toy_sweep(tmp_path, "sweep-fail", counter, fail=[True, False], rounds=2))
+    home = tmp_path / "home"
+    out = alignflow("run", spec, home=home, env=TOY, timeout=600)
+    assert out.returncode == 1, out.stderr
+    assert "error: 2 of 4 variants failed:" in out.stderr and "failing on purpose" in out.stderr
+    assert "fail=true seed=0: stage 'improve' (round 1) failed" in out.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweep-fail")
+    parent = client.search_runs([experiment.experiment_id], filter_string=report.PARENT_FILTER)[0]
+    assert parent.info.status == "FAILED" and parent.data.metrics["variants_failed"] == 2
+    status = {}
+    for variant in children(client, experiment, parent.info.run_id):
+        status[variant.info.run_name] = variant.info.status
+        stages = {r.info.run_name: r.info.status for r in children(client, experiment, variant.info.run_id)}
+        if variant.info.run_name.startswith("fail=true"):
+            assert stages == {"start": "FINISHED", "improve · round 1": "FAILED", "evaluate · round 1": "KILLED",
+                              "improve · round 2": "KILLED", "evaluate · round 2": "KILLED"}
+        else:
+            assert set(stages.values()) == {"FINISHED"} and len(stages) == 5
+    assert status == {"fail=true seed=0": "FAILED", "fail=true seed=1": "FAILED",
+                      "fail=false seed=0": "FINISHED", "fail=false seed=1": "FINISHED"}
+    rows = plan_rows(spec, home)
+    assert {r["status"] for r in rows if r["variant"].startswith("fail=false")} == {"fresh"}
