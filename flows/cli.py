@@ -132,7 +132,8 @@ def run(
         raise typer.Exit(2)
     ran = sum(s["cache"] == "miss" for s in result["stages"])
     stages = len(result["stages"])
-    timings.write(stages=stages, per_stage=round(timings.PHASES["flow"] / max(1, stages), 4))
+    timings.write(stages=stages, per_stage=round(timings.PHASES["flow"] / max(1, stages), 4), ran=ran,
+                  ran_seconds=round(sum(s["seconds"] for s in result["stages"] if s["cache"] == "miss"), 3))
     what = f" (stage keys; {executions} stage executions in {len(expanded.variants)} variants)" if expanded.is_sweep else ""
     console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached{what}; "
                   f"MLflow {tracking_uri(loaded.tracking_uri)} (run {result['parent_run_id']})")

@@ -274,11 +274,13 @@ def small_exrm_vs_dporm(tmp_path, name="exrm-vs-dporm-small"):
 def test_small_exrm_vs_dporm_pipeline_logs_every_accuracy(tmp_path):
     home = tmp_path / "home"
     alignflow("run", small_exrm_vs_dporm(tmp_path), home=home, check=True, timeout=600)
-    runs = {r.data.tags["alignflow.stage"]: r for r in stage_runs(home, "exrm-vs-dporm-small")}
-    for stage in ("acc_s0", "acc_s1", "acc_s2"):
-        metrics = runs[stage].data.metrics
+    seeds = stage_runs(home, "exrm-vs-dporm-small")  # `seeds: 3`: the sweep's child runs, one per seed
+    assert sorted(v.info.run_name for v in seeds) == ["seed=0", "seed=1", "seed=2"]
+    for seed in seeds:
+        runs = {r.data.tags["alignflow.stage"]: r for r in stage_runs(home, "exrm-vs-dporm-small", seed.info.run_id)}
+        metrics = runs["acc"].data.metrics
         missing = [m for m in ACCURACY_METRICS if m not in metrics]
-        assert not missing, (stage, missing)
+        assert not missing, (seed.info.run_name, missing)
         for m in ACCURACY_METRICS:
             assert 0 <= metrics[m] <= 1
-    assert {"win_rate", "kl", "length_policy", "reward_policy"} <= set(runs["evaluate"].data.metrics)
+        assert {"win_rate", "kl", "length_policy", "reward_policy"} <= set(runs["evaluate"].data.metrics)

@@ -1,7 +1,7 @@
 """pipelines/exrm_vs_dporm_smollm2_ci.yaml end to end (slow: `pytest -m slow tests/test_exrm_smollm2.py`,
 run by .ci/run): SmolLM2-135M-Instruct, LoRA reward models and DPO policies on three seeds, and
 the comparison as a person reads it: six accuracies with intervals per seed (one EXRM run and one
-DPORM run each), the parent run's plot, `alignflow compare`'s EXRM vs DPORM table, and MLflow's
+DPORM run each, under the seed's run of the sweep), the parent run's plot, `alignflow compare`'s EXRM vs DPORM table, and MLflow's
 compare page of an EXRM run and a DPORM run in a headless browser (screenshot in test-artifacts/).
 
 ALIGNFLOW_EXRM_HOME names a home that already ran the pipeline (a warm rerun: all cached)."""
@@ -34,17 +34,20 @@ def ci_run(tmp_path_factory):
     experiment = client.get_experiment_by_name(NAME)
     parent = client.search_runs([experiment.experiment_id], filter_string=report.PARENT_FILTER,
                                 order_by=["attribute.start_time DESC"], max_results=1)[0]
-    stages = client.search_runs([experiment.experiment_id],
-                                filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    return {"home": home, "run": run, "client": client, "experiment": experiment, "parent": parent,
-            "stages": {r.data.tags["alignflow.stage"]: r for r in stages}}
+    def children(run_id: str) -> list:
+        return client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+
+    # `seeds: 3`: the sweep's parent has a child run per seed, and each its stage runs
+    stages = {(r.data.tags["alignflow.stage"], int(seed.data.tags["alignflow.seed"])): r
+              for seed in children(parent.info.run_id) for r in children(seed.info.run_id)}
+    return {"home": home, "run": run, "client": client, "experiment": experiment, "parent": parent, "stages": stages}
 
 
 @pytest.mark.timeout(2400)  # the first test waits for the cold run
 def test_three_seeds_are_three_pairs_of_runs_with_six_accuracies(ci_run):
     for seed in range(3):
         for reward in report.REWARDS:
-            metrics = ci_run["stages"][f"{reward}_acc_s{seed}"].data.metrics
+            metrics = ci_run["stages"][f"{reward}_acc", seed].data.metrics
             for set_ in report.SETS:
                 name = f"{reward}_acc_{set_}"
                 assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
@@ -97,10 +100,10 @@ def test_mlflow_compare_page_shows_exrm_and_dporm_side_by_side(ci_run, tmp_path)
     from test_browser import PAGE_TIMEOUT, artifacts_dir, chrome
     from test_mlflow_server import mlflow_server
 
-    runs = [ci_run["stages"]["exrm_acc_s0"].info.run_id, ci_run["stages"]["dporm_acc_s0"].info.run_id]
+    runs = [ci_run["stages"]["exrm_acc", 0].info.run_id, ci_run["stages"]["dporm_acc", 0].info.run_id]
     wanted = ["dporm_acc_response_shift", "exrm_acc_response_shift"]  # the table's order: scrolling down
     values = [str(ci_run["stages"][stage].data.metrics[name])[:4]  # MLflow shows the value unrounded
-              for stage, name in (("dporm_acc_s0", wanted[0]), ("exrm_acc_s0", wanted[1]))]
+              for stage, name in ((("dporm_acc", 0), wanted[0]), (("exrm_acc", 0), wanted[1]))]
     shots = [artifacts_dir() / f"mlflow-compare-exrm-dporm-smollm2-{name}.png" for name in wanted]
     with mlflow_server(tmp_path, backend=f"sqlite:///{ci_run['home'] / 'mlflow.db'}") as url:
         driver = chrome(tmp_path / "chromium-profile")

