@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import alignflow, stage_runs
+from conftest import REPO, alignflow, stage_runs
 
 pytest.importorskip("prefect_ray")
 
@@ -61,6 +61,35 @@ def test_sharded_generation_and_scoring_on_ray_equal_the_single_process_run(tmp_
     # shards is not in the key: the sharded artifacts are the local run's, key for key.
     assert {r.data.tags["alignflow.key"] for r in stage_runs(tmp_path / "local", "sharded")} == {
         r.data.tags["alignflow.key"] for r in runs.values()}
+
+
+def test_a_sweeps_variants_run_at_once_on_ray(tmp_path):
+    """Two variants, each a stage that finishes only if the other runs at the same time: on a Ray
+    instance of 2 workers both finish, in one flow run; on the local runner, which computes one
+    stage at a time, the first gives up waiting."""
+    import os
+
+    folder = tmp_path / "met"
+    spec = {"name": "sweep-ray", "runner": {"kind": "ray", "num_cpus": 2},
+            "sweep": {"stages.meet.name": ["a", "b"]},
+            "stages": {"meet": {"kind": "toy_rendezvous", "name": "a", "others": ["a", "b"], "folder": str(folder)}}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    # Ray's workers import the stage kinds: this checkout's, and the toy plugin
+    env = {"ALIGNFLOW_PLUGINS": "toy_stages", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "plugins")])}
+    out = alignflow("run", path, home=tmp_path / "ray", env=env, check=True, timeout=900)
+    assert "2 ran, 0 cached" in out.stderr
+    assert {p.name for p in folder.iterdir()} == {"a", "b"}
+    pids = {p.read_text() for p in folder.iterdir()}
+    assert len(pids) == 2, "two Ray workers"
+
+    for p in folder.iterdir():
+        p.unlink()
+    spec["runner"] = {"kind": "local"}
+    spec["stages"]["meet"]["timeout"] = 3.0
+    path.write_text(yaml.safe_dump(spec))
+    local = alignflow("run", path, home=tmp_path / "local", env=env, timeout=900)
+    assert local.returncode == 1 and "1 of 2 variants failed" in local.stderr, local.stderr[-3000:]
 
 
 def test_shard_ranges_start_on_batch_boundaries():

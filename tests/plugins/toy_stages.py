@@ -79,3 +79,30 @@ def toy_metrics(ctx):
         metrics.update({name: metrics[name] + quality for name in ctx.params.shift})
     (ctx.out / "metrics.json").write_text(json.dumps(metrics))
     return metrics
+
+
+class RendezvousParams(StageParams):
+    """Writes `folder/<name>`, then waits (up to `timeout` seconds) until every stage named in
+    `others` has written its own: it finishes only where those stages run at the same time."""
+
+    kind: Literal["toy_rendezvous"] = "toy_rendezvous"
+    name: str
+    others: list[str]
+    folder: str
+    timeout: float = 120.0
+
+
+@stage_kind("toy_rendezvous", RendezvousParams, output="metrics")
+def rendezvous(ctx):
+    from pathlib import Path
+
+    folder = Path(ctx.params.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ctx.params.name).write_text(f"{os.getpid()}\n")
+    started = time.time()
+    while not all((folder / other).exists() for other in ctx.params.others):
+        if time.time() - started > ctx.params.timeout:
+            raise RuntimeError(f"{ctx.params.name}: {ctx.params.others} never ran alongside")
+        time.sleep(0.2)
+    (ctx.out / "metrics.json").write_text(json.dumps({"waited": time.time() - started}))
+    return {"waited": time.time() - started}
