@@ -359,16 +359,17 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
     records = [VariantRecord(v, parent if not is_sweep else _start_variant(tracker, parent, v)) for v in variants]
     needers: dict[str, list[tuple[VariantRecord, Node]]] = {}  # key -> (variant, execution), in variant order
+    for record in records:
+        for node in record.variant.nodes:
+            needers.setdefault(node.key, []).append((record, node))
     futures, failed, computed, current = {}, set(), set(), None
     try:
-        for record in records:
-            for node in record.variant.nodes:
-                record.stage_runs[node.id] = tracker.start_run(run_name(node.name, node.round), {
-                    "alignflow.stage": node.name, "alignflow.round": str(node.round),
-                    "alignflow.key": node.key, "alignflow.kind": node.kind, OWNER_TAG: OWNER,
-                }, parent=record.run_id)
-                needers.setdefault(node.key, []).append((record, node))
         for node in unique:
+            for record, execution in needers[node.key]:
+                record.stage_runs[execution.id] = tracker.start_run(run_name(execution.name, execution.round), {
+                    "alignflow.stage": execution.name, "alignflow.round": str(execution.round),
+                    "alignflow.key": execution.key, "alignflow.kind": execution.kind, OWNER_TAG: OWNER,
+                }, parent=record.run_id)
             first, _ = needers[node.key][0]
             damaged = store.check(node.kind, node.key, download=True) is not None  # never trust a cached reference to it
             name = node.label.replace(" ", "-")

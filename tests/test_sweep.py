@@ -364,3 +364,32 @@ def test_a_failing_variant_leaves_the_others_finished(tmp_path):
                       "fail=false seed=0": "FINISHED", "fail=false seed=1": "FINISHED"}
     rows = plan_rows(spec, home)
     assert {r["status"] for r in rows if r["variant"].startswith("fail=false")} == {"fresh"}
+
+
+def test_a_sweep_without_its_summary_is_read_back_from_its_variants(tmp_path):
+    """A sweep whose process died has no summary.json: `compare` rebuilds it from the variants'
+    stage runs, with their variant and seed."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "died")
+    parent = tracker.start_run("died · sweep of 4", {"alignflow.spec_hash": "x", "alignflow.sweep": "4"})
+    rates = {("beta=0.1", 0): 0.6, ("beta=0.1", 1): 0.64, ("beta=0.2", 0): 0.7, ("beta=0.2", 1): 0.8}
+    for (group, seed), rate in rates.items():
+        variant = tracker.start_run(f"{group} seed={seed}", {"alignflow.variant": f"{group} seed={seed}",
+                                                              "alignflow.variant_group": group,
+                                                              "alignflow.seed": str(seed)}, parent=parent)
+        stage = tracker.start_run("evaluate · round 1", {"alignflow.stage": "evaluate", "alignflow.round": "1",
+                                                         "alignflow.cache": "miss"}, parent=variant)
+        tracker.log(stage, metrics={"win_rate": rate})
+    client = MlflowClient(tracker.uri)
+    table = report.read_summary(client, report.find_parent_run(client, "died"))
+    assert list(table)[:5] == ["variant", "seed", "stage", "round", "cache"]
+    first, second = report.sweep_comparison(table, "win_rate")
+    assert first["variant"] == "beta=0.1" and first["rounds"][1][0] == pytest.approx(0.62)
+    half = T_975_1 * statistics.stdev([0.1, 0.16]) / 2 ** 0.5
+    assert second["difference"][1] == pytest.approx((0.13, 0.13 - half, min(1.0, 0.13 + half)))
+    variant_run = client.search_runs([client.get_experiment_by_name("died").experiment_id],
+                                     filter_string="tags.`alignflow.variant` = 'beta=0.2 seed=1'")[0]
+    assert report.find_parent_run(client, run_id=variant_run.info.run_id).info.run_id == variant_run.info.run_id
