@@ -416,7 +416,8 @@ def _compare_sweep(client, run, summary: dict[str, list], metric: list[str], all
     from rich.console import Console
     from rich.table import Table
 
-    from flows.report import format_interval, reward_comparison, sweep_comparison, sweep_metrics, table_rows
+    from flows.report import (format_interval, reward_comparison, sweep_comparison, sweep_metrics, table_rows,
+                              variant_name)
 
     name = client.get_experiment(run.info.experiment_id).name
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
@@ -426,7 +427,8 @@ def _compare_sweep(client, run, summary: dict[str, list], metric: list[str], all
     screen.print(f"{name}: sweep run {run.info.run_id} ({run.info.status.lower()}, started {started}), "
                   f"{len(groups)} variant{'s' if len(groups) != 1 else ''}" + (f" x {seeds} seeds" if seeds else ""),
                   highlight=False, soft_wrap=True)
-    label = lambda v: v or "as written"  # noqa: E731 - the seeds of the spec as written
+    failed = {v for v, cache in zip(summary["variant"], summary["cache"]) if cache in ("failed", "killed")}
+    label = lambda v: variant_name(v) + (" (failed)" if v in failed else "")  # noqa: E731
     for chosen in sweep_metrics(summary, metric):
         entries = sweep_comparison(summary, chosen)
         rounds = sorted({r for e in entries for r in e["rounds"]})

@@ -509,13 +509,19 @@ def sweep_comparison(table: dict[str, list], metric: str) -> list[dict]:
     return out
 
 
+def variant_name(group: str) -> str:
+    """A variant (its seeds together) as tables and plots name it; "" is the spec as written (only
+    its seeds vary)."""
+    return group or "as written"
+
+
 def sweep_win_rate_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float, float, float]]]:
     """Variant -> [(round, win rate, low, high)]: the compare table's numbers (mean over seeds and
     their interval), one line per variant."""
     table = summary_table(rows)
     if "win_rate" not in table:
         return {}
-    return {entry["variant"] or "as written": [(r, m, m if lo is None else lo, m if hi is None else hi)
+    return {variant_name(entry["variant"]): [(r, m, m if lo is None else lo, m if hi is None else hi)
                                                for r, (m, lo, hi) in entry["rounds"].items()]
             for entry in sweep_comparison(table, "win_rate")}
 

@@ -393,3 +393,43 @@ def test_a_sweep_without_its_summary_is_read_back_from_its_variants(tmp_path):
     variant_run = client.search_runs([client.get_experiment_by_name("died").experiment_id],
                                      filter_string="tags.`alignflow.variant` = 'beta=0.2 seed=1'")[0]
     assert report.find_parent_run(client, run_id=variant_run.info.run_id).info.run_id == variant_run.info.run_id
+
+
+def test_exrm_against_dporm_over_seeds(tmp_path):
+    """EXRM vs DPORM with `seeds:` (as pipelines/exrm_vs_dporm_smollm2.yaml): each seed's exrm_acc and
+    dporm_acc pair up by seed; compare's table against the children's metrics; the parent's
+    headline is the mean over seeds, at step 0, with the reward accuracy plot."""
+    from test_report import accuracies
+
+    def only(reward, metrics):
+        return {k: v for k, v in metrics.items() if k.startswith(reward)}
+
+    spec = {"name": "exrm-seeds", "seeds": {"count": 2, "stages": ["exrm_acc", "dporm_acc"]}, "stages": {
+        "exrm_acc": {"kind": "toy_metrics", "metrics": only("exrm", accuracies(0.8)), "per_seed": {"exrm_acc_id": -0.04}},
+        "dporm_acc": {"kind": "toy_metrics", "metrics": only("dporm", accuracies(0.8)), "per_seed": {"dporm_acc_id": 0.03}},
+    }}
+    home, path = tmp_path / "home", write(tmp_path / "exrm.yaml", spec)
+    run = alignflow("run", path, home=home, env=TOY, check=True, timeout=600)
+    assert re.search(r"headline metrics by round.*\n  round 0: exrm_acc_id 0\.780", run.stderr), run.stderr[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("exrm-seeds")
+    parent = client.search_runs([experiment.experiment_id], filter_string=report.PARENT_FILTER)[0]
+    assert [(m.step, round(m.value, 6)) for m in client.get_metric_history(parent.info.run_id, "exrm_acc_id")] == [(0, 0.78)]
+    assert "plots/reward_accuracy.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    by_seed = {}
+    for seed in children(client, experiment, parent.info.run_id):
+        stages = {r.data.tags["alignflow.stage"]: r.data.metrics for r in children(client, experiment, seed.info.run_id)}
+        by_seed[seed.data.tags["alignflow.seed"]] = (stages["exrm_acc"]["exrm_acc_id"], stages["dporm_acc"]["dporm_acc_id"])
+    exrm, dporm = zip(*(by_seed[s] for s in ("0", "1")))
+
+    def interval(values, low=0.0, high=1.0):
+        mean, half = statistics.mean(values), T_975_1 * statistics.stdev(values) / 2 ** 0.5
+        return f"{mean:.3f} [{max(low, mean - half):.3f}, {min(high, mean + half):.3f}]"
+
+    out = alignflow("compare", path, home=home, env=TOY, check=True, timeout=120).stdout
+    line = next(l for l in out.splitlines() if "in distribution" in l)
+    difference = interval([d - e for e, d in zip(exrm, dporm)], -1.0, 1.0)
+    assert interval(exrm) in line and interval(dporm) in line and difference in line, (line, exrm, dporm)
+    assert "mean over 2 seeds" in out and "paired by seed" in out
