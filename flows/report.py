@@ -143,9 +143,10 @@ def _error(value: float, low: float, high: float) -> tuple[float, float]:
 
 
 def draw_win_rate(series: dict[str, list], out: Path, title: str = "Win rate by round (error bars: interval)",
-                  dodge: float = 0.0) -> None:
+                  dodge: float = 0.0, zoom: bool = False) -> None:
     """One line per series; `dodge` shifts each line's points sideways by that many rounds, so that
-    error bars at one round stay apart."""
+    error bars at one round stay apart; `zoom`: the y axis spans the values (variants to tell
+    apart), not 0 to 1."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     try:
@@ -154,10 +155,16 @@ def draw_win_rate(series: dict[str, list], out: Path, title: str = "Win rate by 
             rates = [p[1] for p in points]
             errors = list(zip(*(_error(*p[1:]) for p in points)))
             ax.errorbar(rounds, rates, yerr=errors, marker="o", capsize=4, label=stage)
-        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="tie with the baseline")
+        low, high = 0.0, 1.0
+        if zoom:
+            found = [v for points in series.values() for p in points for v in p[1:]]
+            pad = max(0.01, 0.1 * (max(found) - min(found)))
+            low, high = max(0.0, min(found) - pad), min(1.0, max(found) + pad)
+        if low <= 0.5 <= high:
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="tie with the baseline")
         ax.set_xlabel("round")
         ax.set_ylabel("win rate against the baseline")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(low, high)
         rounds = sorted({p[0] for points in series.values() for p in points})
         ax.set_xticks(rounds)
         if len(rounds) == 1:
@@ -527,7 +534,7 @@ def sweep_win_rate_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, flo
 
 
 def draw_sweep_win_rate(series: dict[str, list], out: Path) -> None:
-    draw_win_rate(series, out, "Win rate by round, by variant (error bars: 95% interval)", dodge=0.04)
+    draw_win_rate(series, out, "Win rate by round, by variant (error bars: 95% interval)", dodge=0.06, zoom=True)
 
 
 SWEEP_PLOTS: tuple[tuple[str, Callable[[list[dict]], object], Callable], ...] = (
