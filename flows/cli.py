@@ -134,7 +134,8 @@ def run(
     stages = len(result["stages"])
     timings.write(stages=stages, per_stage=round(timings.PHASES["flow"] / max(1, stages), 4), ran=ran,
                   ran_seconds=round(sum(s["seconds"] for s in result["stages"] if s["cache"] == "miss"), 3))
-    what = f" (stage keys; {executions} stage executions in {len(expanded.variants)} variants)" if expanded.is_sweep else ""
+    what = f" (stage keys; {executions} stage executions in {len(expanded.variants)} variants)" if expanded.is_sweep \
+        else ""
     console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached{what}; "
                   f"MLflow {tracking_uri(loaded.tracking_uri)} (run {result['parent_run_id']})")
     for variant in result.get("variants", []):
@@ -395,7 +396,8 @@ def _print_reward_comparison(comparison: list[dict], variant: str = "") -> None:
     if not comparison:
         return
     pairs = max(entry["n"] for entry in comparison)
-    versus = Table(title="EXRM vs DPORM: preference accuracy on held-out pairs, by set" + (f" ({variant})" if variant else ""),
+    title = "EXRM vs DPORM: preference accuracy on held-out pairs, by set" + (f" ({variant})" if variant else "")
+    versus = Table(title=title,
                    caption=(f"mean over {pairs} seeds \\[95% t-interval over seeds]" if pairs > 1 else
                             "accuracy \\[95% Wilson interval]") + "; difference: DPORM - EXRM, paired by seed")
     for column in ("set", "EXRM", "DPORM", "difference"):
@@ -437,7 +439,8 @@ def _compare_sweep(client, run, summary: dict[str, list], metric: list[str], all
         shown = rounds if all_ or len(rounds) <= fits else rounds[:1] + rounds[len(rounds) - fits + 1:]
         n = max(e["seeds"] for e in entries)
         over = f"mean over {n} seeds \\[95% t-interval over seeds]" if n > 1 else "value \\[95% interval of its own]"
-        hidden = f"; rounds {', '.join(str(r) for r in rounds if r not in shown)} not shown (--all)" if shown != rounds else ""
+        left_out = ", ".join(str(r) for r in rounds if r not in shown)
+        hidden = f"; rounds {left_out} not shown (--all)" if left_out else ""
         tables = [(f"{chosen} by round", "rounds", over + hidden)]
         if len(entries) > 1:
             paired = ("paired by seed, 95% t-interval over the paired differences" if n > 1 else

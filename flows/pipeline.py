@@ -471,11 +471,10 @@ def _finish_sweep(tracker: Tracker, parent: str, expanded, records: list[Variant
     tracker.log(parent, history=[{"step": r, **metrics} for r, metrics in headline.items()])
     log_report(tracker, parent, rows, cache_dir=reports)
     tracker.end(parent, "FAILED" if failures else "FINISHED")
+    seconds = {row["key"]: row["seconds"] for r in records for row in r.summary if row["cache"] == "miss"}
     result = {"parent_run_id": parent, "headline": headline, "failed": failures,
-              "stages": [{"stage": n.name, "round": n.round, "key": n.key, "cache": "miss" if n.key in computed else "hit",
-                          "seconds": next((row["seconds"] for r in records for row in r.summary
-                                           if row["key"] == n.key and row["cache"] == "miss"), 0.0)}
-                         for n in unique],
+              "stages": [{"stage": n.name, "round": n.round, "key": n.key, "seconds": seconds.get(n.key, 0.0),
+                          "cache": "miss" if n.key in computed else "hit"} for n in unique],
               "variants": [{"label": r.variant.label, "run_id": r.run_id, "headline": r.headline,
                             "failed": r.failure is not None} for r in records]}
     if failures:

@@ -492,7 +492,8 @@ def sweep_comparison(table: dict[str, list], metric: str) -> list[dict]:
         if row.get(metric) is None:
             continue
         cell = values.setdefault(row.get("variant") or "", {}).setdefault(int(row["round"]), {})
-        cell.setdefault(row.get("seed"), []).append((row[metric], row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")))
+        value = (row[metric], row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high"))
+        cell.setdefault(row.get("seed"), []).append(value)
     order = list(dict.fromkeys(v or "" for v in table.get("variant", [])))
 
     def by_seed(cells: dict) -> dict:
@@ -500,7 +501,8 @@ def sweep_comparison(table: dict[str, list], metric: str) -> list[dict]:
 
     out, first = [], None
     for variant in [v for v in order if v in values]:
-        entry = {"variant": variant, "seeds": max(len(c) for c in values[variant].values()), "rounds": {}, "difference": {}}
+        seeds = max(len(cells) for cells in values[variant].values())
+        entry = {"variant": variant, "seeds": seeds, "rounds": {}, "difference": {}}
         for round_, cells in sorted(values[variant].items()):
             means = by_seed(cells)
             only = next(iter(cells.values()))

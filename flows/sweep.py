@@ -81,7 +81,8 @@ def parse_sweep_option(item: str, file: str) -> tuple[str, list]:
     try:
         values = yaml.safe_load(f"[{text}]")
     except yaml.YAMLError as exc:
-        raise SpecError(Problem(file, key, f"--sweep values {text!r} are not valid YAML: {getattr(exc, 'problem', exc)}"))
+        problem = getattr(exc, "problem", exc)
+        raise SpecError(Problem(file, key, f"--sweep values {text!r} are not valid YAML: {problem}"))
     if not key.strip() or not values:
         raise SpecError(Problem(file, key, f"--sweep {item!r}: expected dotted.key=V1,V2,..."))
     return key.strip(), values
