@@ -375,8 +375,10 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         raise
     hits = sum(row["cache"] == "hit" for row in summary)
     tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
-    headline = headline_by_round(summary)  # MLflow's charts draw the parent's metrics by round
-    tracker.log(parent, history=[{"step": r, **metrics} for r, metrics in headline.items()])
+    versus_previous = [name for name, d in spec.nodes.items() if "previous" in d.refs.values()]
+    headline = headline_by_round(summary, versus_previous)
+    signals = headline_by_round(summary, versus_previous, signals=True)  # MLflow draws them by round
+    tracker.log(parent, history=[{"step": r, **metrics} for r, metrics in signals.items()])
     log_report(tracker, parent, summary, cache_dir=store.local_root / "_reports")  # table and plots
     tracker.end(parent)
     return {"parent_run_id": parent, "stages": summary, "headline": headline}
