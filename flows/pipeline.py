@@ -434,8 +434,11 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         done = [row for row in record.summary if row["cache"] in ("hit", "miss")]
         hits = sum(row["cache"] == "hit" for row in done)
         tracker.log(record.run_id, metrics={"stages_run": len(done) - hits, "stages_cached": hits})
-        record.headline = headline_by_round(done)  # MLflow's charts draw the parent's metrics by round
-        tracker.log(record.run_id, history=[{"step": r, **metrics} for r, metrics in record.headline.items()])
+        spec_nodes = record.variant.spec.nodes
+        versus_previous = [name for name, d in spec_nodes.items() if "previous" in d.refs.values()]
+        record.headline = headline_by_round(done, versus_previous)
+        signals = headline_by_round(done, versus_previous, signals=True)  # MLflow draws them by round
+        tracker.log(record.run_id, history=[{"step": r, **metrics} for r, metrics in signals.items()])
         log_report(tracker, record.run_id, done, cache_dir=reports)  # table and plots
         if is_sweep:
             tracker.end(record.run_id, "FAILED" if record.failure else "FINISHED")

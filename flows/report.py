@@ -78,16 +78,34 @@ def parse_table(text: str) -> dict[str, list]:
 HEADLINE = ("win_rate", *(f"{reward}_acc_{set_}" for reward in REWARDS for set_ in SETS))
 
 
-def headline_by_round(rows: Iterable[dict]) -> dict[int, dict[str, float]]:
+# Beside the headline, what a round's evaluation says about over-optimisation: the win rate's
+# interval, the proxy (picking) reward of the policy's samples, their length, and KL to the
+# reference. A proxy that rises while the gold win rate stalls is reward hacking.
+ROUND_SIGNALS = ("win_rate_ci_low", "win_rate_ci_high", "proxy_reward_policy", "length_policy", "kl")
+VERSUS_PREVIOUS = "_vs_previous"  # evaluate stages with baseline: previous (the round's own gain)
+
+
+def headline_by_round(rows: Iterable[dict], versus_previous: Iterable[str] = (),
+                      signals: bool = False) -> dict[int, dict[str, float]]:
     """Round -> {metric: value} for the headline metrics (win rate, each reward's accuracy on each
-    set). Several executions of a round reporting one (seeds) give their mean. The parent run logs
-    these with step = round, so MLflow's chart view draws them by round."""
+    set), and with `signals` also ROUND_SIGNALS. Several executions of a round reporting one
+    (seeds) give their mean. Stages named in `versus_previous` (evaluate against the previous
+    round) report their win rate as win_rate_vs_previous (and its interval), nothing else. The
+    parent run logs these with step = round, so MLflow's chart view draws them by round."""
+    versus_previous = set(versus_previous)
+    wanted = (*HEADLINE, *(ROUND_SIGNALS if signals else ()))
+    order = [*wanted, *(f"win_rate{VERSUS_PREVIOUS}{end}" for end in ("", "_ci_low", "_ci_high"))]
     values: dict[int, dict[str, list[float]]] = {}
     for row in rows:
         for name, value in (row.get("metrics") or {}).items():
-            if name in HEADLINE and value is not None:
-                values.setdefault(int(row["round"]), {}).setdefault(name, []).append(float(value))
-    return {r: {name: sum(v) / len(v) for name, v in sorted(metrics.items(), key=lambda kv: HEADLINE.index(kv[0]))}
+            if name not in wanted or value is None:
+                continue
+            if row["stage"] in versus_previous:
+                if not name.startswith("win_rate"):
+                    continue  # the same samples as the fixed baseline's evaluation: said there
+                name = name.replace("win_rate", f"win_rate{VERSUS_PREVIOUS}")
+            values.setdefault(int(row["round"]), {}).setdefault(name, []).append(float(value))
+    return {r: {name: sum(v) / len(v) for name, v in sorted(metrics.items(), key=lambda kv: order.index(kv[0]))}
             for r, metrics in sorted(values.items())}
 
 

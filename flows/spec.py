@@ -29,7 +29,10 @@ from tasks import load_stage_kinds
 from tasks.base import StageParams, ref_fields
 from tasks.sources import FileParams
 
-ROUND_NAMES = ("policy", "reference")
+# Inside rounds: the round's starting policy, its reference, and `previous`, the round's starting
+# policy again, read as "the previous round's result" (evaluate's baseline: previous).
+ROUND_NAMES = ("policy", "reference", "previous")
+MIX_NAME = "reference_mix"  # the stage that computes rounds.reference: {mix: tau}'s reference
 SECTIONS = {"models": ("model", "reward_model"), "datasets": ("table",), "stages": None}
 
 # Node names become folder and file names (the index, MLflow run names, `name@round` ids), so
@@ -133,11 +136,30 @@ class ServeRule(_Strict):
     max: int | None = Field(default=None, ge=1, le=1000)
 
 
+class MixReference(_Strict):
+    """A soft reference update (TR-DPO: Gorbatovski et al. 2024, "Learn Your Reference Model for
+    Real Good Alignment", arXiv:2404.09656): reference_r = (1 - mix) reference_(r-1) + mix
+    policy_(r-1), weight by weight. mix 1 is `previous`; a small mix moves the reference slowly."""
+
+    mix: float = Field(gt=0, le=1, description="tau, the weight of the previous round's policy")
+
+
+class ReplayData(_Strict):
+    """This round's pairs plus a seeded uniform `replay` fraction of every earlier round's pairs."""
+
+    replay: float = Field(gt=0, le=1, description="the fraction of the earlier rounds' pairs trained on again")
+
+
 class Rounds(_Strict):
     count: int = Field(default=1, ge=0, le=1000)
     repeat: list[str] = Field(default_factory=list)
     policy: PolicyCarry | None = None
-    reference: Literal["fixed", "previous"] = "fixed"
+    # The reference each round's pairs and trainer compare against: round 1's policy in every round
+    # (fixed), the round's starting policy (previous), or a soft update between the two (mix).
+    reference: Literal["fixed", "previous"] | MixReference = "fixed"
+    # What the trainer (policy.next) learns from in round r: this round's pairs only (fresh), all
+    # rounds' pairs so far (cumulative), or this round's plus a fraction of the earlier (replay).
+    data: Literal["fresh", "cumulative"] | ReplayData = "fresh"
     # table -> rows per round: inside the rounds, the table reads as round r's own slice of it,
     # rows (r-1)*n .. r*n-1 (fresh prompts every round; a `slice` stage per round).
     fresh: dict[str, int] = Field(default_factory=dict)
@@ -442,14 +464,25 @@ def slice_name(table: str) -> str:
     return f"{table}_slice"
 
 
-def name_problem(name: str, fresh_tables=()) -> str | None:
+def round_data_name(table: str) -> str:
+    """The stage name of what the trainer reads in a round under rounds.data: cumulative or replay
+    (the repeated table `table`, joined with its earlier rounds' rows)."""
+    return f"{table}_rounds"
+
+
+def name_problem(name: str, rounds: Rounds | None = None) -> str | None:
     """Why `name` cannot name a model, dataset or stage (None: it can)."""
+    rounds = rounds or Rounds()
     if not NAME.fullmatch(name):
         return f"name {ascii(name)} is not allowed: {NAME_RULE}"
     if name in ROUND_NAMES:
-        return f"'{name}' is reserved for the round's {name}"
-    if any(name == slice_name(table) for table in fresh_tables):
+        return f"'{name}' is reserved inside rounds (policy, reference, previous)"
+    if any(name == slice_name(table) for table in rounds.fresh):
         return f"'{name}' is reserved for the per-round slices of rounds.fresh"
+    if name == MIX_NAME and isinstance(rounds.reference, MixReference):
+        return f"'{name}' is reserved for the mixed reference of rounds.reference: {{mix: ...}}"
+    if rounds.data != "fresh" and any(name == round_data_name(table) for table in rounds.repeat):
+        return f"'{name}' is reserved for the per-round training data of rounds.data"
     return None
 
 
@@ -459,7 +492,7 @@ def _validate_nodes(top: SpecFile, file, base_dir: Path, overridden, problems, f
     for section, allowed_outputs in SECTIONS.items():
         for name, body in getattr(top, section).items():
             failed.add(name)  # until it validates
-            bad_name = name_problem(name, top.rounds.fresh)
+            bad_name = name_problem(name, top.rounds)
             where = f"{section}.{name}" if bad_name is None else f"{section}.{ascii(name)}"
             if bad_name:
                 problems.append(Problem(file, where, bad_name))
@@ -531,6 +564,17 @@ def _check_names_and_refs(top: SpecFile, nodes: dict[str, NodeDef], file, proble
             problems.append(Problem(file, "rounds.policy.next", f"'{nxt}' is not in rounds.repeat{did_you_mean(nxt, repeated)}; expected the stage that trains the next round's policy"))
         elif nxt in nodes and nodes[nxt].output != "model":
             problems.append(Problem(file, "rounds.policy.next", f"'{nxt}' outputs a {nodes[nxt].output}; expected a model"))
+
+    if rounds.data != "fresh" and rounds.policy is not None and rounds.policy.next in nodes:
+        trainer = nodes[rounds.policy.next]
+        if not any(target in repeated and target in nodes and nodes[target].output == "table"
+                   for target in trainer.refs.values()):
+            problems.append(Problem(file, "rounds.data", f"'{trainer.name}' (rounds.policy.next) reads no table made in "
+                                    "rounds.repeat; expected pairs made every round to accumulate, or data: fresh"))
+    for field_name, moves in (("data", rounds.data != "fresh"), ("reference", isinstance(rounds.reference, MixReference))):
+        if moves and rounds.policy is None:
+            problems.append(Problem(file, f"rounds.{field_name}", "needs rounds.policy (start and next): it follows the "
+                                    "policy from round to round"))
 
     for name, rows in rounds.fresh.items():
         where = f"rounds.fresh.{name}"

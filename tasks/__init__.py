@@ -13,6 +13,8 @@ STAGE_MODULES = (
     "tasks.reject",
     "tasks.pairs",
     "tasks.slices",
+    "tasks.round_data",
+    "tasks.mix_models",
     "tasks.train.sft",
     "tasks.train.reward_model",
     "tasks.train.dpo",

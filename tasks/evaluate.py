@@ -16,8 +16,11 @@ has none), the judge LM the conversation as text (tasks/rewards.py, conversation
 
 Ties count half. Metrics: win_rate (with a 95% interval), reward_policy / reward_baseline (mean
 judge reward, when the judge gives rewards), length_policy / length_baseline (mean response
-length in tokens, each under its own model's tokenizer) and, with a `reference` model, kl: the
-policy's KL(pi || pi_ref) estimated on its own samples.
+length in tokens, each under its own model's tokenizer), with a `reference` model, kl: the
+policy's KL(pi || pi_ref) estimated on its own samples, and with a proxy reward (proxy_fn or
+proxy_model: the reward that picked the training pairs), proxy_reward_policy / _baseline.
+
+`baseline: previous` inside rounds is the round's starting policy: the round's own gain.
 """
 from __future__ import annotations
 
@@ -55,6 +58,10 @@ class EvaluateParams(StageParams):
         "follows; default: JUDGE_TEMPLATE"
     )
     reference: OptionalRef("model") = Field(None, description="to estimate KL(policy || reference)")
+    # The reward that picked the training pairs (the proxy), scored on the same samples: against the
+    # judge's (gold) win rate it shows over-optimisation, the proxy rising while the gold stalls.
+    proxy_fn: RewardFnName | None = Field(None, description="a reward function whose mean on the samples is logged")
+    proxy_model: OptionalRef("reward_model") = Field(None, description="a reward model whose mean on the samples is logged")
     temperature: float = Field(1.0, ge=0, description="KL is an estimate of the sampled distribution's")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
@@ -90,10 +97,12 @@ class EvaluateParams(StageParams):
                              f"model) or judge_lm (a causal LM); got {', '.join(given) if given else 'none'}")
         if self.judge_template is not None and self.judge_lm is None:
             raise ValueError("judge_template is judge_lm's question; it needs judge_lm")
+        if self.proxy_fn is not None and self.proxy_model is not None:
+            raise ValueError("evaluate takes at most one proxy reward: proxy_fn or proxy_model")
         return self
 
     def code_files(self):
-        return reward_code_files([self.judge], self.spec_dir)
+        return reward_code_files([self.judge, self.proxy_fn], self.spec_dir)
 
 
 def judge_template_tail(template: str) -> str:
@@ -252,20 +261,25 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
                 del reference
             del model
 
-    rewards = None
-    if p.judge is not None:
-        from tasks.rewards import resolve_reward_fn
+    def rewards_of(fn: str | None, model_input: str) -> dict[str, list[float]] | None:
+        """Each side's rewards under a reward function or reward model (None: neither is named)."""
+        if fn is not None:
+            from tasks.rewards import resolve_reward_fn
 
-        judge = resolve_reward_fn(p.judge, p.spec_dir)
-        rewards = {name: [float(judge(x, y)) for x, y in zip(prompts, responses[name])] for name in responses}
-    elif p.judge_model is not None:
-        from tasks.models import batched_scores, load_reward_model
-        from tasks.score import reward_model_prompts
+            reward = resolve_reward_fn(fn, p.spec_dir)
+            return {name: [float(reward(x, y)) for x, y in zip(prompts, responses[name])] for name in responses}
+        if model_input in ctx.inputs:
+            from tasks.models import batched_scores, load_reward_model
+            from tasks.score import reward_model_prompts
 
-        judge, judge_tokenizer = load_reward_model(ctx.inputs["judge_model"])
-        judge_prompts = reward_model_prompts(judge_tokenizer, prompts)
-        rewards = {name: batched_scores(judge, judge_tokenizer, judge_prompts, responses[name], p.max_length, p.batch_size)
-                   for name in responses}
+            model, model_tokenizer = load_reward_model(ctx.inputs[model_input])
+            model_prompts = reward_model_prompts(model_tokenizer, prompts)
+            return {name: batched_scores(model, model_tokenizer, model_prompts, responses[name], p.max_length,
+                                         p.batch_size) for name in responses}
+        return None
+
+    rewards = rewards_of(p.judge, "judge_model")
+    proxy = rewards_of(p.proxy_fn, "proxy_model")
     if rewards is not None:
         outcomes = win_rate(rewards["policy"], rewards["baseline"])["outcomes"]
     else:
@@ -279,6 +293,9 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
         metrics["reward_baseline"] = sum(rewards["baseline"]) / n
     metrics["length_policy"] = sum(lengths["policy"]) / n
     metrics["length_baseline"] = sum(lengths["baseline"]) / n
+    if proxy is not None:
+        metrics["proxy_reward_policy"] = sum(proxy["policy"]) / n
+        metrics["proxy_reward_baseline"] = sum(proxy["baseline"]) / n
     if kl is not None:
         metrics["kl"] = kl
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -3,6 +3,9 @@
 Which candidates of a prompt are paired (`strategy`):
 - best_vs_worst: the highest reward against the lowest (one pair per prompt).
 - best_vs_random: the highest reward against one other candidate chosen uniformly.
+- best_vs_median: the highest reward against the candidate ranked in the middle (of K ranked
+  best first, the one at index K // 2): a rejected response the policy typically gives, not its
+  rare worst. RLHFlow's Online-RLHF names: max_min is best_vs_worst, max_random best_vs_random.
 - all_pairs: every two candidates with different rewards (K(K-1)/2 for K distinct rewards),
   optionally a uniform subset of max_pairs_per_prompt of them.
 - tournament: RSO's pairs over the accepted samples (Liu et al. 2023, "Statistical Rejection
@@ -24,7 +27,7 @@ from pydantic import Field
 
 from tasks.base import BadInput, OptionalRef, Ref, StageContext, StageParams, stage_kind
 
-PairStrategy = Literal["best_vs_worst", "best_vs_random", "all_pairs", "tournament"]
+PairStrategy = Literal["best_vs_worst", "best_vs_random", "best_vs_median", "all_pairs", "tournament"]
 
 
 class PairsParams(StageParams):
@@ -67,6 +70,11 @@ def propose_best_vs_random(rows, rewards, rng) -> list[tuple[int, int]]:
     return [(best, others[int(rng.integers(len(others)))])]
 
 
+def propose_best_vs_median(rows, rewards, rng) -> list[tuple[int, int]]:
+    ranked = sorted(rows, key=lambda i: -rewards[i])  # stable: equal rewards keep table order
+    return [(ranked[0], ranked[len(ranked) // 2])]
+
+
 def propose_all_pairs(rows, rewards, rng) -> list[tuple[int, int]]:
     return [(a, b) for n, a in enumerate(rows) for b in rows[n + 1:]]
 
@@ -79,6 +87,7 @@ def propose_tournament(rows, rewards, rng) -> list[tuple[int, int]]:
 PROPOSERS = {
     "best_vs_worst": propose_best_vs_worst,
     "best_vs_random": propose_best_vs_random,
+    "best_vs_median": propose_best_vs_median,
     "all_pairs": propose_all_pairs,
     "tournament": propose_tournament,
 }
