@@ -437,7 +437,7 @@ def run_ours(model_dir: Path, pairs: dict, args, *, name: str = "alignflow", gro
             positions = batch["input_ids"].numel()  # the response tokens (or, without that fast path, every position)
             scored = (len(batch["logp_index"]) if "logp_index" in batch else int((batch["labels"][:, 1:] != -100).sum())) \
                 if response_only_head else positions
-            recompute = response_only_head and scored * vocab * 4 > logps.HEAD_WHOLE_BYTES  # head_logps chunks it
+            recompute = response_only_head and scored * vocab * 4 > logps.HEAD_CHUNK_BYTES  # head_logps chunks it
             return step_flops(weights, positions, scored, full=not args.lora, recompute=recompute,
                               reference_scored=scored if reference == "on-the-fly" else None)
 

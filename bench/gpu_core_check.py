@@ -81,7 +81,7 @@ def check(folder: Path, pairs: list[dict], mode: str, device: str) -> tuple[logp
     error = max(abs(e[f"ref_{side}"] - x) for side in ("chosen", "rejected") for e, x in zip(examples, expected[side]))
     chunked_error = max(abs(a - b) for a, b in zip(chunked, expected["chosen"] + expected["rejected"]))
     scored = sum(logps.response_tokens(e[side]) for e in examples for side in ("chosen", "rejected"))
-    chunked_itself = verdict.head and scored * logps.output_size(model.get_output_embeddings()) * 4 > logps.HEAD_WHOLE_BYTES
+    chunked_itself = verdict.head and scored * logps.output_size(model.get_output_embeddings()) * 4 > logps.HEAD_CHUNK_BYTES
     return verdict, error, chunked_error, chunked_itself
 
 

@@ -8,8 +8,8 @@ give the same numbers for less memory or compute:
 - response-only output layer: the body's hidden states at the labelled positions only go through
   the output layer; the (batch, length, vocabulary) logits are never built.
 - chunked head (head_logps): when even those logits are large, the output layer runs on chunks of
-  rows, each recomputed in backward (activation checkpointing). The head is called as the module
-  it is, so its own forward, hooks, a LoRA adapter on it or a quantized layer all take part.
+  rows, each run again in backward (an activation checkpoint). The head is called as the module it
+  is, so its own forward, hooks, a LoRA adapter on it or a quantized layer all take part.
 - shared-prompt rows (collate_shared_prompt): a pair's prompt is computed once, its two
   responses kept apart by a 4D attention mask.
 
@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tasks import logps_report
 from tasks.base import BadInput
@@ -86,14 +85,11 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
     return sums, mask.sum(-1)
 
 
-# float32 logits kept whole by head_logps; larger ones are computed in chunks of HEAD_CHUNK_BYTES
-# and recomputed in backward. Recomputing costs one more output-layer matmul: on SmolLM2-135M with
-# LoRA (batch 4, ~880 response tokens, 173 MB of logits) 8% of the tokens/s, measured on CPU;
-# below this size the memory saved is small beside a step's footprint (4.4 GB there). A chunk's
-# backward holds a few float32 copies of its logits (log-softmax, its gradient), hence chunks of
-# a quarter of the threshold.
-HEAD_WHOLE_BYTES = 256 * 2**20
-HEAD_CHUNK_BYTES = 64 * 2**20
+# float32 logits kept whole by head_logps; larger ones are chunked and recomputed in backward.
+# Recomputing costs one more output-layer matmul: on SmolLM2-135M with LoRA (batch 4, ~880
+# response tokens, 173 MB of logits) 8% of the tokens/s, measured on CPU; below this size the
+# memory saved is small beside a step's footprint (4.4 GB there).
+HEAD_CHUNK_BYTES = 256 * 2**20
 
 
 def output_size(head: torch.nn.Module) -> int:
@@ -102,21 +98,25 @@ def output_size(head: torch.nn.Module) -> int:
     return int(size) if size else int(head.weight.shape[0])
 
 
+def plain_linear(head: torch.nn.Module) -> bool:
+    """Whether `head` is an nn.Linear whose call is F.linear(x, weight, bias) and nothing else: not
+    a subclass, no hooks (its own or global), plain tensors for weights (not quantized ones)."""
+    from torch.nn.modules import module
+
+    hooks = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks, head._backward_pre_hooks,
+             module._global_forward_hooks, module._global_forward_pre_hooks)
+    return type(head) is torch.nn.Linear and not any(hooks) and type(head.weight) in (torch.Tensor, torch.nn.Parameter)
+
+
 def head_logits(head: torch.nn.Module, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """head(hidden) / temperature as float32. For a bias-free nn.Linear with no hooks (every common
-    model), head(h) / t == head(h / t): the (N, H) hidden states are divided, not the (N, V) logits.
-    Any other head (a subclass, hooks, an adapter, a quantized layer) is called as it is and its
-    logits divided."""
+    """head(hidden) / temperature as float32. For a bias-free plain nn.Linear (every common model),
+    head(h) / t == head(h / t): the (N, H) hidden states are divided, not the (N, V) logits. Any
+    other head (a subclass, hooks, an adapter, a quantized layer) is called as it is."""
     if temperature == 1:
         return head(hidden).float()
-    if (type(head) is torch.nn.Linear and head.bias is None and not head._forward_hooks
-            and not head._forward_pre_hooks):
+    if plain_linear(head) and head.bias is None:
         return head(hidden / temperature).float()
     return head(hidden).float() / temperature
-
-
-def _target_logps(head, hidden, targets, temperature):
-    return -F.cross_entropy(head_logits(head, hidden, temperature), targets, reduction="none")
 
 
 def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -124,27 +124,129 @@ def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     """log p(target) for each row of `hidden` (N, H) under the output layer `head` (at `temperature`),
     as float32 (N,): the same values as log_softmax(head(hidden) / temperature) at the targets.
 
-    When the float32 logits would take more than HEAD_WHOLE_BYTES (or `chunk_rows` is given: the
-    probe and tests), `head` runs on chunks of rows, each reduced to its targets' log-probs at once
-    and, with gradients, checkpointed: its logits, their log-softmax and its gradient exist for one
-    chunk at a time, in forward and again in backward. That costs one more output-layer matmul (with
-    a 49k vocabulary and 1000 response tokens: 57 GFLOP, for 600 MB of which ~260 MB at the step's
-    peak, measured on CPU).
+    When the float32 logits would take more than HEAD_CHUNK_BYTES (or `chunk_rows` is given: the
+    probe and tests), they are never kept: `head` runs on chunks of rows, each reduced to its
+    targets' logits and log-sum-exp, and runs again chunk by chunk in backward. That costs one more
+    output-layer matmul and saves the logits, their log-softmax and its gradient (with a 49k
+    vocabulary and 1000 response tokens: one matmul of 57 GFLOP for 600 MB, of which ~260 MB at the
+    step's peak, measured on CPU). A plain nn.Linear goes through _ChunkedLinearLogps, any other
+    head through _ChunkedHeadLogps, which calls it as the module it is.
     """
     vocab = output_size(head)
-    rows = chunk_rows
-    if rows is None and len(hidden) * vocab * 4 > HEAD_WHOLE_BYTES:
-        rows = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
-    if rows is None or len(hidden) <= rows:
-        return _target_logps(head, hidden, targets, temperature)
-    pieces = []
-    for start in range(0, len(hidden), rows):
-        h, t = hidden[start : start + rows], targets[start : start + rows]
-        if torch.is_grad_enabled():  # the random state is kept: a LoRA head's dropout masks repeat in backward
-            pieces.append(checkpoint(_target_logps, head, h, t, temperature, use_reentrant=False))
-        else:
-            pieces.append(_target_logps(head, h, t, temperature))
-    return torch.cat(pieces)
+    rows = chunk_rows or max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+    if len(hidden) <= rows:  # small logits: keep them, no recompute
+        return -F.cross_entropy(head_logits(head, hidden, temperature), targets, reduction="none")
+    if plain_linear(head) and (temperature == 1 or head.bias is None):
+        scaled = hidden if temperature == 1 else hidden / temperature
+        return _ChunkedLinearLogps.apply(scaled, head.weight, head.bias, targets, rows)
+    trained = [q for q in head.parameters() if q.requires_grad] if torch.is_grad_enabled() else []
+    return _ChunkedHeadLogps.apply(hidden, targets, head, temperature, rows, *trained)
+
+
+class _ChunkedLinearLogps(torch.autograd.Function):
+    """head_logps in chunks for a plain nn.Linear (F.linear is all its forward does): the
+    log-softmax's gradient written in place into the recomputed logits, the weight's gradient
+    accumulated in float32 with addmm_: 8% less CPU time than _ChunkedHeadLogps' generic way (11%
+    with the weight frozen), on SmolLM2's output layer and 1400 rows, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        device = hidden.device.type  # under autocast (bf16 on GPUs) the matmuls run in its dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        with torch.autocast(device, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for start in range(0, len(hidden), rows):
+                logits = F.linear(hidden[start : start + rows].to(dtype), w, b).float()
+                lse[start : start + rows] = logits.logsumexp(-1)
+                out[start : start + rows] = logits.gather(1, targets[start : start + rows, None])[:, 0]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.rows, ctx.dtype = rows, dtype
+        return out - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, rows = ctx.dtype, ctx.rows
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for start in range(0, len(hidden), rows):
+                h, g = hidden[start : start + rows].to(dtype), grad[start : start + rows, None]
+                logits = F.linear(h, w, b).float()
+                # d log p(t) / d logits = onehot(t) - softmax(logits)
+                d_logits = logits.sub_(lse[start : start + rows, None]).exp_().mul_(-g)
+                d_logits.scatter_add_(1, targets[start : start + rows, None], g)
+                if need_bias:
+                    grad_bias += d_logits.sum(0)
+                d_logits = d_logits.to(dtype)
+                if need_hidden:
+                    grad_hidden[start : start + rows] = d_logits @ w
+                if need_weight and dtype == torch.float32:
+                    grad_weight.addmm_(d_logits.t(), h)
+                elif need_weight:
+                    grad_weight += (d_logits.t() @ h).float()
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """head_logps in chunks, as a reentrant activation checkpoint of the output layer: forward
+    without a graph, keeping each row's target logit and log-sum-exp; backward runs `head` again on
+    each chunk with a graph, writes the log-softmax's gradient (onehot(t) - softmax) itself, and
+    takes it back through that graph, so that whatever the head is (its own forward, hooks, a LoRA
+    adapter, a quantized layer) gives the gradients of the hidden states and of its trained
+    parameters (inputs of this function) that the plain path gives. Forward's autocast and random
+    states are restored for the rerun (a head's dropout masks repeat)."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, temperature, rows, *parameters):
+        device = hidden.device.type
+        ctx.head, ctx.temperature, ctx.rows, ctx.parameters = head, temperature, rows, parameters
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(hidden.device) if device == "cuda" else None)
+        out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, len(hidden), rows):
+            logits = head_logits(head, hidden[start : start + rows], temperature)
+            lse[start : start + rows] = logits.logsumexp(-1)
+            out[start : start + rows] = logits.gather(1, targets[start : start + rows, None])[:, 0]
+        ctx.save_for_backward(hidden, targets, lse)
+        return out - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, targets, lse = ctx.saved_tensors
+        device, autocast, dtype = ctx.autocast
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        parameters = [q for q, needed in zip(ctx.parameters, ctx.needs_input_grad[5:]) if needed]
+        grad_parameters: list[torch.Tensor | None] = [None] * len(parameters)
+        cpu_rng, cuda_rng = ctx.rng
+        with torch.random.fork_rng(devices=[hidden.device] if cuda_rng is not None else []), torch.enable_grad(), \
+                torch.autocast(device, dtype=dtype, enabled=autocast):
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, hidden.device)
+            for start in range(0, len(hidden), ctx.rows):
+                h = hidden[start : start + ctx.rows].detach().requires_grad_(grad_hidden is not None)
+                logits = head_logits(ctx.head, h, ctx.temperature)
+                g = grad[start : start + ctx.rows, None]
+                # d log p(t) / d logits = onehot(t) - softmax(logits)
+                d_logits = logits.detach().sub(lse[start : start + ctx.rows, None]).exp_().mul_(-g)
+                d_logits.scatter_add_(1, targets[start : start + ctx.rows, None], g)
+                grads = torch.autograd.grad(logits, [h, *parameters] if grad_hidden is not None else parameters,
+                                            d_logits, allow_unused=True)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + ctx.rows], grads = grads[0], grads[1:]
+                grad_parameters = [a if b is None else b if a is None else a.add_(b) for a, b in zip(grad_parameters, grads)]
+        grad_parameters = iter(grad_parameters)
+        return (grad_hidden, None, None, None, None,
+                *(next(grad_parameters) if needed else None for needed in ctx.needs_input_grad[5:]))
 
 
 # Configuration fields that change the logits after the output layer: what a scan of transformers'
