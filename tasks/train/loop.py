@@ -10,7 +10,9 @@ What both share is written here once:
 - `optimizer_step`: clip, step, schedule; a non-finite loss or weight stops the stage
   (`NonFiniteError`), so no poisoned model is ever saved;
 - checkpoints (`save_checkpoint`, `resume`): accelerate's save_state into a step folder renamed
-  into place, the loop's own state beside it.
+  into place, the loop's own state beside it;
+- `verify_fast_paths`: the log-prob fast paths probed again on the trained weights, before each
+  checkpoint and at the end (tasks/logps.py's recheck).
 
 `train` is the offline loop over a list of examples; tasks/train/online.py's loop generates its
 batches and uses the same pieces.
