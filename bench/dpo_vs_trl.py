@@ -20,7 +20,10 @@ peft LoraConfig), for the same number of steps, one after the other in this proc
   precompute_ref_log_probs a full fine-tune keeps a second copy of the model as the reference; with
   LoRA it disables the adapter, as ours does. trl is given what its users who care about speed
   set: length-grouped batches, transformers' LengthGroupedSampler over the tokenized pair lengths
-  (prompt + the longer response), as ours groups them. By default both length-grouped variants
+  (prompt + the longer response), as ours groups them, with our megabatch: 32 batches sorted by
+  length at a time (tasks/train/loop.py's LengthGroupedBatches; transformers' own default,
+  min(pairs / (4 * batch), 50) batches, is 3 at this bench's sizes and cost trl about 6% more
+  padding). By default both length-grouped variants
   run (precomputed reference off and on; --trl-precompute runs only the second) and the last
   line compares against the stronger one (higher tokens/s). trl's default random sampler runs
   too, as a second line, with the precompute setting of the stronger variant (--no-trl-random
@@ -53,14 +56,19 @@ ratio moves by +-20% from run to run; --malloc-mmap-threshold 65536 makes RSS fo
 (large allocations mapped and unmapped one by one) at the price of page faults that slow both
 sides about 2x. --order trl-first checks that the order does not matter.
 
-FLOP/s: training FLOPs per token ~ 6 * P for full fine-tuning, ~ 4 * P with LoRA (forward 2P,
-backward through activations 2P, no weight gradients for the frozen base; the adapters' own FLOPs
-are ignored), plus 2 * P when the reference forward runs on the fly, with P the parameters of the
-model's matrix multiplications (every nn.Linear weight: the transformer and the output layer, not
-the embedding lookup). Tokens are the non-pad tokens above, so this is useful work (an MFU-like
-number): padding, and output-layer work on prompt positions, count as waste. It is shown as a
-fraction of this machine's fp32 matmul peak, measured in the same run (a 2048^3 torch.matmul, best
-of several, on the same threads).
+FLOP/s: the matmul FLOPs each side's steps really ran, counted per step from its batch
+(`step_flops`), over the timed window, as a fraction of this machine's fp32 matmul peak measured in
+the same run (a 2048^3 torch.matmul, best of several, on the same threads). Per weight of every
+nn.Linear and per position it runs over: forward 2, backward 2 for the activations' gradient and
+2 for the weight's own where it trains (full fine-tuning; not LoRA's frozen base), 2 more for an
+output layer recomputed in backward; plus a forward of the reference where it runs on the fly. The
+body runs over every position of the batch, padding included: ours over each pair's row (its
+prompt once), trl over the chosen and the rejected rows (the prompt twice). The output layer runs,
+for ours, over the response tokens (recomputed when head_logps chunks it, past 256 MiB of logits),
+for trl over every position but each row's last (on CUDA and XPU, Triton's kernel: the completion
+tokens), recomputed. Attention's score products and the adapters' own are left out on both sides.
+This is work done, not useful work: a side that computes a prompt twice or pads more does more of
+it per token; tokens/s is what compares them.
 
 Threads: one torch thread for the tiny model (alignflow's own choice for models under 10M
 parameters, see tasks/models.py set_cpu_threads), all cores for SmolLM2; the same on both sides
@@ -81,7 +89,8 @@ positions the model computed per token counted: padding pushes it above 1, a sha
 The last line: `dpo_vs_trl: tokens/s ratio X.XX, peak memory ratio Y.YY` (ours / trl's).
 
 Measured (2-core CPU, nothing else running, 2 threads, fp32, trl 1.16.0; ours / trl length-grouped
-with precomputed reference, the stronger trl variant every time):
+with precomputed reference, the stronger trl variant every time), before trl was given our
+megabatch (it had transformers' default of 3 batches; the README has the current figures):
 
     options                      tokens/s  peak memory
     --model smollm2                1.66     0.76
@@ -102,6 +111,7 @@ import contextlib
 import ctypes
 import gc
 import importlib.util
+import inspect
 import os
 import random
 import re
@@ -231,11 +241,12 @@ def batch_tokens(batch: dict) -> int:
 
 
 class StepClock:
-    """Called at the entry of each step's loss computation; times steps warmup+1 .. warmup+steps."""
+    """Called at the entry of each step's loss computation; times steps warmup+1 .. warmup+steps,
+    and adds up their tokens, positions and FLOPs (`flops_of(batch)`: the side's own count)."""
 
-    def __init__(self, warmup: int, steps: int):
-        self.warmup, self.steps = warmup, steps
-        self.calls, self.tokens, self.positions = 0, 0, 0
+    def __init__(self, warmup: int, steps: int, flops_of=lambda batch: 0.0):
+        self.warmup, self.steps, self.flops_of = warmup, steps, flops_of
+        self.calls, self.tokens, self.positions, self.flops = 0, 0, 0, 0.0
         self.start = self.end = None
 
     def tick(self, batch: dict) -> None:
@@ -247,6 +258,7 @@ class StepClock:
         if self.warmup < self.calls <= self.warmup + self.steps:
             self.tokens += batch_tokens(batch)
             self.positions += batch["input_ids"].numel()
+            self.flops += self.flops_of(batch)
 
     @property
     def seconds(self) -> float:
@@ -329,10 +341,31 @@ def matmul_peak_flops(n: int = 2048, seconds: float = 1.0) -> float:
     return best
 
 
-def matmul_parameters(model) -> int:
-    """Weights of every nn.Linear (peft's adapters excluded): what a token's forward multiplies by."""
-    return sum(m.weight.numel() for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "lora_" not in name)
+def matmul_parameters(model) -> tuple[int, int]:
+    """Weights of every nn.Linear (peft's adapters excluded), what a position's forward multiplies
+    by: (the body's, the output layer's)."""
+    total = sum(m.weight.numel() for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "lora_" not in name)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    head = getattr(head, "base_layer", head)  # an adapter around it
+    return total - head.weight.numel(), head.weight.numel()
+
+
+def step_flops(weights: tuple[int, int], positions: int, scored: int, *, full: bool, recompute: bool,
+               reference_scored: int | None = None) -> float:
+    """Matmul FLOPs of one step that runs the body over `positions` positions and the output layer
+    over `scored` of them (attention scores and the adapters' own products left out, on both sides).
+    Per weight and position: forward 2; backward 2 for the activations' gradient, 2 more for the
+    weight's own where it trains (full: not LoRA's frozen base); 2 more for an output layer
+    recomputed in backward (chunked). reference_scored: the reference's forward runs too, over the
+    same positions, its output layer over that many."""
+    body, head = weights
+    backward = 4 if full else 2
+    flops = (2 + backward) * body * positions + (2 + backward + 2 * recompute) * head * scored
+    if reference_scored is not None:
+        flops += 2 * (body * positions + head * reference_scored)
+    return float(flops)
 
 
 @dataclass
@@ -343,15 +376,16 @@ class Result:
     memory_method: str = ""
     positions: float = 0.0  # positions the model computed per token counted (padding > 1, a shared prompt < 1)
     precompute_s: float = 0.0
-    flops_per_token: float = 0.0
+    flops_per_s: float = 0.0  # the matmul FLOPs its steps ran (step_flops), per second
     notes: list[str] = field(default_factory=list)
 
     def record(self, clock: StepClock) -> None:
         self.tokens_per_s = clock.tokens / clock.seconds
         self.positions = clock.positions / clock.tokens
+        self.flops_per_s = clock.flops / clock.seconds
 
     def line(self, peak_flops: float) -> str:
-        mfu = self.tokens_per_s * self.flops_per_token / peak_flops
+        mfu = self.flops_per_s / peak_flops
         pre = f", reference precompute {self.precompute_s:.1f} s" if self.precompute_s else ""
         return (f"{self.name:<48} {self.tokens_per_s:9.1f} tokens/s  peak {self.peak_bytes / 2**20:8.1f} MiB  "
                 f"positions/token {self.positions:4.2f}  {mfu:6.1%} of fp32 matmul peak{pre}")
@@ -378,7 +412,7 @@ def run_ours(model_dir: Path, pairs: dict, args, *, name: str = "alignflow", gro
     from tasks.train.lora import add_lora
     from tasks.train.loop import train, truncate
 
-    result, clock = Result(name), StepClock(args.warmup, args.steps)
+    result = Result(name)
     verified = logps.fast_paths
 
     def fast_paths(model):  # the verified fast paths, less those this run takes away
@@ -397,8 +431,17 @@ def run_ours(model_dir: Path, pairs: dict, args, *, name: str = "alignflow", gro
             result.precompute_s = time.perf_counter() - started
         if args.lora:
             model = add_lora(model, LoraParams(**LORA), SEED)
-        P = matmul_parameters(model)
-        result.flops_per_token = (4 if args.lora else 6) * P + (2 * P if reference == "on-the-fly" else 0)
+        weights, vocab = matmul_parameters(model), model.get_output_embeddings().weight.shape[0]
+
+        def flops_of(batch):  # the body over every position of the batch; the output layer over
+            positions = batch["input_ids"].numel()  # the response tokens (or, without that fast path, every position)
+            scored = (len(batch["logp_index"]) if "logp_index" in batch else int((batch["labels"][:, 1:] != -100).sum())) \
+                if response_only_head else positions
+            recompute = response_only_head and scored * vocab * 4 > logps.HEAD_CHUNK_BYTES  # head_logps chunks it
+            return step_flops(weights, positions, scored, full=not args.lora, recompute=recompute,
+                              reference_scored=scored if reference == "on-the-fly" else None)
+
+        clock = StepClock(args.warmup, args.steps, flops_of)
         shared = logps.fast_paths(model).shared_prompt
         if shared:
             lengths = [logps.packed_length(e) for e in examples]
@@ -430,11 +473,34 @@ def run_trl(model_dir: Path, pairs: dict, args, *, precompute: bool, group_by_le
 
     from tasks.models import load_tokenizer
 
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    from tasks.train.loop import LengthGroupedBatches
+
+    group = inspect.signature(LengthGroupedBatches).parameters["group"].default  # ours: 32 batches a megabatch
+
+    class EqualGroupSampler(LengthGroupedSampler):
+        """transformers' length grouping with our megabatch (its default, min(n / (4 * batch), 50)
+        batches, is 3 at this bench's sizes: about 6% more padding than ours)."""
+
+        def __iter__(self):
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=group,
+                                                   generator=self.generator))
 
     sampler = "length-grouped" if group_by_length else "random sampler"
     result = Result(f"trl DPOTrainer, {sampler}{', precomputed ref' if precompute else ''}")
-    clock = StepClock(args.warmup, args.steps)
+    weights = (0, 0)  # set once the trainer holds its model
+    # Its fused output layer scores only the completion positions with Triton (CUDA, XPU), every
+    # position but the last elsewhere; it recomputes its logits in backward either way.
+    compact = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+    def flops_of(batch):
+        rows, width = batch["input_ids"].shape
+        scored = int(batch["completion_mask"][:, 1:].sum()) if compact else rows * (width - 1)
+        return step_flops(weights, rows * width, scored, full=not args.lora, recompute=True,
+                          reference_scored=None if precompute else scored)
+
+    clock = StepClock(args.warmup, args.steps, flops_of)
 
     class TimedDPOTrainer(DPOTrainer):
         def compute_loss(self, model, inputs, *a, **kw):
@@ -448,7 +514,7 @@ def run_trl(model_dir: Path, pairs: dict, args, *, precompute: bool, group_by_le
             # The length a pair costs: its prompt and longer response, cut as the collator cuts them.
             lengths = [min(args.max_length, len(p) + max(len(c), len(r)))
                        for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
-            return LengthGroupedSampler(self.args.train_batch_size, lengths=lengths)
+            return EqualGroupSampler(self.args.train_batch_size, lengths=lengths)
 
     if args.model == "tiny":  # a word tokenizer: spell out bos and the separating spaces trl would merge
         pairs = {"prompt": [f"<bos> {p} " for p in pairs["prompt"]],
@@ -476,8 +542,7 @@ def run_trl(model_dir: Path, pairs: dict, args, *, precompute: bool, group_by_le
         trainer.remove_callback(PrinterCallback)  # its logs still happen; they are just not printed
         if precompute:
             result.precompute_s = time.perf_counter() - started  # __init__ = tokenizing + the reference pass
-        P = matmul_parameters(trainer.model)
-        result.flops_per_token = (4 if args.lora else 6) * P + (0 if precompute else 2 * P)
+        weights = matmul_parameters(trainer.model)
         trainer.train()
         del trainer, model
     result.record(clock)

@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+from tasks.logps_report import reports_logps
 from tasks.rewards import RewardFnName, reward_code_files
 from tasks.vllm_backend import VllmParams, vllm_settings
 
@@ -203,6 +204,7 @@ def lm_judge(model, tokenizer, max_length: int, batch_size: int, on_batch=None, 
 
 
 @stage_kind("evaluate", EvaluateParams, output="metrics")
+@reports_logps
 def evaluate(ctx: StageContext) -> dict[str, float]:
     import json
     import math

@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import BadInput, OptionalRef, Ref, StageContext, StageParams, stage_kind
+from tasks.logps_report import reports_logps
 
 PairStrategy = Literal["best_vs_worst", "best_vs_random", "best_vs_median", "all_pairs", "tournament"]
 
@@ -135,7 +136,7 @@ def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch
     tokens they cover. `reference` is a model artifact folder. Shared by `pairs` and `ref_logps`;
     the log-probs are tasks.logps.reference_logps', as dpo's own. Rows with a text that tokenizes
     to nothing are dropped from every column (strict: an error; see screen_texts). Returns metrics."""
-    from tasks.logps import encode_pairs, fallback_metrics, reference_logps, response_tokens
+    from tasks.logps import encode_pairs, reference_logps, response_tokens
     from tasks.models import load_causal_lm, screen_texts
 
     model, tokenizer = load_causal_lm(reference)
@@ -151,10 +152,11 @@ def add_reference_logps(rows: dict[str, list], reference, max_length: int, batch
     for side in ("chosen", "rejected"):
         rows[f"ref_{side}_logp"] = [e[f"ref_{side}"] for e in examples]
         rows[f"{side}_tokens"] = [response_tokens(e[side]) for e in examples]
-    return {**metrics, **fallback_metrics(model)}
+    return metrics
 
 
 @stage_kind("pairs", PairsParams, output="table")
+@reports_logps
 def pairs(ctx: StageContext) -> dict[str, float]:
     from tasks.tables import read_table, write_table
 

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import BadInput, Ref, StageContext, StageParams, stage_kind
+from tasks.logps_report import reports_logps
 from tasks.pairs import add_reference_logps
 
 
@@ -26,6 +27,7 @@ class RefLogpsParams(StageParams):
 
 
 @stage_kind("ref_logps", RefLogpsParams, output="table")
+@reports_logps
 def ref_logps(ctx: StageContext) -> dict[str, float]:
     from tasks.tables import read_table, write_table
 

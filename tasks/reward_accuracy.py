@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
+from tasks.logps_report import reports_logps
 
 SETS = ("id", "prompt_shift", "response_shift")
 
@@ -64,6 +65,7 @@ def ranking_accuracy(chosen: list[float], rejected: list[float]) -> dict[str, fl
 
 
 @stage_kind("reward_accuracy", RewardAccuracyParams, output="metrics")
+@reports_logps
 def reward_accuracy(ctx: StageContext) -> dict[str, float]:
     import json
     import math

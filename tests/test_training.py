@@ -240,7 +240,7 @@ def test_shared_prompt_rows_give_the_same_logps_and_gradients(tiny_demo_model, a
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_chunked_output_layer_matches_the_plain_one(monkeypatch, bias):
+def test_chunked_output_layer_matches_the_plain_one(bias):
     """head_logps with logits too big to keep (chunked, recomputed in backward) against
     log_softmax(head(hidden)): values and gradients for the hidden states, weight and bias."""
     from tasks import logps
@@ -253,8 +253,7 @@ def test_chunked_output_layer_matches_the_plain_one(monkeypatch, bias):
 
     expected = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None])[:, 0]
     expected_grads = torch.autograd.grad((expected * weights).sum(), [hidden, *head.parameters()])
-    monkeypatch.setattr(logps, "HEAD_CHUNK_BYTES", 4 * 50 * 8)  # 8 rows per chunk: 5 chunks, the last partial
-    ours = logps.head_logps(head, hidden, targets)
+    ours = logps.head_logps(head, hidden, targets, chunk_rows=8)  # 5 chunks, the last partial
     grads = torch.autograd.grad((ours * weights).sum(), [hidden, *head.parameters()])
     torch.testing.assert_close(ours.double(), expected, atol=1e-6, rtol=1e-6)
     for a, b in zip(grads, expected_grads):

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.base import BadInput, OptionalRef, Ref, StageContext, stage_kind
+from tasks.logps_report import reports_logps
 from tasks.train import TrainParams
 from tasks.train.launch import multiprocess
 
@@ -126,10 +127,11 @@ def dpo_step(model, batch, loss: str, loss_params: dict, beta: float, needs_refe
 
 @stage_kind("dpo", DPOParams, output="model")
 @multiprocess
+@reports_logps
 def dpo(ctx: StageContext) -> dict[str, float]:
     from functools import partial
 
-    from tasks.logps import collate_pairs, collate_shared_prompt, fallback_metrics, fast_paths, packed_length, reference_logps
+    from tasks.logps import collate_pairs, collate_shared_prompt, fast_paths, packed_length, reference_logps
     from tasks.models import load_causal_lm, screen_texts
     from tasks.tables import read_table
     from tasks.train.lora import add_lora, save_trained
@@ -182,7 +184,7 @@ def dpo(ctx: StageContext) -> dict[str, float]:
         log_metrics=ctx.log_metrics, progress=ctx.progress,
         checkpoints=ctx.checkpoints, checkpoint_every=p.checkpoint_every,
     )
-    metrics.update(data_metrics, pairs=float(len(examples)), **screen_metrics, **fallback_metrics(model))
+    metrics.update(data_metrics, pairs=float(len(examples)), **screen_metrics)
     if is_main_process():
         metrics.update(save_trained(model, tokenizer, ctx.out, p.lora, ctx.inputs["policy"]))
     return metrics

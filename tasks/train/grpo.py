@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import StageContext, stage_kind
+from tasks.logps_report import reports_logps
 from tasks.train import OnlineParams
 
 
@@ -42,6 +43,7 @@ def loss(models, batch: dict, p: GRPOParams, logps=None):
 
 
 @stage_kind("grpo", GRPOParams, output="model")
+@reports_logps
 def grpo(ctx: StageContext) -> dict[str, float]:
     from tasks.train.online import run_online
 

@@ -10,7 +10,9 @@ What both share is written here once:
 - `optimizer_step`: clip, step, schedule; a non-finite loss or weight stops the stage
   (`NonFiniteError`), so no poisoned model is ever saved;
 - checkpoints (`save_checkpoint`, `resume`): accelerate's save_state into a step folder renamed
-  into place, the loop's own state beside it.
+  into place, the loop's own state beside it;
+- `verify_fast_paths`: the log-prob fast paths probed again on the trained weights, before each
+  checkpoint and at the end (tasks/logps.py's recheck).
 
 `train` is the offline loop over a list of examples; tasks/train/online.py's loop generates its
 batches and uses the same pieces.
@@ -205,6 +207,19 @@ def optimizer_step(accelerator: Accelerator, optimizer, scheduler, parameters: l
     return used
 
 
+def verify_fast_paths(accelerator: Accelerator, model, when: str) -> None:
+    """Probe the log-prob fast paths again on the weights as trained so far (tasks/logps.py's
+    `recheck`): before each checkpoint and before the trained model is returned, so that neither
+    is written from a path that no longer gives the plain numbers (FastPathDrift; the stage is then
+    recomputed on the plain path: tasks/logps_report.py). Not under FSDP or DeepSpeed, where each
+    process holds a part of the weights."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    from tasks.logps import recheck
+
+    recheck(accelerator.unwrap_model(model), when)
+
+
 # ---- checkpoints ----------------------------------------------------------------------------
 
 CHECKPOINT_STATE = "alignflow_state.json"  # beside accelerate's files: step, metric history, setup
@@ -367,8 +382,10 @@ def train(
             history.append({"step": step + 1, **metrics})
             bar.advance()
             if checkpointing and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+                verify_fast_paths(accelerator, model, f"training step {step + 1}")
                 save_checkpoint(accelerator, checkpoints, step + 1, {"history": history, "setup": setup})
 
+    verify_fast_paths(accelerator, model, f"the end of training (step {total_steps})")
     model = _trained_model(accelerator, model, gathered)
     if gradient_checkpointing:
         model.gradient_checkpointing_disable()

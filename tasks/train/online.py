@@ -61,7 +61,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: f
            max_new_tokens: int, shared_prefill: bool = True) -> dict:
     """k sampled responses to each prompt (token ids in, token ids out), in the rollout layout.
     shared_prefill: each prompt's cache computed once for its k samples where the model allows
-    (shared_prompt_cache; the same tokens are drawn); False computes it k times."""
+    (shared_prompt_cache; the same tokens are drawn) and its check agrees (shared_prefill_disagreement,
+    once per model: tasks/logps.py's `verified`); False computes it k times."""
+    from tasks.logps import verified
     from tasks.models import pad
 
     device = next(model.parameters()).device
@@ -70,7 +72,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], k: int, temperature: f
     model.eval()
     settings = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                     use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    cache = shared_prompt_cache(model, input_ids, prompt_mask, k) if shared_prefill and k > 1 else None
+    cache = None
+    if shared_prefill and k > 1 and verified(model, "shared prefill", shared_prefill_disagreement):
+        cache = shared_prompt_cache(model, input_ids, prompt_mask, k)
     if cache is None:
         out = model.generate(input_ids=input_ids, attention_mask=prompt_mask, num_return_sequences=k, **settings)
     else:  # generate computes only the prompts' last token, then samples as it would have
@@ -104,6 +108,42 @@ def shared_prompt_cache(model, input_ids: torch.Tensor, prompt_mask: torch.Tenso
     return cache
 
 
+@torch.no_grad()
+def shared_prefill_disagreement(model) -> str | None:
+    """None where generating from shared_prompt_cache's copied caches gives the logits of generating
+    with every sample's own prefill, else how it does not: two greedy steps from two left-padded
+    probe prompts, k = 2, both ways. (FalconH1's hybrid cache, copied so, fails to decode.)"""
+    from tasks.logps import probe_batch, probe_tolerance
+    from tasks.models import pad
+
+    pairs, pad_id = probe_batch(model)
+    prompts = [pair["chosen"]["input_ids"] for pair in pairs]  # 9 and 5 tokens: left padding
+    device = next(model.parameters()).device
+    input_ids = pad(prompts, pad_id, left=True).to(device)
+    prompt_mask = pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
+    settings = dict(do_sample=False, max_new_tokens=2, min_new_tokens=2, use_cache=True, pad_token_id=pad_id,
+                    output_logits=True, return_dict_in_generate=True)
+    training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, enabled=False):
+            repeated = {"input_ids": input_ids.repeat_interleave(2, 0), "attention_mask": prompt_mask.repeat_interleave(2, 0)}
+            plain = torch.stack(model.generate(**repeated, **settings).logits)
+            try:
+                cache = shared_prompt_cache(model, input_ids, prompt_mask, 2)
+                if cache is None:  # nothing shared: sample computes every prefill
+                    return None
+                shared = torch.stack(model.generate(**repeated, cache=cache, **settings).logits)
+                error = (shared.float() - plain.float()).abs().max().item()
+            except Exception as exc:  # noqa: BLE001 - any failure of the shared prefill means: do not use it
+                return f"sampling's shared prefill fails ({type(exc).__name__}: {exc})"
+    finally:
+        model.train(training)
+    if error <= probe_tolerance(model):
+        return None
+    return f"sampling's shared prefill disagrees with each sample's own prefill by {error:.3g} in the logits"
+
+
 def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1.0, entropy: bool = False,
                    shared_ok: bool | None = None):
     """Log-probs (N, T) of the response tokens under `model` at the sampling temperature (0 where
@@ -112,7 +152,7 @@ def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1
     Rows with the same prompt (a prompt's samples) go through the model as one shared-prompt row
     (shared_prompt_inputs) where that layout is verified for the model (tasks/logps.py's
     fast_paths; shared_ok overrides), else one row per response."""
-    from tasks.logps import fast_paths, head_logps, selected_outputs
+    from tasks.logps import fast_paths, head_logits, head_logps, selected_outputs
 
     mask, targets = batch["mask"], batch["sequences"][:, prompt_width:]
     shared = fast_paths(model).shared_prompt if shared_ok is None else shared_ok
@@ -126,13 +166,12 @@ def response_logps(model, batch: dict, prompt_width: int, temperature: float = 1
         select = lambda out: out[:, prompt_width - 1 : -1][mask]  # noqa: E731
     # hidden states (or logits, head None) at the positions that predict each response token
     states, head = selected_outputs(model, inputs, select)
-    if head is not None and head.bias is None:  # head(h) / t == head(h / t): the logits are never built
-        token_logps = head_logps(head, states / temperature, targets[mask])
-        logits_of = lambda rows: head(rows / temperature)  # noqa: E731
+    if head is not None:  # the logits are never built whole
+        token_logps = head_logps(head, states, targets[mask], temperature)
+        logits_of = lambda rows: head_logits(head, rows, temperature)  # noqa: E731
     else:
-        logits = states if head is None else head(states)
-        token_logps = -F.cross_entropy(logits.float() / temperature, targets[mask], reduction="none")
-        logits_of = lambda rows: (rows if head is None else head(rows)) / temperature  # noqa: E731
+        token_logps = -F.cross_entropy(states.float() / temperature, targets[mask], reduction="none")
+        logits_of = lambda rows: rows.float() / temperature  # noqa: E731
     logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=mask.device).masked_scatter(mask, token_logps)
     if not entropy:
         return logps
@@ -393,7 +432,7 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
     from tasks.tables import read_table
     from tasks.train.lora import save_trained
     from tasks.train.loop import (accumulate, fit_to_length, make_accelerator, make_optimizer, optimizer_step, resume,
-                                  save_checkpoint)
+                                  save_checkpoint, verify_fast_paths)
 
     p: OnlineParams = ctx.params
     set_seed(ctx.seed)
@@ -471,7 +510,9 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
             history.append({"step": step + 1, **metrics})
             bar.advance()
             if ctx.checkpoints is not None and (step + 1) % p.checkpoint_every == 0 and step + 1 < total_steps:
+                verify_fast_paths(accelerator, models.policy, f"training step {step + 1}")
                 save_checkpoint(accelerator, ctx.checkpoints, step + 1, {"history": history, "setup": setup})
+    verify_fast_paths(accelerator, models.policy, f"the end of training (step {total_steps})")
 
     if p.gradient_checkpointing:
         models.policy.gradient_checkpointing_disable()

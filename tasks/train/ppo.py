@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import StageContext, stage_kind
+from tasks.logps_report import reports_logps
 from tasks.train import OnlineParams
 
 
@@ -63,6 +64,7 @@ def loss(models, batch: dict, p: PPOParams):
 
 
 @stage_kind("ppo", PPOParams, output="model")
+@reports_logps
 def ppo(ctx: StageContext) -> dict[str, float]:
     from tasks.train.online import run_online
 

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import StageContext, stage_kind
+from tasks.logps_report import reports_logps
 from tasks.train import OnlineParams
 
 
@@ -47,6 +48,7 @@ def loss(models, batch: dict, p: RLOOParams, logps=None):
 
 
 @stage_kind("rloo", RLOOParams, output="model")
+@reports_logps
 def rloo(ctx: StageContext) -> dict[str, float]:
     from tasks.train.online import run_online
 

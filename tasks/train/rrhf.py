@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import BadInput, Ref, StageContext, stage_kind
+from tasks.logps_report import reports_logps
 from tasks.train import TrainParams
 from tasks.train.launch import multiprocess
 
@@ -81,6 +82,7 @@ def rrhf_step(model, batch, sft_weight: float):
 
 @stage_kind("rrhf", RRHFParams, output="model")
 @multiprocess
+@reports_logps
 def rrhf(ctx: StageContext) -> dict[str, float]:
     import sys
     from functools import partial

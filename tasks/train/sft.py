@@ -10,6 +10,7 @@ from typing import Literal
 
 
 from tasks.base import BadInput, Ref, StageContext, stage_kind
+from tasks.logps_report import reports_logps
 from tasks.train import TrainParams
 from tasks.train.launch import multiprocess
 
@@ -97,6 +98,7 @@ def response_tokens(batch):
 
 @stage_kind("sft", SFTParams, output="model")
 @multiprocess
+@reports_logps
 def sft(ctx: StageContext) -> dict[str, float]:
     from functools import partial
 
