@@ -35,7 +35,7 @@ from flows.locks import CrashSafeLockManager, file_lock
 from flows.report import headline_by_round, log_report
 from flows.spec import load_spec
 from flows.store import Store, pid_alive, plain
-from flows.tracking import StepLogger, Tracker, get_tracker, run_name
+from flows.tracking import StepLogger, Tracker, changed_settings, get_tracker, pipeline_run_name, run_name
 from tasks import load_stage_kinds
 from tasks.base import BadInput, StageContext
 
@@ -328,7 +328,8 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     kinds = load_stage_kinds()
     tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)
     close_orphaned_runs(tracker)
-    parent = tracker.start_run(f"{spec.name}", {
+    changed = changed_settings(overrides or [], rounds)
+    parent = tracker.start_run(pipeline_run_name(spec.name, changed=changed), {
         "alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
         "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count),
         OWNER_TAG: OWNER,
@@ -336,10 +337,12 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
     futures, run_ids, summary, recorded, current = {}, {}, [], set(), None
     try:
+        by_id = {node.id: node for node in nodes}
         for node in nodes:
-            run_ids[node.id] = tracker.start_run(run_name(node.name, node.round), {
+            name, labels = _stage_run(node, by_id)
+            run_ids[node.id] = tracker.start_run(name, {
                 "alignflow.stage": node.name, "alignflow.round": str(node.round),
-                "alignflow.key": node.key, "alignflow.kind": node.kind, OWNER_TAG: OWNER,
+                "alignflow.key": node.key, "alignflow.kind": node.kind, OWNER_TAG: OWNER, **labels,
             }, parent=parent)
             damaged = store.check(node.kind, node.key, download=True) is not None  # never trust a cached reference to it
             name = node.label.replace(" ", "-")
@@ -366,7 +369,8 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
             recorded.add(node.id)
             summary.append({"stage": node.name, "round": node.round, "key": node.key,
                             "cache": "miss" if refs[node.id]["computed"] else "hit",
-                            "seconds": refs[node.id]["seconds"], "metrics": refs[node.id]["metrics"]})
+                            "seconds": refs[node.id]["seconds"], "metrics": refs[node.id]["metrics"],
+                            **_labels(node)})
     except BaseException:
         for node_id, run_id in run_ids.items():
             if node_id not in recorded:  # the stage that failed, and those that never finished
@@ -374,12 +378,33 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         tracker.end(parent, "FAILED")
         raise
     hits = sum(row["cache"] == "hit" for row in summary)
-    tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
-    headline = headline_by_round(summary)  # MLflow's charts draw the parent's metrics by round
-    tracker.log(parent, history=[{"step": r, **metrics} for r, metrics in headline.items()])
+    # Counts as tags: as metrics, MLflow's chart view drew them beside the win rate.
+    tracker.log(parent, tags={"alignflow.stages_run": len(summary) - hits, "alignflow.stages_cached": hits})
+    headline = headline_by_round(summary)
+    tracker.log_headline(parent, headline)  # by round, and as the runs list's columns
     log_report(tracker, parent, summary, cache_dir=store.local_root / "_reports")  # table and plots
+    tracker.rename(parent, pipeline_run_name(spec.name, changed=changed, headline=headline, cached=hits == len(summary)))
     tracker.end(parent)
     return {"parent_run_id": parent, "stages": summary, "headline": headline}
+
+
+def _labels(node: Node) -> dict[str, str]:
+    """What the stage's run measures, from its params' `run_tags` (reward_accuracy: `reward`), as
+    summary columns (`reward`); its run's tags are `alignflow.<column>`."""
+    tags = getattr(node.params, "run_tags", dict)()
+    return {name.removeprefix("alignflow."): value for name, value in tags.items()}
+
+
+def _stage_run(node: Node, by_id: dict[str, Node]) -> tuple[str, dict[str, str]]:
+    """A stage execution's MLflow run name and its own tags. A reward's accuracy run is named by
+    the reward and the seed it was trained with (`EXRM · seed 1`: the seed of its `reward_input`)."""
+    labels = _labels(node)
+    tags = {f"alignflow.{column}": value for column, value in labels.items()}
+    if "reward" not in labels:
+        return run_name(node.name, node.round), tags
+    measured = by_id.get(node.inputs.get(getattr(node.params, "reward_input", ""), ""))
+    seed = (measured or node).recipe["seed"]
+    return run_name(node.name, node.round, reward=labels["reward"], seed=seed), tags
 
 
 def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store: Store) -> dict:
@@ -403,7 +428,7 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store
         tags["alignflow.original_run_id"] = ref["mlflow_run_id"]
     if ref["metrics"].get("logps_fallback"):  # a log-prob fast path failed its check: see tasks/logps.py
         tags["alignflow.logps_fallback"] = "plain full-logits path"
-    params = {"kind": node.kind, "seed": node.recipe["seed"], **node.recipe["config"],
+    params = {"kind": node.kind, **_labels(node), "seed": node.recipe["seed"], **node.recipe["config"],
               **{f"input.{p}": refs[i]["key"] for p, i in node.inputs.items()}}
     tracker.log(run_id, metrics=ref["metrics"], params=params, tags=tags, step=ref.get("final_step", 0))
     tracker.end(run_id)

@@ -17,9 +17,94 @@ BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch call
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
-def run_name(stage: str, round: int) -> str:
-    """A stage run's name as a person reads it in MLflow's run list: `dpo · round 2`, or `sft`."""
-    return f"{stage} · round {round}" if round else stage
+def run_name(stage: str, round: int, reward: str | None = None, seed: int | None = None) -> str:
+    """A stage run's name as a person reads it in MLflow's run list: `dpo · round 2`, or `sft`; a
+    reward's accuracy run by its reward and the seed that reward was trained with, `EXRM · seed 0`
+    (the name that tells an EXRM run from a DPORM one on MLflow's Compare page)."""
+    name = f"{reward.upper()} · seed {seed}" if reward else stage
+    return f"{name} · round {round}" if round else name
+
+
+def pipeline_run_name(spec_name: str, variant: str | None = None, variants: int = 0, *,
+                      changed: list[str] = (), headline: dict[int, dict[str, float]] | None = None,
+                      cached: bool = False) -> str:
+    """A pipeline run's name, what tells runs apart in MLflow's run list: the spec, what the
+    command line changed (`dpo.beta=0.2 rounds=5`), and, once the run has finished, its headline
+    (`win_rate 0.952 → 0.984 → 0.991`, or DPORM - EXRM by set) and `all cached` when nothing ran.
+    A sweep's parent is `demo · sweep of 4`, a variant what differs (`beta=0.05 seed=1`)."""
+    if variant:
+        parts = [variant]
+    else:
+        parts = [f"{spec_name} · sweep of {variants}" if variants else spec_name, *changed]
+    rounds = {r: m for r, m in (headline or {}).items()}
+    rates = [m["win_rate"] for r, m in sorted(rounds.items()) if "win_rate" in m]
+    if rates:
+        shown = [f"{x:.3f}" for x in rates]
+        parts.append("win_rate " + " → ".join(shown if len(shown) <= 4 else [*shown[:2], "…", shown[-1]]))
+    final = next((m for _, m in sorted(rounds.items(), reverse=True) if "diff_acc_id" in m), None)
+    if final:
+        sets = {"id": "id", "prompt_shift": "prompt shift", "response_shift": "response shift"}
+        parts.append("DPORM − EXRM " + ", ".join(f"{label} {final[f'diff_acc_{s}']:+.3f}" for s, label in sets.items()
+                                                 if f"diff_acc_{s}" in final))
+    if cached:
+        parts.append("all cached")
+    return " · ".join(parts)
+
+
+def changed_settings(overrides: list[str], rounds: int | None) -> list[str]:
+    """What a run's command line changed in its spec, short: `--set stages.dpo.beta=0.2 --rounds 5`
+    is `dpo.beta=0.2`, `rounds=5`."""
+    return [o.strip().removeprefix("stages.") for o in overrides] + ([f"rounds={rounds}"] if rounds is not None else [])
+
+
+# ---------------------------------------------------------------- what MLflow's UI opens on
+# MLflow 3.17's runs page opens a saved view named in its URL (`?viewStateShareKey=<id>`): an
+# experiment tag `mlflow.sharedViewState.<id>` = {"name", "createdAt", "state"}, the state being the
+# page's own JSON (columns shown, their order and widths, sort order). alignflow keeps one per
+# experiment, listed in the page's Views menu too, whose columns are the headline metrics.
+VIEW_ID = "alignflow-headline"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
+VIEW_NAME = "alignflow: headline metrics"
+MODEL_TRAINING = "workflowType=machine_learning"  # the UI's model-training navigation, not its GenAI one
+ROUND_COLUMN = "win_rate_round_{}"
+MAX_ROUND_COLUMNS = 12  # the latest rounds', beyond: a wide table nobody scrolls
+
+
+def headline_columns(headline: dict[int, dict[str, float]]) -> tuple[dict[str, float], list[str]]:
+    """What a pipeline run's row in MLflow's runs list shows: (metrics to log once, the columns).
+    The list shows a metric's last value, so the win rate of each round is a metric of its own,
+    `win_rate_round_2` (round 0's is `win_rate`); each reward's accuracy by set, EXRM beside DPORM
+    (`exrm_acc_id`, `dporm_acc_id`, `exrm_acc_prompt_shift`, ...)."""
+    from flows.report import REWARDS, SETS
+
+    extra, columns = {}, []
+    latest = {name: value for _, metrics in sorted(headline.items()) for name, value in metrics.items()}
+    columns += [f"{reward}_acc_{set_}" for set_ in SETS for reward in REWARDS if f"{reward}_acc_{set_}" in latest]
+    for round_, metrics in sorted(headline.items()):
+        if "win_rate" in metrics:
+            name = ROUND_COLUMN.format(round_) if round_ else "win_rate"
+            if round_:
+                extra[name] = metrics["win_rate"]
+            columns.append(name)
+    return extra, columns
+
+
+def _column_order(name: str) -> tuple:
+    if name.startswith("win_rate_round_") and name.removeprefix("win_rate_round_").isdigit():
+        return (2, int(name.removeprefix("win_rate_round_")))
+    return (0 if "_acc_" in name else 1, 0)
+
+
+def headline_view(columns: list[str]) -> dict:
+    """The runs page's state: these metric columns right after the run's name and start time, wide
+    enough for their names; the latest run first."""
+    rounds = [c for c in columns if _column_order(c)[0] == 2]
+    columns = [c for c in columns if c not in rounds[:-MAX_ROUND_COLUMNS]]
+    keys = [f"metrics.`{name}`" for name in columns]
+    return {"selectedColumns": keys,
+            "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", *keys, "duration"],
+            "columnWidths": {"attributes.`Run Name`": 330, **{k: max(90, 8 * len(n) + 36) for k, n in zip(keys, columns)}},
+            "orderByKey": "attributes.start_time", "orderByAsc": False}
 
 
 def is_remote(uri: str) -> bool:
@@ -32,7 +117,8 @@ def _flatten(prefix: str, value, out: dict) -> dict:
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else k, v, out)
     else:
-        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+        if value is not None:  # an unset option (a DPORM run's `exrm`) is no param: Compare shows no "None"
+            out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return out
 
 
@@ -183,6 +269,37 @@ class Tracker:
             chunk = items[i:i + BATCH]
             self.client.log_batch(run_id, metrics=chunk, params=params_ if i == 0 else [],
                                   tags=tags_ if i == 0 else [])
+
+    @timed(LOGGING)
+    def log_headline(self, run_id: str, headline: dict[int, dict[str, float]]) -> None:
+        """A pipeline run's headline: by round (step = round, so MLflow's charts draw it by round),
+        as the columns of the experiment's runs list (`headline_columns`), and that list's saved
+        view widened to them."""
+        extra, columns = headline_columns(headline)
+        self.log(run_id, metrics=extra, history=[{"step": r, **metrics} for r, metrics in headline.items()])
+        if columns:
+            self.save_headline_view(columns)
+
+    def save_headline_view(self, columns: list[str]) -> None:
+        """The experiment's saved view (VIEW_TAG) with these columns and the ones it has (another
+        run may have had more rounds); rewritten only when that changes them."""
+        from mlflow.exceptions import MlflowException
+
+        tags = self.client.get_experiment(self.experiment_id).tags
+        known: list[str] = []
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a view edited by hand: made anew
+            known = [key[len("metrics.`"):-1] for key in json.loads(json.loads(tags[VIEW_TAG])["state"])["selectedColumns"]
+                     if key.startswith("metrics.`")]
+        wanted = sorted(dict.fromkeys([*known, *columns]), key=_column_order)
+        if wanted == known:
+            return
+        view = {"name": VIEW_NAME, "createdAt": int(time.time() * 1000), "state": json.dumps(headline_view(wanted))}
+        with contextlib.suppress(MlflowException):  # a view is a convenience: never a failed run
+            self.client.set_experiment_tag(self.experiment_id, VIEW_TAG, json.dumps(view))
+
+    @timed(LOGGING)
+    def rename(self, run_id: str, name: str) -> None:
+        self.client.update_run(run_id, name=name)
 
     @timed(LOGGING)
     def log_text(self, run_id: str, text: str, name: str) -> None:
