@@ -152,8 +152,10 @@ def _print_headline(headline: dict[int, dict[str, float]], stages: list[dict]) -
             console.print(f"  {'round ' + str(round_) if round_ else 'win_rate':<9} {format_interval(value)}",
                           markup=False)
     comparison = reward_comparison(summary_table(stages))
-    if comparison:
-        console.print(_versus_table(comparison))
+    if comparison:  # at compare's width: in a log or a narrow terminal too, no number cut
+        from rich.console import Console
+
+        Console(stderr=True, width=120, soft_wrap=True).print(_versus_table(comparison))
 
 
 def _program() -> tuple[str, bool]:

@@ -60,6 +60,10 @@ class ToyMetricsParams(StageParams):
     metrics: dict[str, float] = {}
     policy: OptionalRef("model") = None
     shift: list[str] = []
+    reward: Literal["exrm", "dporm"] | None = None  # a stand-in for reward_accuracy: its run's tag
+
+    def run_tags(self) -> dict[str, str]:
+        return {"alignflow.reward": self.reward} if self.reward else {}
 
 
 @stage_kind("toy_metrics", ToyMetricsParams, output="metrics")
