@@ -446,7 +446,8 @@ def ui(
 
     log = tempfile.NamedTemporaryFile("w+", prefix="alignflow-mlflow-ui-", suffix=".log", delete=False)
     server = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                              env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # GenAI jobs: 7 idle workers, 1.7 GB
+                                   **os.environ, "PYTHONWARNINGS": "ignore"})
     stopping: list[float] = []  # when a signal asked to stop
 
     def signal_group(signum: int) -> None:
@@ -462,7 +463,7 @@ def ui(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     try:
-        pages = _ui_pages(uri, experiment)  # read while the server boots
+        pages = ui_pages(uri, experiment)  # read while the server boots
         local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         base = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
         deadline = time.time() + UI_READY_S
@@ -509,20 +510,18 @@ def ui(
                 server.wait()
 
 
-def _ui_pages(uri: str, experiment: str | None) -> list[tuple[str, str]]:
+def ui_pages(uri: str, experiment: str | None) -> list[tuple[str, str]]:
     """The UI's pages to print, (what it shows, its path): the experiment's runs (the spec's, else
     the most recent run's) in MLflow's model-training view with the headline metrics as columns
     (alignflow's saved view, flows/tracking.py); the latest run's charts by round; where it measured
-    EXRM and DPORM, MLflow's Compare page of those runs. The experiments list when there is none."""
-    import json
-    import urllib.parse
+    EXRM and DPORM, those runs side by side (a saved view too). The experiments list when there is none."""
     from pathlib import Path
 
     if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return [("", "")]
     quiet_telemetry()
     from flows.report import PARENT_FILTER, NotFound, find_parent_run
-    from flows.tracking import MODEL_TRAINING, VIEW_ID, VIEW_TAG, quiet_mlflow
+    from flows.tracking import HEADLINE_VIEW, MODEL_TRAINING, REWARDS_VIEW, VIEW_PREFIX, quiet_mlflow
 
     quiet_mlflow()
     from mlflow.tracking import MlflowClient
@@ -538,21 +537,18 @@ def _ui_pages(uri: str, experiment: str | None) -> list[tuple[str, str]]:
     except NotFound:
         return [("", "")]
     runs = f"#/experiments/{found.experiment_id}/runs"
-    pages = [("", f"{runs}?viewStateShareKey={VIEW_ID}&{MODEL_TRAINING}" if VIEW_TAG in found.tags
-              else f"{runs}?{MODEL_TRAINING}")]
+
+    def view(name: str) -> str:
+        return f"{runs}?viewStateShareKey={name}&{MODEL_TRAINING}"
+
+    pages = [("", view(HEADLINE_VIEW) if VIEW_PREFIX + HEADLINE_VIEW in found.tags else f"{runs}?{MODEL_TRAINING}")]
     latest = client.search_runs([found.experiment_id], filter_string=PARENT_FILTER,
                                 order_by=["attribute.start_time DESC"], max_results=1)
     if latest:
-        parent = latest[0]
         pages.append(("the latest run's charts, by round",
-                      f"{runs}/{parent.info.run_id}/model-metrics?{MODEL_TRAINING}"))
-        rewards = client.search_runs([found.experiment_id], filter_string=(
-            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`alignflow.reward` LIKE '%'"),
-            order_by=["attribute.start_time ASC"], max_results=100)
-        if rewards:
-            query = urllib.parse.urlencode({"runs": json.dumps([r.info.run_id for r in rewards]),
-                                            "experiments": json.dumps([found.experiment_id])})
-            pages.append(("its EXRM and DPORM runs side by side", f"#/compare-runs?{query}&{MODEL_TRAINING}"))
+                      f"{runs}/{latest[0].info.run_id}/model-metrics?{MODEL_TRAINING}"))
+    if VIEW_PREFIX + REWARDS_VIEW in found.tags:
+        pages.append(("its EXRM and DPORM runs side by side", view(REWARDS_VIEW)))
     return pages
 
 

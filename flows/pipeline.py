@@ -381,9 +381,10 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     # Counts as tags: as metrics, MLflow's chart view drew them beside the win rate.
     tracker.log(parent, tags={"alignflow.stages_run": len(summary) - hits, "alignflow.stages_cached": hits})
     headline = headline_by_round(summary)
-    tracker.log_headline(parent, headline)  # by round, and as the runs list's columns
+    name = pipeline_run_name(spec.name, changed=changed, headline=headline, cached=hits == len(summary))
+    tracker.log_headline(parent, headline, rewards=any(row.get("reward") for row in summary), name=name)  # UI views too
     log_report(tracker, parent, summary, cache_dir=store.local_root / "_reports")  # table and plots
-    tracker.rename(parent, pipeline_run_name(spec.name, changed=changed, headline=headline, cached=hits == len(summary)))
+    tracker.rename(parent, name)
     tracker.end(parent)
     return {"parent_run_id": parent, "stages": summary, "headline": headline}
 

@@ -60,14 +60,16 @@ def changed_settings(overrides: list[str], rounds: int | None) -> list[str]:
 # ---------------------------------------------------------------- what MLflow's UI opens on
 # MLflow 3.17's runs page opens a saved view named in its URL (`?viewStateShareKey=<id>`): an
 # experiment tag `mlflow.sharedViewState.<id>` = {"name", "createdAt", "state"}, the state being the
-# page's own JSON (columns shown, their order and widths, sort order). alignflow keeps one per
-# experiment, listed in the page's Views menu too, whose columns are the headline metrics.
-VIEW_ID = "alignflow-headline"
-VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
-VIEW_NAME = "alignflow: headline metrics"
+# page's own JSON (search filter, sort, columns shown with their order and widths). alignflow keeps
+# two per experiment, listed in the page's Views menu too: the pipeline runs with their headline
+# metrics as columns, and the latest run's EXRM and DPORM runs side by side.
+VIEW_PREFIX = "mlflow.sharedViewState."
+HEADLINE_VIEW, REWARDS_VIEW = "alignflow-headline", "alignflow-rewards"
+VIEW_NAMES = {HEADLINE_VIEW: "alignflow: headline metrics", REWARDS_VIEW: "alignflow: EXRM vs DPORM, latest run"}
 MODEL_TRAINING = "workflowType=machine_learning"  # the UI's model-training navigation, not its GenAI one
 ROUND_COLUMN = "win_rate_round_{}"
-MAX_ROUND_COLUMNS = 12  # the latest rounds', beyond: a wide table nobody scrolls
+MAX_ROUND_COLUMNS = 12  # the latest rounds': beyond, a wide table nobody scrolls
+PARENT_ONLY = ("win_rate_ci_low", "win_rate_ci_high")  # a round's win-rate interval: its evaluate run's
 
 
 def headline_columns(headline: dict[int, dict[str, float]]) -> tuple[dict[str, float], list[str]]:
@@ -90,21 +92,33 @@ def headline_columns(headline: dict[int, dict[str, float]]) -> tuple[dict[str, f
 
 
 def _column_order(name: str) -> tuple:
-    if name.startswith("win_rate_round_") and name.removeprefix("win_rate_round_").isdigit():
-        return (2, int(name.removeprefix("win_rate_round_")))
+    number = name.removeprefix("win_rate_round_")
+    if number != name and number.isdigit():
+        return (2, int(number))
     return (0 if "_acc_" in name else 1, 0)
 
 
-def headline_view(columns: list[str]) -> dict:
-    """The runs page's state: these metric columns right after the run's name and start time, wide
-    enough for their names; the latest run first."""
-    rounds = [c for c in columns if _column_order(c)[0] == 2]
-    columns = [c for c in columns if c not in rounds[:-MAX_ROUND_COLUMNS]]
+NAME_COLUMN = "attributes.`Run Name`"
+
+
+def runs_view(columns: list[str], search: str = "", order_by: str = "attributes.start_time",
+              ascending: bool = False, width: int = 100, name_width: int = 300) -> dict:
+    """The runs page's state: these metric columns right after the run's name and start time, each
+    wide enough for its name (and `width` px at least); the runs `search` finds, sorted."""
     keys = [f"metrics.`{name}`" for name in columns]
-    return {"selectedColumns": keys,
-            "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", *keys, "duration"],
-            "columnWidths": {"attributes.`Run Name`": 330, **{k: max(90, 8 * len(n) + 36) for k, n in zip(keys, columns)}},
-            "orderByKey": "attributes.start_time", "orderByAsc": False}
+    return {"searchFilter": search, "orderByKey": order_by, "orderByAsc": ascending,
+            "selectedColumns": keys, "columnOrder": [NAME_COLUMN, "runDateAndNestInfo", *keys, "duration"],
+            "columnWidths": {NAME_COLUMN: name_width, **{k: max(width, 7 * len(n) + 32) for k, n in zip(keys, columns)}}}
+
+
+def view_columns(tags: dict[str, str], view: str) -> tuple[list[str], int]:
+    """The metric columns and the name column's width of one of alignflow's saved views in an
+    experiment's tags (none, 0 if there is none)."""
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):  # edited by hand: none
+        state = json.loads(json.loads(tags[VIEW_PREFIX + view])["state"])
+        return ([key[len("metrics.`"):-1] for key in state["selectedColumns"] if key.startswith("metrics.`")],
+                int(state["columnWidths"][NAME_COLUMN]))
+    return [], 0
 
 
 def is_remote(uri: str) -> bool:
@@ -271,31 +285,39 @@ class Tracker:
                                   tags=tags_ if i == 0 else [])
 
     @timed(LOGGING)
-    def log_headline(self, run_id: str, headline: dict[int, dict[str, float]]) -> None:
-        """A pipeline run's headline: by round (step = round, so MLflow's charts draw it by round),
-        as the columns of the experiment's runs list (`headline_columns`), and that list's saved
-        view widened to them."""
+    def log_headline(self, run_id: str, headline: dict[int, dict[str, float]], rewards: bool = False,
+                     name: str = "") -> None:
+        """A pipeline run's headline, rounded to 4 decimals (the runs list shows a value's every
+        digit): by round (step = round, so MLflow's charts draw it by round), as the columns of the
+        experiment's runs list (`headline_columns`), and the saved views (that list's; where the run
+        measured rewards, its EXRM and DPORM runs'), whose name column fits `name`."""
         extra, columns = headline_columns(headline)
-        self.log(run_id, metrics=extra, history=[{"step": r, **metrics} for r, metrics in headline.items()])
-        if columns:
-            self.save_headline_view(columns)
+        history = [{"step": r, **{k: round(v, 4) for k, v in metrics.items() if k not in PARENT_ONLY}}
+                   for r, metrics in headline.items()]
+        self.log(run_id, metrics={k: round(v, 4) for k, v in extra.items()}, history=history)
+        tags = self.client.get_experiment(self.experiment_id).tags
+        known, known_width = view_columns(tags, HEADLINE_VIEW)
+        wanted = sorted(dict.fromkeys([*known, *columns]), key=_column_order)  # another run may have had more rounds
+        rounds = [c for c in wanted if _column_order(c)[0] == 2]
+        wanted = [c for c in wanted if c not in rounds[:-MAX_ROUND_COLUMNS]]
+        width = max(known_width, min(640, 7 * len(name) + 90))  # the longest name yet, up to a point
+        if columns and (wanted, width) != (known, known_width):
+            self.save_view(HEADLINE_VIEW, runs_view(wanted, name_width=width))
+        if rewards:  # the latest run's reward runs, EXRM and DPORM by seed (sorted by name: `DPORM · seed 0`, ...)
+            from flows.report import SETS
 
-    def save_headline_view(self, columns: list[str]) -> None:
-        """The experiment's saved view (VIEW_TAG) with these columns and the ones it has (another
-        run may have had more rounds); rewritten only when that changes them."""
+            self.save_view(REWARDS_VIEW, runs_view(
+                [f"acc_{s}" for s in SETS],
+                f"tags.`mlflow.parentRunId` = '{run_id}' AND tags.`alignflow.reward` LIKE '%'",
+                order_by="tags.`mlflow.runName`", ascending=True, width=170))  # a stage's accuracy has every digit
+
+    def save_view(self, view: str, state: dict) -> None:
+        """One of alignflow's saved views of the experiment's runs page (see VIEW_PREFIX)."""
         from mlflow.exceptions import MlflowException
 
-        tags = self.client.get_experiment(self.experiment_id).tags
-        known: list[str] = []
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # a view edited by hand: made anew
-            known = [key[len("metrics.`"):-1] for key in json.loads(json.loads(tags[VIEW_TAG])["state"])["selectedColumns"]
-                     if key.startswith("metrics.`")]
-        wanted = sorted(dict.fromkeys([*known, *columns]), key=_column_order)
-        if wanted == known:
-            return
-        view = {"name": VIEW_NAME, "createdAt": int(time.time() * 1000), "state": json.dumps(headline_view(wanted))}
+        value = {"name": VIEW_NAMES[view], "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
         with contextlib.suppress(MlflowException):  # a view is a convenience: never a failed run
-            self.client.set_experiment_tag(self.experiment_id, VIEW_TAG, json.dumps(view))
+            self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + view, json.dumps(value))
 
     @timed(LOGGING)
     def rename(self, run_id: str, name: str) -> None:
