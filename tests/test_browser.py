@@ -70,7 +70,8 @@ def artifacts_dir() -> Path:
     return path
 
 
-def chrome(profile: Path):
+def need_chromium() -> None:
+    """Skip (fail, in CI) without chromium and chromedriver, saying why."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
     if missing:
         why = (f"{', '.join(missing)} not found: `make test` installs them where it can "
@@ -78,6 +79,10 @@ def chrome(profile: Path):
         if os.environ.get("CI"):
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
+
+
+def chrome(profile: Path):
+    need_chromium()
     os.environ.setdefault("SE_AVOID_STATS", "true")  # selenium: no usage statistics (no network here)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -157,6 +162,7 @@ def ui(tmp_path_factory):
     experiment, browser-demo), the EXRM experiment's pages, and a browser."""
     from flows.cli import ui_pages
 
+    need_chromium()  # before the minute of set-up
     root = tmp_path_factory.mktemp("browser")
     uri = f"sqlite:///{root / 'home' / 'mlflow.db'}"
     (root / "home").mkdir()
