@@ -131,7 +131,7 @@ def run(
     _print_headline(result.get("headline") or {}, result["stages"])
     import shlex
 
-    program, make = _program()
+    program, make = program_hint()
     if make:
         given = "" if os.path.normpath(spec) == os.path.join("pipelines", "demo.yaml") else f" SPEC={shlex.quote(spec)}"
         make = f" (or: make compare{given}, make ui{given})"
@@ -155,10 +155,10 @@ def _print_headline(headline: dict[int, dict[str, float]], stages: list[dict]) -
     if comparison:  # at compare's width: in a log or a narrow terminal too, no number cut
         from rich.console import Console
 
-        Console(stderr=True, width=120, soft_wrap=True).print(_versus_table(comparison))
+        Console(stderr=True, width=120, soft_wrap=True).print(versus_table(comparison))
 
 
-def _program() -> tuple[str, bool]:
+def program_hint() -> tuple[str, bool]:
     """How to type this program again: `alignflow` where PATH finds this one, else its path as
     typed from here (`.venv/bin/alignflow`: `make demo` runs it without activating the venv); and
     whether this folder's Makefile has the `compare` and `ui` targets that run it."""
@@ -375,10 +375,10 @@ def compare(
 
     comparison = reward_comparison(summary) if not metric else []
     if comparison:
-        Console(width=120, soft_wrap=True).print(_versus_table(comparison))
+        Console(width=120, soft_wrap=True).print(versus_table(comparison))
 
 
-def _versus_table(comparison: list[dict], title: str = ""):
+def versus_table(comparison: list[dict], title: str = ""):
     """EXRM against DPORM, one row per set (flows.report.reward_comparison's entries): each
     accuracy with its interval, three decimals; a zero-width interval over seeds marked and said why."""
     from rich.table import Table
