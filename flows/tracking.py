@@ -36,16 +36,17 @@ def pipeline_run_name(spec_name: str, variant: str | None = None, variants: int 
         parts = [variant]
     else:
         parts = [f"{spec_name} · sweep of {variants}" if variants else spec_name, *changed]
-    rounds = {r: m for r, m in (headline or {}).items()}
+    rounds = headline or {}
     rates = [m["win_rate"] for r, m in sorted(rounds.items()) if "win_rate" in m]
     if rates:
         shown = [f"{x:.3f}" for x in rates]
         parts.append("win_rate " + " → ".join(shown if len(shown) <= 4 else [*shown[:2], "…", shown[-1]]))
     final = next((m for _, m in sorted(rounds.items(), reverse=True) if "diff_acc_id" in m), None)
     if final:
-        sets = {"id": "id", "prompt_shift": "prompt shift", "response_shift": "response shift"}
-        parts.append("DPORM − EXRM " + ", ".join(f"{label} {final[f'diff_acc_{s}']:+.3f}" for s, label in sets.items()
-                                                 if f"diff_acc_{s}" in final))
+        from flows.report import SET_LABELS
+
+        parts.append("DPORM − EXRM " + ", ".join(f"{label} {final[f'diff_acc_{s}']:+.3f}"
+                                                 for s, label in SET_LABELS.items() if f"diff_acc_{s}" in final))
     if cached:
         parts.append("all cached")
     return " · ".join(parts)
@@ -69,7 +70,7 @@ VIEW_NAMES = {HEADLINE_VIEW: "alignflow: headline metrics", REWARDS_VIEW: "align
 MODEL_TRAINING = "workflowType=machine_learning"  # the UI's model-training navigation, not its GenAI one
 ROUND_COLUMN = "win_rate_round_{}"
 MAX_ROUND_COLUMNS = 12  # the latest rounds': beyond, a wide table nobody scrolls
-PARENT_ONLY = ("win_rate_ci_low", "win_rate_ci_high")  # a round's win-rate interval: its evaluate run's
+STAGE_ONLY = ("win_rate_ci_low", "win_rate_ci_high")  # a round's win-rate interval: its evaluate run's
 
 
 def headline_columns(headline: dict[int, dict[str, float]]) -> tuple[dict[str, float], list[str]]:
@@ -79,9 +80,9 @@ def headline_columns(headline: dict[int, dict[str, float]]) -> tuple[dict[str, f
     (`exrm_acc_id`, `dporm_acc_id`, `exrm_acc_prompt_shift`, ...)."""
     from flows.report import REWARDS, SETS
 
-    extra, columns = {}, []
-    latest = {name: value for _, metrics in sorted(headline.items()) for name, value in metrics.items()}
-    columns += [f"{reward}_acc_{set_}" for set_ in SETS for reward in REWARDS if f"{reward}_acc_{set_}" in latest]
+    measured = {name for metrics in headline.values() for name in metrics}
+    extra, columns = {}, [f"{reward}_acc_{set_}" for set_ in SETS for reward in REWARDS
+                          if f"{reward}_acc_{set_}" in measured]
     for round_, metrics in sorted(headline.items()):
         if "win_rate" in metrics:
             name = ROUND_COLUMN.format(round_) if round_ else "win_rate"
@@ -292,7 +293,7 @@ class Tracker:
         experiment's runs list (`headline_columns`), and the saved views (that list's; where the run
         measured rewards, its EXRM and DPORM runs'), whose name column fits `name`."""
         extra, columns = headline_columns(headline)
-        history = [{"step": r, **{k: round(v, 4) for k, v in metrics.items() if k not in PARENT_ONLY}}
+        history = [{"step": r, **{k: round(v, 4) for k, v in metrics.items() if k not in STAGE_ONLY}}
                    for r, metrics in headline.items()]
         self.log(run_id, metrics={k: round(v, 4) for k, v in extra.items()}, history=history)
         tags = self.client.get_experiment(self.experiment_id).tags

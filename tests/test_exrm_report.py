@@ -49,7 +49,7 @@ def test_run_names_read_as_a_person_would():
             == "demo · dpo.beta=0.2 · rounds=3 · win_rate 0.500 → 0.610 → 0.700")
     assert pipeline_run_name("demo", headline=headline, cached=True).endswith("0.700 · all cached")
     paired = pipeline_run_name("exrm", headline=report.headline_by_round(SPLIT_ROWS))
-    assert paired == "exrm · DPORM − EXRM id -0.100, prompt shift -0.100, response shift -0.100"
+    assert paired == "exrm · DPORM − EXRM in distribution -0.100, prompt shift -0.100, response shift -0.100"
 
 
 def test_headline_by_round_averages_a_rounds_seeds():
@@ -128,7 +128,7 @@ def test_mlflow_opens_on_model_training_with_named_runs_and_charts_by_round(toy_
     metrics = parent.data.metrics
     assert metrics["diff_acc_response_shift"] == pytest.approx(-0.1) and "diff_acc_response_shift_ci_low" in metrics
     assert (metrics["win_rate_round_1"], metrics["win_rate_round_2"]) == (pytest.approx(0.55), pytest.approx(0.65))
-    assert parent.info.run_name == ("exrm-toy · win_rate 0.550 → 0.650 · DPORM − EXRM id -0.100, "
+    assert parent.info.run_name == ("exrm-toy · win_rate 0.550 → 0.650 · DPORM − EXRM in distribution -0.100, "
                                     "prompt shift -0.100, response shift -0.100")
 
 
