@@ -88,6 +88,11 @@ def run(
     from flows.inputs import check_local_inputs
 
     started = time.time()
+
+    def phase(text: str) -> None:  # a line as each phase of the start begins: never a silent minute
+        console.print(f"[dim]{time.time() - started:5.1f}s[/] {text}", highlight=False)
+
+    phase(f"{escape(spec)}: checking the spec, its data files and its stages' keys")
     try:
         with timings.phase("spec and keys"):
             expanded = _load(spec, set_, rounds, force, sweep, seeds)
@@ -98,15 +103,20 @@ def run(
     configure_environment()
     from flows.prefect_server import start_if_needed
 
+    console.print(f"[bold]{loaded.name}[/]: {len(nodes)} stage executions, store {store_root(loaded.store)}")
     server = start_if_needed()  # boots in parallel with the imports and MLflow set-up below
+    phase(("starting a temporary Prefect server; " if server is not None else "") + "loading Prefect and MLflow")
     with timings.phase("imports"):
         from flows.pipeline import pipeline
         from flows.tracking import get_tracker, quiet_mlflow
 
         quiet_mlflow()
+    uri = tracking_uri(loaded.tracking_uri)
+    phase(f"opening MLflow ({escape(uri)})")
     with timings.phase("mlflow open"):
-        get_tracker(tracking_uri(loaded.tracking_uri), loaded.name)
+        get_tracker(uri, loaded.name)
     if server is not None:
+        phase("waiting for the Prefect server")
         with timings.phase("prefect wait"):
             server.wait_ready()
     executions = sum(len(v.nodes) for v in expanded.variants)
@@ -114,6 +124,7 @@ def run(
     unique = f" ({len(nodes)} unique)" if expanded.is_sweep else ""
     console.print(f"[bold]{loaded.name}[/]: {variants}{executions} stage executions{unique}, "
                   f"store {store_root(loaded.store)}")
+    phase("running the stages")
     failed = None
     try:
         with timings.phase("flow"):
@@ -139,19 +150,21 @@ def run(
     console.print(f"done in {time.time() - started:.1f}s: {ran} ran, {len(result['stages']) - ran} cached{what}; "
                   f"MLflow {tracking_uri(loaded.tracking_uri)} (run {result['parent_run_id']})")
     for variant in result.get("variants", []):
-        shown = "; ".join(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        shown = "; ".join(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                     if not k.endswith(("_ci_low", "_ci_high")))
                           for r, metrics in variant["headline"].items())
         state = "[red]failed[/]" if variant["failed"] else (shown or "finished")
         console.print(f"  {escape(variant['label'])}: {state}", highlight=False, soft_wrap=True)
-    if result.get("headline"):
-        console.print("headline metrics by round (a mean over a round's seeds):")
-        for round_, metrics in result["headline"].items():
-            console.print(f"  round {round_}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
-                          highlight=False, soft_wrap=True)
+    _print_headline(result.get("headline") or {}, result.get("summary", result["stages"]))
     import shlex
 
-    console.print(f"look further:\n  alignflow compare {shlex.quote(spec)}\n  alignflow ui {shlex.quote(spec)}",
-                  highlight=False, soft_wrap=True)
+    program, make = program_hint()
+    if make:
+        given = "" if os.path.normpath(spec) == os.path.join("pipelines", "demo.yaml") else f" SPEC={shlex.quote(spec)}"
+        make = f" (or: make compare{given}, make ui{given})"
+    console.print(f"look further{make or ''}:\n  {program} compare {shlex.quote(spec)}\n  {program} ui {shlex.quote(spec)}",
+                  highlight=False, soft_wrap=True, markup=False)
+
     if failed is not None:
         import traceback
 
@@ -162,6 +175,47 @@ def run(
             console.print(f"  {escape(label)}: {escape(str(err))}", highlight=False, soft_wrap=True)
         console.print("Finished stages are kept; `alignflow run` again resumes from them.")
         raise typer.Exit(1)
+
+
+def _print_headline(headline: dict[int, dict[str, float]], stages: list[dict]) -> None:
+    """The end of a run: the win rate by round, and EXRM against DPORM by set (compare's table)."""
+    from flows.report import format_interval, reward_comparison, summary_table
+
+    for name, against in (("win_rate", "the baseline"), ("win_rate_vs_previous", "the previous round")):
+        rates = {r: (m[name], m.get(f"{name}_ci_low"), m.get(f"{name}_ci_high")) for r, m in headline.items() if name in m}
+        if rates:
+            console.print(f"win rate against {against} [95% interval; a round's seeds: their mean, a t-interval]:",
+                          markup=False)
+            for round_, value in rates.items():
+                console.print(f"  {'round ' + str(round_) if round_ else 'win_rate':<9} {format_interval(value)}",
+                              markup=False)
+    comparison = reward_comparison(summary_table(stages))
+    if comparison:  # at compare's width: in a log or a narrow terminal too, no number cut
+        from rich.console import Console
+
+        Console(stderr=True, width=120, soft_wrap=True).print(versus_table(comparison))
+
+
+def program_hint() -> tuple[str, bool]:
+    """How to type this program again: `alignflow` where PATH finds this one, else its path as
+    typed from here (`.venv/bin/alignflow`: `make demo` runs it without activating the venv); and
+    whether this folder's Makefile has the `compare` and `ui` targets that run it."""
+    import shutil
+    from pathlib import Path
+
+    me = Path(sys.argv[0])
+    if me.name != "alignflow":  # `python -m flows.cli`
+        return f"{Path(sys.executable).name} -m flows.cli", False
+    found = shutil.which("alignflow")
+    if found and Path(found).resolve() == me.resolve():
+        return "alignflow", False
+    try:
+        shown = str(me.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(me.absolute())
+    makefile = Path("Makefile")
+    make = makefile.is_file() and "\nui:" in makefile.read_text(errors="replace")
+    return shown, make
 
 
 @app.command()
@@ -345,8 +399,8 @@ def compare(
     from rich.table import Table
     from rich.text import Text
 
-    from flows.report import (BASE_COLUMNS, NotFound, display_columns, find_parent_run, headline_columns, read_summary,
-                              reward_comparison, select_columns)
+    from flows.report import (BASE_COLUMNS, LABEL_COLUMNS, NotFound, display_columns, find_parent_run,
+                              headline_columns, read_summary, reward_comparison, select_columns)
     from flows.tracking import quiet_mlflow
 
     quiet_mlflow()
@@ -370,11 +424,11 @@ def compare(
                 caption="metric \\[interval low, high]; empty: the stage has no such metric"
                         + ("" if all_ or metric else "; --all: every metric"))
     for column, cells in table.items():  # a header may fold; a value never does
-        out.add_column(column, overflow="fold", justify="left" if column in BASE_COLUMNS else "right",
+        out.add_column(column, overflow="fold", justify="left" if column in (*BASE_COLUMNS, *LABEL_COLUMNS) else "right",
                        min_width=max(map(len, cells), default=1))
     colour = {"hit": "dim", "miss": "green", "failed": "red", "killed": "yellow"}
     for cells in zip(*table.values()):
-        if metric and not any(cells[len(BASE_COLUMNS):]):
+        if metric and not any(cells[len(BASE_COLUMNS) + sum(c in table for c in LABEL_COLUMNS):]):
             continue  # --metric: only the stages that have one of them
         out.add_row(*(Text(cell, style=colour.get(cell, "") if i == 2 else "") for i, cell in enumerate(cells)))
     width = 120 if not (all_ or metric) else max(160, console.width)
@@ -389,23 +443,9 @@ def compare(
 def _print_reward_comparison(comparison: list[dict], variant: str = "") -> None:
     """EXRM against DPORM by set (flows/report.py's reward_comparison), as a table of 120 columns."""
     from rich.console import Console
-    from rich.table import Table
 
-    from flows.report import SET_LABELS, format_interval
-
-    if not comparison:
-        return
-    pairs = max(entry["n"] for entry in comparison)
-    title = "EXRM vs DPORM: preference accuracy on held-out pairs, by set" + (f" ({variant})" if variant else "")
-    versus = Table(title=title,
-                   caption=(f"mean over {pairs} seeds \\[95% t-interval over seeds]" if pairs > 1 else
-                            "accuracy \\[95% Wilson interval]") + "; difference: DPORM - EXRM, paired by seed")
-    for column in ("set", "EXRM", "DPORM", "difference"):
-        versus.add_column(column, justify="left" if column == "set" else "right", no_wrap=True)
-    for entry in comparison:
-        versus.add_row(SET_LABELS[entry["set"]], format_interval(entry["exrm"]), format_interval(entry["dporm"]),
-                       format_interval(entry["difference"]) if "difference" in entry else "")
-    Console(width=120, soft_wrap=True).print(versus)
+    if comparison:
+        Console(width=120, soft_wrap=True).print(versus_table(comparison, f" ({variant})" if variant else ""))
 
 
 SWEEP_CELL = 23  # "0.620 [0.550, 0.690]" and a column's borders
@@ -462,6 +502,34 @@ def _compare_sweep(client, run, summary: dict[str, list], metric: list[str], all
             _print_reward_comparison(reward_comparison(table), group)
 
 
+def versus_table(comparison: list[dict], title: str = ""):
+    """EXRM against DPORM, one row per set (flows.report.reward_comparison's entries): each
+    accuracy with its interval, three decimals; a zero-width interval over seeds marked and said why."""
+    from rich.table import Table
+
+    from flows.report import SET_LABELS, format_interval, zero_width
+
+    pairs = max(entry["n"] for entry in comparison)
+    marked: list[bool] = []
+
+    def cell(value: tuple, signed: bool = False) -> str:
+        flat = pairs > 1 and zero_width(value)
+        marked.append(flat)
+        return format_interval(value, signed) + (" *" if flat else "")
+
+    versus = Table(title=f"EXRM vs DPORM{title}: preference accuracy on held-out pairs, by set")
+    for column in ("set", "EXRM", "DPORM", "DPORM - EXRM"):
+        versus.add_column(column, justify="left" if column == "set" else "right", no_wrap=True)
+    for entry in comparison:
+        versus.add_row(SET_LABELS[entry["set"]], cell(entry["exrm"]), cell(entry["dporm"]),
+                       cell(entry["difference"], signed=True) if "difference" in entry else "")
+    versus.caption = ((f"mean over {pairs} seeds \\[95% t-interval over seeds]; DPORM - EXRM paired by seed"
+                       if pairs > 1 else "accuracy \\[95% Wilson interval]; one seed: no interval on the difference")
+                      + ("\n* zero width: every seed gave the same value, so the t-interval over seeds cannot show "
+                         "the sampling error (each seed's own interval: --all)" if any(marked) else ""))
+    return versus
+
+
 UI_READY_S = 180  # MLflow's server takes tens of seconds to boot on a busy 2-core machine
 
 
@@ -495,8 +563,15 @@ def ui(
            "--workers", "1"]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", mlflow_artifact_root()]
-    # Its own process group: stopping it stops the web workers it starts, too.
-    server = subprocess.Popen(cmd, start_new_session=True)
+    # Its own process group: stopping it stops the web workers it starts, too. Its start-up notes
+    # and warnings (registry URI, security middleware, deprecations) and request log go to a file,
+    # shown when it fails: the terminal gets the URLs.
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile("w+", prefix="alignflow-mlflow-ui-", suffix=".log", delete=False)
+    server = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                              env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # GenAI jobs: 7 idle workers, 1.7 GB
+                                   **os.environ, "PYTHONWARNINGS": "ignore"})
     stopping: list[float] = []  # when a signal asked to stop
 
     def signal_group(signum: int) -> None:
@@ -512,14 +587,15 @@ def ui(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     try:
-        page = _ui_page(uri, experiment)  # read while the server boots
+        pages = ui_pages(uri, experiment)  # read while the server boots
         local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         base = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
         deadline = time.time() + UI_READY_S
         while not stopping:
             if server.poll() is not None:
+                log.seek(0)
                 console.print(f"[red]error:[/] ui: the MLflow server exited ({server.returncode}) before it answered: "
-                              f"{shlex.join(cmd)}")
+                              f"{shlex.join(cmd)}\n{escape(log.read()[-3000:])}")
                 raise typer.Exit(1)
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2).close()
@@ -529,11 +605,14 @@ def ui(
                     raise typer.Exit(1)
                 time.sleep(0.5)
                 continue
-            console.print(f"MLflow UI for {uri}:\n  {base}/{page}\nCtrl+C stops it.", highlight=False, soft_wrap=True)
+            console.print(f"MLflow UI for {uri}:\n" + "".join(f"  {label + ': ' if label else ''}{base}/{page}\n"
+                                                                for label, page in pages)
+                          + f"Ctrl+C stops it. (MLflow's own log: {log.name})",
+                          highlight=False, soft_wrap=True, markup=False)
             if open_browser:
                 import webbrowser
 
-                webbrowser.open(f"{base}/{page}")
+                webbrowser.open(f"{base}/{pages[0][1]}")
             break
         while server.poll() is None:
             if stopping and time.time() - stopping[0] > 15:
@@ -541,6 +620,8 @@ def ui(
             time.sleep(0.3)
         if stopping:
             console.print("MLflow UI stopped.")
+            log.close()
+            os.unlink(log.name)  # it stopped as asked: nothing in its log to read
             raise typer.Exit(0)
         raise typer.Exit(server.returncode)
     finally:
@@ -553,16 +634,18 @@ def ui(
                 server.wait()
 
 
-def _ui_page(uri: str, experiment: str | None) -> str:
-    """The UI's page for the experiment's runs: the spec's, else the most recent run's; the
-    experiments list when the store has none yet."""
+def ui_pages(uri: str, experiment: str | None) -> list[tuple[str, str]]:
+    """The UI's pages to print, (what it shows, its path): the experiment's runs (the spec's, else
+    the most recent run's) in MLflow's model-training view with the headline metrics as columns
+    (alignflow's saved view, flows/tracking.py); the latest run's charts by round; where it measured
+    EXRM and DPORM, those runs side by side (a saved view too). The experiments list when there is none."""
     from pathlib import Path
 
     if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return ""
+        return [("", "")]
     quiet_telemetry()
-    from flows.report import NotFound, find_parent_run
-    from flows.tracking import quiet_mlflow
+    from flows.report import PARENT_FILTER, NotFound, find_parent_run
+    from flows.tracking import HEADLINE_VIEW, MODEL_TRAINING, REWARDS_VIEW, VIEW_PREFIX, quiet_mlflow
 
     quiet_mlflow()
     from mlflow.tracking import MlflowClient
@@ -571,10 +654,26 @@ def _ui_page(uri: str, experiment: str | None) -> str:
     try:
         if experiment is not None:
             found = client.get_experiment_by_name(experiment)
-            return f"#/experiments/{found.experiment_id}/runs" if found else ""
-        return f"#/experiments/{find_parent_run(client).info.experiment_id}/runs"
+            if found is None:
+                return [("", "")]
+        else:
+            found = client.get_experiment(find_parent_run(client).info.experiment_id)
     except NotFound:
-        return ""
+        return [("", "")]
+    runs = f"#/experiments/{found.experiment_id}/runs"
+
+    def view(name: str) -> str:
+        return f"{runs}?viewStateShareKey={name}&{MODEL_TRAINING}"
+
+    pages = [("", view(HEADLINE_VIEW) if VIEW_PREFIX + HEADLINE_VIEW in found.tags else f"{runs}?{MODEL_TRAINING}")]
+    latest = client.search_runs([found.experiment_id], filter_string=PARENT_FILTER,
+                                order_by=["attribute.start_time DESC"], max_results=1)
+    if latest:
+        pages.append(("the latest run's charts, by round",
+                      f"{runs}/{latest[0].info.run_id}/model-metrics?{MODEL_TRAINING}"))
+    if VIEW_PREFIX + REWARDS_VIEW in found.tags:
+        pages.append(("its EXRM and DPORM runs side by side", view(REWARDS_VIEW)))
+    return pages
 
 
 _SUCCEEDED: list[bool] = []

@@ -41,7 +41,8 @@ from flows.locks import CrashSafeLockManager, file_lock
 from flows.report import headline_by_round, log_report
 from flows.store import Store, pid_alive, plain
 from flows.sweep import Variant, expand
-from flows.tracking import StepLogger, Tracker, get_tracker, pipeline_run_name, run_name
+from flows.tracking import (PIPELINE_RUN_TAG, StepLogger, Tracker, changed_settings, get_tracker, pipeline_run_name,
+                            run_name)
 from tasks import load_stage_kinds
 from tasks.base import BadInput, StageContext
 
@@ -354,7 +355,8 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     tags = {"alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
             "alignflow.flow_run_id": str(flow_run.id), "alignflow.rounds": str(spec.rounds.count), OWNER_TAG: OWNER}
     variants = expanded.variants
-    parent = tracker.start_run(pipeline_run_name(spec.name, variants=len(variants) if is_sweep else 0),
+    changed = changed_settings(overrides or [], rounds)
+    parent = tracker.start_run(pipeline_run_name(spec.name, variants=len(variants) if is_sweep else 0, changed=changed),
                                {**tags, "alignflow.sweep": str(len(variants))} if is_sweep else tags)
     tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
     records = [VariantRecord(v, parent if not is_sweep else _start_variant(tracker, parent, v)) for v in variants]
@@ -364,11 +366,14 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
             needers.setdefault(node.key, []).append((record, node))
     futures, failed, computed, current = {}, set(), set(), None
     try:
+        by_id = {record.run_id: {n.id: n for n in record.variant.nodes} for record in records}
         for node in unique:
             for record, execution in needers[node.key]:
-                record.stage_runs[execution.id] = tracker.start_run(run_name(execution.name, execution.round), {
+                name, labels = _stage_run(execution, by_id[record.run_id])
+                record.stage_runs[execution.id] = tracker.start_run(name, {
                     "alignflow.stage": execution.name, "alignflow.round": str(execution.round),
-                    "alignflow.key": execution.key, "alignflow.kind": execution.kind, OWNER_TAG: OWNER,
+                    "alignflow.key": execution.key, "alignflow.kind": execution.kind, OWNER_TAG: OWNER, **labels,
+                    PIPELINE_RUN_TAG: parent,
                 }, parent=record.run_id)
             first, _ = needers[node.key][0]
             damaged = store.check(node.kind, node.key, download=True) is not None  # never trust a cached reference to it
@@ -433,13 +438,20 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     for record in records:  # each variant's (or the plain run's) own metrics, headline and report
         done = [row for row in record.summary if row["cache"] in ("hit", "miss")]
         hits = sum(row["cache"] == "hit" for row in done)
-        tracker.log(record.run_id, metrics={"stages_run": len(done) - hits, "stages_cached": hits})
+        # Counts as tags: as metrics, MLflow's chart view drew them beside the win rate.
+        tracker.log(record.run_id, tags={"alignflow.stages_run": len(done) - hits, "alignflow.stages_cached": hits})
         spec_nodes = record.variant.spec.nodes
         versus_previous = [name for name, d in spec_nodes.items() if "previous" in d.refs.values()]
         record.headline = headline_by_round(done, versus_previous)
+        name = pipeline_run_name(spec.name, variant=record.variant.label if is_sweep else None,
+                                 changed=[] if is_sweep else changed, headline=record.headline,
+                                 cached=bool(done) and hits == len(done))
         signals = headline_by_round(done, versus_previous, signals=True)  # MLflow draws them by round
-        tracker.log(record.run_id, history=[{"step": r, **metrics} for r, metrics in signals.items()])
+        rewards = not is_sweep and any(row.get("reward") for row in done)  # a sweep's: on its parent, all seeds
+        tracker.log_headline(record.run_id, signals, rewards=rewards, name=name)
         log_report(tracker, record.run_id, done, cache_dir=reports)  # table and plots
+        if not is_sweep:  # a variant keeps its name, what differs: the sweep's tables find it by it
+            tracker.rename(record.run_id, name)
         if is_sweep:
             tracker.end(record.run_id, "FAILED" if record.failure else "FINISHED")
     if not is_sweep:
@@ -468,14 +480,15 @@ def _finish_sweep(tracker: Tracker, parent: str, expanded, records: list[Variant
     mean over seeds, when the seeds are all that varies), and SweepFailed if a variant failed."""
     rows = [{**row, "variant": r.variant.group, "seed": r.variant.seed} for r in records for row in r.summary]
     failures = [(r.variant.label, r.failure) for r in records if r.failure]
-    tracker.log(parent, metrics={"stages_run": len(computed), "stages_cached": len(unique) - len(computed),
-                                 "variants": len(records), "variants_failed": len(failures)})
+    tracker.log(parent, tags={"alignflow.stages_run": len(computed), "alignflow.stages_cached": len(unique) - len(computed),
+                              "alignflow.variants": len(records), "alignflow.variants_failed": len(failures)})
     headline = headline_by_round(rows) if len(expanded.groups()) == 1 else {}
-    tracker.log(parent, history=[{"step": r, **metrics} for r, metrics in headline.items()])
+    if headline:
+        tracker.log_headline(parent, headline, rewards=any(row.get("reward") for row in rows))
     log_report(tracker, parent, rows, cache_dir=reports)
     tracker.end(parent, "FAILED" if failures else "FINISHED")
     seconds = {row["key"]: row["seconds"] for r in records for row in r.summary if row["cache"] == "miss"}
-    result = {"parent_run_id": parent, "headline": headline, "failed": failures,
+    result = {"parent_run_id": parent, "headline": headline, "failed": failures, "summary": rows,
               "stages": [{"stage": n.name, "round": n.round, "key": n.key, "seconds": seconds.get(n.key, 0.0),
                           "cache": "miss" if n.key in computed else "hit"} for n in unique],
               "variants": [{"label": r.variant.label, "run_id": r.run_id, "headline": r.headline,
@@ -487,7 +500,26 @@ def _finish_sweep(tracker: Tracker, parent: str, expanded, records: list[Variant
 
 def _summary_row(node: Node, cache: str, ref: dict | None = None) -> dict:
     return {"stage": node.name, "round": node.round, "key": node.key, "cache": cache,
-            "seconds": ref["seconds"] if ref else 0.0, "metrics": ref["metrics"] if ref else {}}
+            "seconds": ref["seconds"] if ref else 0.0, "metrics": ref["metrics"] if ref else {}, **_labels(node)}
+
+
+def _labels(node: Node) -> dict[str, str]:
+    """What the stage's run measures, from its params' `run_tags` (reward_accuracy: `reward`), as
+    summary columns (`reward`); its run's tags are `alignflow.<column>`."""
+    tags = getattr(node.params, "run_tags", dict)()
+    return {name.removeprefix("alignflow."): value for name, value in tags.items()}
+
+
+def _stage_run(node: Node, by_id: dict[str, Node]) -> tuple[str, dict[str, str]]:
+    """A stage execution's MLflow run name and its own tags. A reward's accuracy run is named by
+    the reward and the seed it was trained with (`EXRM · seed 1`: the seed of its `reward_input`)."""
+    labels = _labels(node)
+    tags = {f"alignflow.{column}": value for column, value in labels.items()}
+    if "reward" not in labels:
+        return run_name(node.name, node.round), tags
+    measured = by_id.get(node.inputs.get(getattr(node.params, "reward_input", ""), ""))
+    seed = (measured or node).recipe["seed"]
+    return run_name(node.name, node.round, reward=labels["reward"], seed=seed), tags
 
 
 def _shared(users: list, records: list) -> str:
@@ -528,7 +560,7 @@ def _log_stage(node: Node, ref: dict, refs: dict, tracker: Tracker, run_id: str)
         tags["alignflow.original_run_id"] = ref["mlflow_run_id"]
     if ref["metrics"].get("logps_fallback"):  # a log-prob fast path failed its check: see tasks/logps.py
         tags["alignflow.logps_fallback"] = "plain full-logits path"
-    params = {"kind": node.kind, "seed": node.recipe["seed"], **node.recipe["config"],
+    params = {"kind": node.kind, **_labels(node), "seed": node.recipe["seed"], **node.recipe["config"],
               **{f"input.{p}": refs[i]["key"] for p, i in node.inputs.items()}}
     tracker.log(run_id, metrics=ref["metrics"], params=params, tags=tags, step=ref.get("final_step", 0))
     tracker.end(run_id)

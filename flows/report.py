@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 
 BASE_COLUMNS = ("stage", "round", "cache")
 SWEEP_COLUMNS = ("variant", "seed")  # a sweep's rows: which variant (without its seed), which seed
+LABEL_COLUMNS = ("reward",)  # what a stage's run measures (its tag alignflow.<column>), where it says
 REWARDS = ("exrm", "dporm")
 SETS = ("id", "prompt_shift", "response_shift")
 REWARD_LABELS = {"exrm": "EXRM (explicit reward model)", "dporm": "DPORM (DPO implicit reward)"}
@@ -40,20 +41,23 @@ SUMMARY_FILE = "summary.json"
 
 # ---------------------------------------------------------------- the table
 def summary_table(rows: Iterable[dict]) -> dict[str, list]:
-    """Column name -> values: (a sweep's variant and seed,) stage, round, cache, then every metric
-    in order of first appearance (None where a stage has no such metric)."""
+    """Column name -> values: (a sweep's variant and seed,) stage, round, cache, (reward, where a
+    stage says one,) then every metric in order of first appearance (None where a stage has none)."""
     rows = list(rows)
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row.get("metrics") or {}))
     extra = [column for column in SWEEP_COLUMNS if any(column in row for row in rows)]
-    table: dict[str, list] = {column: [] for column in (*extra, *BASE_COLUMNS, *names)}
+    labels = [column for column in LABEL_COLUMNS if any(row.get(column) for row in rows)]
+    table: dict[str, list] = {column: [] for column in (*extra, *BASE_COLUMNS, *labels, *names)}
     for row in rows:
         for column in extra:
             table[column].append(row.get(column))
         table["stage"].append(row["stage"])
         table["round"].append(int(row["round"]))
         table["cache"].append(row["cache"])
+        for column in labels:
+            table[column].append(row.get(column))
         metrics = row.get("metrics") or {}
         for name in names:
             value = metrics.get(name)
@@ -75,38 +79,67 @@ def parse_table(text: str) -> dict[str, list]:
 
 
 # ---------------------------------------------------------------- the headline, by round
-HEADLINE = ("win_rate", *(f"{reward}_acc_{set_}" for reward in REWARDS for set_ in SETS))
+# What the parent run logs by round (step = round): the win rate, and each reward's accuracy on
+# each set with DPORM - EXRM beside them; each with `_ci_low` / `_ci_high` where it has one.
+HEADLINE = ("win_rate", "win_rate_vs_previous", *(f"{name}_acc_{set_}" for set_ in SETS for name in (*REWARDS, "diff")))
 
 
-# Beside the headline, what a round's evaluation says about over-optimisation: the win rate's
-# interval, the proxy (picking) reward of the policy's samples, their length, and KL to the
-# reference. A proxy that rises while the gold win rate stalls is reward hacking.
-ROUND_SIGNALS = ("win_rate_ci_low", "win_rate_ci_high", "proxy_reward_policy", "length_policy", "kl")
-VERSUS_PREVIOUS = "_vs_previous"  # evaluate stages with baseline: previous (the round's own gain)
+# Beside the headline, what a round's evaluation says about over-optimisation (with `signals`): the
+# proxy (picking) reward of the policy's samples, their length, and KL to the reference. A proxy
+# that rises while the gold win rate stalls is reward hacking.
+ROUND_SIGNALS = ("proxy_reward_policy", "length_policy", "kl")
+VERSUS_PREVIOUS = "win_rate_vs_previous"  # the win rate of evaluate stages with baseline: previous
+
+
+def _versus_previous(row: dict) -> dict:
+    """An evaluation against the previous round: its win rate (and interval) as win_rate_vs_previous;
+    its other metrics are of the same samples as the evaluation against the start, said there."""
+    metrics = {name.replace("win_rate", VERSUS_PREVIOUS): value for name, value in (row.get("metrics") or {}).items()
+               if name.startswith("win_rate")}
+    return {**row, "metrics": metrics}
 
 
 def headline_by_round(rows: Iterable[dict], versus_previous: Iterable[str] = (),
                       signals: bool = False) -> dict[int, dict[str, float]]:
-    """Round -> {metric: value} for the headline metrics (win rate, each reward's accuracy on each
-    set), and with `signals` also ROUND_SIGNALS. Several executions of a round reporting one
-    (seeds) give their mean. Stages named in `versus_previous` (evaluate against the previous
-    round) report their win rate as win_rate_vs_previous (and its interval), nothing else. The
-    parent run logs these with step = round, so MLflow's chart view draws them by round."""
+    """Round -> {metric: value} for the headline metrics, with their intervals: the win rate (the
+    mean of a round's executions reporting one, as seeds; the interval: its own for one, a
+    t-interval over them for several), the same for the stages named in `versus_previous`
+    (evaluate against the previous round: `win_rate_vs_previous`), and EXRM vs DPORM on each set as
+    `reward_comparison` has it (`exrm_acc_id`, `dporm_acc_id`, `diff_acc_id` = DPORM - EXRM, ...);
+    with `signals`, also the mean of each of ROUND_SIGNALS. MLflow's chart view draws the parent's
+    metrics by round."""
     versus_previous = set(versus_previous)
-    wanted = (*HEADLINE, *(ROUND_SIGNALS if signals else ()))
-    order = [*wanted, *(f"win_rate{VERSUS_PREVIOUS}{end}" for end in ("", "_ci_low", "_ci_high"))]
-    values: dict[int, dict[str, list[float]]] = {}
-    for row in rows:
-        for name, value in (row.get("metrics") or {}).items():
-            if name not in wanted or value is None:
-                continue
-            if row["stage"] in versus_previous:
-                if not name.startswith("win_rate"):
-                    continue  # the same samples as the fixed baseline's evaluation: said there
-                name = name.replace("win_rate", f"win_rate{VERSUS_PREVIOUS}")
-            values.setdefault(int(row["round"]), {}).setdefault(name, []).append(float(value))
-    return {r: {name: sum(v) / len(v) for name, v in sorted(metrics.items(), key=lambda kv: order.index(kv[0]))}
-            for r, metrics in sorted(values.items())}
+    table = summary_table(_versus_previous(row) if row["stage"] in versus_previous else row for row in rows)
+    order = [*HEADLINE, *ROUND_SIGNALS]
+    out: dict[int, dict[str, float]] = {}
+    for round_ in sorted(set(table["round"])):
+        part = {column: [v for v, r in zip(values, table["round"]) if r == round_] for column, values in table.items()}
+        found: dict[str, tuple] = {}
+        for rate in ("win_rate", VERSUS_PREVIOUS):
+            rates = [(v, lo, hi) for v, lo, hi in zip(*(part.get(c, [None] * len(part["round"]))
+                                                        for c in (rate, f"{rate}_ci_low", f"{rate}_ci_high")))
+                     if v is not None]
+            if rates:
+                single = rates[0][1:] if len(rates) == 1 and None not in rates[0][1:] else None
+                found[rate] = _mean_interval([r[0] for r in rates], single)
+        for entry in reward_comparison(part):
+            for reward in REWARDS:
+                found[f"{reward}_acc_{entry['set']}"] = entry[reward]
+            if "difference" in entry:
+                found[f"diff_acc_{entry['set']}"] = entry["difference"]
+        for name in ROUND_SIGNALS if signals else ():
+            values = [v for v in part.get(name, []) if v is not None]
+            if values:
+                found[name] = (sum(values) / len(values), None, None)
+        metrics = {}
+        for name in sorted(found, key=order.index):
+            mean, low, high = found[name]
+            metrics[name] = mean
+            if low is not None:
+                metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
+        if metrics:
+            out[round_] = metrics
+    return out
 
 
 # ---------------------------------------------------------------- what the plots show
@@ -128,20 +161,15 @@ def reward_accuracy_points(rows: Iterable[dict]) -> list[dict]:
     """One entry per stage execution reporting reward accuracies: its label and
     {"exrm_id": (acc, ci_low, ci_high), ...} for the rewards and sets it has."""
     points = []
-    for row in rows:
-        m = row.get("metrics") or {}
-        values = {}
-        for reward in REWARDS:
-            for set_ in SETS:
-                name = f"{reward}_acc_{set_}"
-                if name in m:
-                    acc = float(m[name])
-                    values[f"{reward}_{set_}"] = (acc, float(m.get(f"{name}_ci_low", acc)),
-                                                  float(m.get(f"{name}_ci_high", acc)))
-        if values:
-            label = row["stage"] + (f" (round {row['round']})" if int(row["round"]) else "")
-            label = " ".join(str(x) for x in (row.get("variant"), label) if x) + (
-                f" seed {row['seed']}" if row.get("seed") is not None else "")
+    for result in reward_results(summary_table(rows)):
+        label = result["stage"] + (f" (round {result['round']})" if result["round"] else "")
+        label = " ".join(str(x) for x in (result.get("variant"), label) if x) + (
+            f" seed {result['seed']}" if result.get("seed") is not None else "")
+        values = {f"{result['reward']}_{set_}": (acc, acc if low is None else low, acc if high is None else high)
+                  for set_, (acc, low, high) in result["sets"].items()}
+        if points and points[-1]["label"] == label:  # an older run's stage that measured both rewards
+            points[-1]["values"].update(values)
+        else:
             points.append({"label": label, "values": values})
     return points
 
@@ -200,8 +228,8 @@ def draw_reward_accuracy(points: list[dict], out: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
     try:
-        # A reward's executions (seeds) side by side; an execution may measure one reward only
-        # (exrm_acc_s0 / dporm_acc_s0) or both.
+        # A reward's executions (seeds) side by side; an execution measures one reward (an older
+        # run's may hold both).
         per_reward = {reward: [p for p in points if any(k.startswith(f"{reward}_") for k in p["values"])]
                       for reward in REWARDS}
         n = max(map(len, per_reward.values()))
@@ -361,6 +389,7 @@ def read_summary(client, run) -> dict[str, list]:
         rows = [{**variant, "stage": r.data.tags.get("alignflow.stage", r.info.run_name),
                  "round": int(r.data.tags.get("alignflow.round", 0)),
                  "cache": r.data.tags.get("alignflow.cache", r.info.status.lower()),
+                 **{c: r.data.tags[f"alignflow.{c}"] for c in LABEL_COLUMNS if f"alignflow.{c}" in r.data.tags},
                  "metrics": r.data.metrics} for r in children(run_id)]
         return sorted(rows, key=lambda row: row["round"])  # stable: creation order within a round
 
@@ -381,7 +410,7 @@ def select_columns(table: dict[str, list], patterns: list[str]) -> dict[str, lis
         base = column.removesuffix("_ci_low").removesuffix("_ci_high")  # an interval goes with its metric
         return any(fnmatchcase(column, p) or fnmatchcase(base, p) for p in patterns)
 
-    return {c: v for c, v in table.items() if c in BASE_COLUMNS or wanted(c)}
+    return {c: v for c, v in table.items() if c in (*SWEEP_COLUMNS, *BASE_COLUMNS, *LABEL_COLUMNS) or wanted(c)}
 
 
 # ---------------------------------------------------------------- alignflow compare: the default view
@@ -412,28 +441,47 @@ def _mean_interval(values: list[float], single: tuple[float, float] | None = Non
     return mean, max(bounds[0], mean - half), min(bounds[1], mean + half)
 
 
+def reward_results(table: dict[str, list]) -> list[dict]:
+    """Every reward accuracy in a summary table, one entry per stage execution and reward, in
+    table order: {"stage", "round", "reward", "pair", "sets": {set: (acc, low, high)}}.
+
+    A reward_accuracy run logs `acc_<set>` (with `_ci_low` / `_ci_high`) and says which reward in
+    the table's `reward` column (its run's tag `alignflow.reward`); runs of older versions logged
+    `<reward>_acc_<set>`, both rewards in one run. `pair` matches an EXRM execution with its DPORM
+    one: the stage's name without its "exrm"/"dporm" part (`exrm_acc_s1` with `dporm_acc_s1`; an
+    older stage that measured both pairs with itself), its round and (a sweep's) seed."""
+    import re
+
+    def measured(row: dict, prefix: str) -> dict[str, tuple]:
+        return {set_: (float(row[f"{prefix}{set_}"]),
+                       *(None if row.get(f"{prefix}{set_}{end}") is None else float(row[f"{prefix}{set_}{end}"])
+                         for end in ("_ci_low", "_ci_high")))
+                for set_ in SETS if row.get(f"{prefix}{set_}") is not None}
+
+    out = []
+    for row in table_rows(table):
+        pair = (re.sub(r"_?(exrm|dporm)_?", "_", str(row["stage"])).strip("_"), int(row["round"]), row.get("seed"))
+        for reward in REWARDS:
+            sets = measured(row, "acc_" if row.get("reward") == reward else f"{reward}_acc_")
+            if sets:
+                out.append({"stage": row["stage"], "round": int(row["round"]), "reward": reward, "pair": pair,
+                            "sets": sets, "variant": row.get("variant"), "seed": row.get("seed")})
+    return out
+
+
 def reward_comparison(table: dict[str, list]) -> list[dict]:
     """EXRM against DPORM, one entry per set that both were measured on:
     {"set", "n", "exrm": (mean, low, high), "dporm": (...), "difference": (mean, low, high)}.
 
-    Executions (seeds) pair up by stage name without its "exrm"/"dporm" part (`exrm_acc_s1` with
-    `dporm_acc_s1`; a stage that measures both pairs with itself), round and (a sweep's) seed. With several pairs:
-    the mean over them, and a 95% t-interval over them (the paired differences for the difference);
-    with one: its accuracies' own intervals, and no interval on the difference."""
-    import re
-
-    rows = table_rows(table)
+    Executions pair up as `reward_results` says (by seed). With several pairs: the mean over them,
+    and a 95% t-interval over them (the paired differences for the difference); with one: its
+    accuracies' own intervals, and no interval on the difference."""
+    results = reward_results(table)
     out = []
     for set_ in SETS:
-        found: dict[str, dict] = {}
-        for reward in REWARDS:
-            name = f"{reward}_acc_{set_}"
-            for row in rows:
-                if row.get(name) is None:
-                    continue
-                key = (re.sub(r"_?(exrm|dporm)_?", "_", str(row["stage"])).strip("_"), row["round"], row.get("seed"))
-                found.setdefault(reward, {})[key] = (row[name], row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high"))
-        if len(found) < 2:
+        found = {reward: {r["pair"]: r["sets"][set_] for r in results if r["reward"] == reward and set_ in r["sets"]}
+                 for reward in REWARDS}
+        if not all(found.values()):
             continue
         keys = [k for k in found["exrm"] if k in found["dporm"]]
         entry = {"set": set_, "n": len(keys)}
@@ -449,33 +497,46 @@ def reward_comparison(table: dict[str, list]) -> list[dict]:
     return out
 
 
-def format_interval(value: tuple) -> str:
+def format_interval(value: tuple, signed: bool = False) -> str:
+    """`0.620 [0.550, 0.690]` (three decimals, as every number `compare` prints), `+0.168 [...]`
+    for a difference."""
     mean, low, high = value
-    return f"{mean:.3f} [{low:.3f}, {high:.3f}]" if low is not None else f"{mean:.3f}"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(mean)} [{f.format(low)}, {f.format(high)}]" if low is not None else f.format(mean)
+
+
+def zero_width(value: tuple) -> bool:
+    """An interval over several seeds that all gave the same value: a t-interval of width zero,
+    which says that the seeds agree, not that the value is exact."""
+    _, low, high = value
+    return low is not None and high - low < 5e-4
 
 
 def format_value(value) -> str:
+    """Three decimals for a metric (a rate, an accuracy, a loss), whole numbers as integers (counts),
+    large and tiny ones in four significant digits."""
     if value is None or (isinstance(value, float) and value != value):  # None or NaN: no such metric
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:.3f}" if 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
     return str(value)
 
 
 def display_columns(table: dict[str, list]) -> dict[str, list[str]]:
     """The table as text for a terminal: a metric's interval folded into its cell
-    (`win_rate`, `win_rate_ci_low`, `win_rate_ci_high` -> win_rate "0.62 [0.55, 0.69]")."""
+    (`win_rate`, `win_rate_ci_low`, `win_rate_ci_high` -> win_rate "0.620 [0.550, 0.690]")."""
     shown: dict[str, list[str]] = {}
     for column, values in table.items():
         base = column.removesuffix("_ci_low").removesuffix("_ci_high")
         if base != column and base in table:
             continue  # shown with its metric
         low, high = table.get(f"{column}_ci_low"), table.get(f"{column}_ci_high")
-        if column in BASE_COLUMNS or low is None or high is None:
+        if column in (*SWEEP_COLUMNS, *BASE_COLUMNS, *LABEL_COLUMNS) or low is None or high is None:
             shown[column] = [format_value(v) for v in values]
         else:
-            shown[column] = [f"{format_value(v)} [{format_value(lo)}, {format_value(hi)}]"
-                             if format_value(lo) and format_value(hi) else format_value(v)
+            shown[column] = [format_interval((v, lo, hi)) if all(map(format_value, (v, lo, hi))) else format_value(v)
                              for v, lo, hi in zip(values, low, high)]
     return shown
 
@@ -486,12 +547,15 @@ def sweep_metrics(table: dict[str, list], patterns: list[str] = ()) -> list[str]
     where there is none and no EXRM vs DPORM accuracies (their own table), the sweep's first metric."""
     from fnmatch import fnmatchcase
 
-    metrics = [c for c in table if c not in (*SWEEP_COLUMNS, *BASE_COLUMNS) and not c.endswith(("_ci_low", "_ci_high"))
+    metrics = [c for c in table if c not in (*SWEEP_COLUMNS, *BASE_COLUMNS, *LABEL_COLUMNS)
+               and not c.endswith(("_ci_low", "_ci_high"))
                and any(v is not None for v in table[c])]
     if patterns:
         return [m for m in metrics if any(fnmatchcase(m, p) for p in patterns)]
-    if "win_rate" in metrics or any(m in HEADLINE for m in metrics):
-        return ["win_rate"] if "win_rate" in metrics else []
+    if "win_rate" in metrics:
+        return ["win_rate"]
+    if reward_results(table):  # EXRM vs DPORM accuracies: compared in their own table
+        return []
     return metrics[:1]
 
 

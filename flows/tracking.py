@@ -17,17 +17,111 @@ BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch call
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
-def run_name(stage: str, round: int) -> str:
-    """A stage run's name as a person reads it in MLflow's run list: `dpo · round 2`, or `sft`."""
-    return f"{stage} · round {round}" if round else stage
+def run_name(stage: str, round: int, reward: str | None = None, seed: int | None = None) -> str:
+    """A stage run's name as a person reads it in MLflow's run list: `dpo · round 2`, or `sft`; a
+    reward's accuracy run by its reward and the seed that reward was trained with, `EXRM · seed 0`
+    (the name that tells an EXRM run from a DPORM one on MLflow's Compare page)."""
+    name = f"{reward.upper()} · seed {seed}" if reward else stage
+    return f"{name} · round {round}" if round else name
 
 
-def pipeline_run_name(spec_name: str, variant: str | None = None, variants: int = 0) -> str:
-    """A pipeline-level run's name: a plain run's, `demo`; a sweep's parent, `demo · sweep of 4`;
-    a sweep's variant, what differs from the others (`beta=0.05 reference=previous seed=1`)."""
+def pipeline_run_name(spec_name: str, variant: str | None = None, variants: int = 0, *,
+                      changed: list[str] = (), headline: dict[int, dict[str, float]] | None = None,
+                      cached: bool = False) -> str:
+    """A pipeline run's name, what tells runs apart in MLflow's run list: the spec, what the
+    command line changed (`dpo.beta=0.2 rounds=5`), and, once the run has finished, its headline
+    (`win_rate 0.952 → 0.984 → 0.991`, or DPORM - EXRM by set) and `all cached` when nothing ran.
+    A sweep's parent is `demo · sweep of 4`, a variant what differs (`beta=0.05 seed=1`)."""
     if variant:
-        return variant
-    return f"{spec_name} · sweep of {variants}" if variants else spec_name
+        parts = [variant]
+    else:
+        parts = [f"{spec_name} · sweep of {variants}" if variants else spec_name, *changed]
+    rounds = headline or {}
+    rates = [m["win_rate"] for r, m in sorted(rounds.items()) if "win_rate" in m]
+    if rates:
+        shown = [f"{x:.3f}" for x in rates]
+        parts.append("win_rate " + " → ".join(shown if len(shown) <= 4 else [*shown[:2], "…", shown[-1]]))
+    final = next((m for _, m in sorted(rounds.items(), reverse=True) if "diff_acc_id" in m), None)
+    if final:
+        from flows.report import SET_LABELS
+
+        parts.append("DPORM − EXRM " + ", ".join(f"{label} {final[f'diff_acc_{s}']:+.3f}"
+                                                 for s, label in SET_LABELS.items() if f"diff_acc_{s}" in final))
+    if cached:
+        parts.append("all cached")
+    return " · ".join(parts)
+
+
+def changed_settings(overrides: list[str], rounds: int | None) -> list[str]:
+    """What a run's command line changed in its spec, short: `--set stages.dpo.beta=0.2 --rounds 5`
+    is `dpo.beta=0.2`, `rounds=5`."""
+    return [o.strip().removeprefix("stages.") for o in overrides] + ([f"rounds={rounds}"] if rounds is not None else [])
+
+
+# ---------------------------------------------------------------- what MLflow's UI opens on
+# MLflow 3.17's runs page opens a saved view named in its URL (`?viewStateShareKey=<id>`): an
+# experiment tag `mlflow.sharedViewState.<id>` = {"name", "createdAt", "state"}, the state being the
+# page's own JSON (search filter, sort, columns shown with their order and widths). alignflow keeps
+# two per experiment, listed in the page's Views menu too: the pipeline runs with their headline
+# metrics as columns, and the latest run's EXRM and DPORM runs side by side.
+VIEW_PREFIX = "mlflow.sharedViewState."
+# Every stage run names the pipeline run it belongs to (a plain run's parent, or a sweep's: stage
+# runs sit under their variant there), so one search finds a run's stages at any depth.
+PIPELINE_RUN_TAG = "alignflow.pipeline_run"
+HEADLINE_VIEW, REWARDS_VIEW = "alignflow-headline", "alignflow-rewards"
+VIEW_NAMES = {HEADLINE_VIEW: "alignflow: headline metrics", REWARDS_VIEW: "alignflow: EXRM vs DPORM, latest run"}
+MODEL_TRAINING = "workflowType=machine_learning"  # the UI's model-training navigation, not its GenAI one
+ROUND_COLUMN = "win_rate_round_{}"
+MAX_ROUND_COLUMNS = 12  # the latest rounds': beyond, a wide table nobody scrolls
+
+
+def headline_columns(headline: dict[int, dict[str, float]]) -> tuple[dict[str, float], list[str]]:
+    """What a pipeline run's row in MLflow's runs list shows: (metrics to log once, the columns).
+    The list shows a metric's last value, so the win rate of each round is a metric of its own,
+    `win_rate_round_2` (round 0's is `win_rate`); each reward's accuracy by set, EXRM beside DPORM
+    (`exrm_acc_id`, `dporm_acc_id`, `exrm_acc_prompt_shift`, ...)."""
+    from flows.report import REWARDS, SETS
+
+    measured = {name for metrics in headline.values() for name in metrics}
+    extra, columns = {}, [f"{reward}_acc_{set_}" for set_ in SETS for reward in REWARDS
+                          if f"{reward}_acc_{set_}" in measured]
+    for round_, metrics in sorted(headline.items()):
+        if "win_rate" in metrics:
+            name = ROUND_COLUMN.format(round_) if round_ else "win_rate"
+            if round_:
+                extra[name] = metrics["win_rate"]
+            columns.append(name)
+    return extra, columns
+
+
+def _column_order(name: str) -> tuple:
+    number = name.removeprefix("win_rate_round_")
+    if number != name and number.isdigit():
+        return (2, int(number))
+    return (0 if "_acc_" in name else 1, 0)
+
+
+NAME_COLUMN = "attributes.`Run Name`"
+
+
+def runs_view(columns: list[str], search: str = "", order_by: str = "attributes.start_time",
+              ascending: bool = False, width: int = 100, name_width: int = 300) -> dict:
+    """The runs page's state: these metric columns right after the run's name and start time, each
+    wide enough for its name (and `width` px at least); the runs `search` finds, sorted."""
+    keys = [f"metrics.`{name}`" for name in columns]
+    return {"searchFilter": search, "orderByKey": order_by, "orderByAsc": ascending,
+            "selectedColumns": keys, "columnOrder": [NAME_COLUMN, "runDateAndNestInfo", *keys, "duration"],
+            "columnWidths": {NAME_COLUMN: name_width, **{k: max(width, 7 * len(n) + 32) for k, n in zip(keys, columns)}}}
+
+
+def view_columns(tags: dict[str, str], view: str) -> tuple[list[str], int]:
+    """The metric columns and the name column's width of one of alignflow's saved views in an
+    experiment's tags (none, 0 if there is none)."""
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):  # edited by hand: none
+        state = json.loads(json.loads(tags[VIEW_PREFIX + view])["state"])
+        return ([key[len("metrics.`"):-1] for key in state["selectedColumns"] if key.startswith("metrics.`")],
+                int(state["columnWidths"][NAME_COLUMN]))
+    return [], 0
 
 
 def is_remote(uri: str) -> bool:
@@ -40,7 +134,8 @@ def _flatten(prefix: str, value, out: dict) -> dict:
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else k, v, out)
     else:
-        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+        if value is not None:  # an unset option (a DPORM run's `exrm`) is no param: Compare shows no "None"
+            out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return out
 
 
@@ -191,6 +286,44 @@ class Tracker:
             chunk = items[i:i + BATCH]
             self.client.log_batch(run_id, metrics=chunk, params=params_ if i == 0 else [],
                                   tags=tags_ if i == 0 else [])
+
+    @timed(LOGGING)
+    def log_headline(self, run_id: str, headline: dict[int, dict[str, float]], rewards: bool = False,
+                     name: str = "") -> None:
+        """A pipeline run's headline, rounded to 4 decimals (the runs list shows a value's every
+        digit): by round (step = round, so MLflow's charts draw it by round), as the columns of the
+        experiment's runs list (`headline_columns`), and the saved views (that list's; where the run
+        measured rewards, its EXRM and DPORM runs'), whose name column fits `name`."""
+        extra, columns = headline_columns(headline)
+        history = [{"step": r, **{k: round(v, 4) for k, v in metrics.items()}} for r, metrics in headline.items()]
+        self.log(run_id, metrics={k: round(v, 4) for k, v in extra.items()}, history=history)
+        tags = self.client.get_experiment(self.experiment_id).tags
+        known, known_width = view_columns(tags, HEADLINE_VIEW)
+        wanted = sorted(dict.fromkeys([*known, *columns]), key=_column_order)  # another run may have had more rounds
+        rounds = [c for c in wanted if _column_order(c)[0] == 2]
+        wanted = [c for c in wanted if c not in rounds[:-MAX_ROUND_COLUMNS]]
+        width = max(known_width, min(640, 7 * len(name) + 90))  # the longest name yet, up to a point
+        if columns and (wanted, width) != (known, known_width):
+            self.save_view(HEADLINE_VIEW, runs_view(wanted, name_width=width))
+        if rewards:  # the latest run's reward runs, EXRM and DPORM by seed (sorted by name: `DPORM · seed 0`, ...)
+            from flows.report import SETS
+
+            self.save_view(REWARDS_VIEW, runs_view(
+                [f"acc_{s}" for s in SETS],
+                f"tags.`{PIPELINE_RUN_TAG}` = '{run_id}' AND tags.`alignflow.reward` LIKE '%'",
+                order_by="tags.`mlflow.runName`", ascending=True, width=170))  # a stage's accuracy has every digit
+
+    def save_view(self, view: str, state: dict) -> None:
+        """One of alignflow's saved views of the experiment's runs page (see VIEW_PREFIX)."""
+        from mlflow.exceptions import MlflowException
+
+        value = {"name": VIEW_NAMES[view], "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
+        with contextlib.suppress(MlflowException):  # a view is a convenience: never a failed run
+            self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + view, json.dumps(value))
+
+    @timed(LOGGING)
+    def rename(self, run_id: str, name: str) -> None:
+        self.client.update_run(run_id, name=name)
 
     @timed(LOGGING)
     def log_text(self, run_id: str, text: str, name: str) -> None:

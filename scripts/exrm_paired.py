@@ -1,5 +1,5 @@
 """The paired difference DPORM - EXRM over preference pairs, per set, for an EXRM vs DPORM spec
-that has run (pipelines/exrm_vs_dporm_smollm2*.yaml): each seed's `exrm_acc` and `dporm_acc`
+that has run (pipelines/exrm_vs_dporm*.yaml): each seed's `exrm_acc` and `dporm_acc`
 artifacts (its variant's, with `seeds:`; or stages written per seed, `exrm_acc_sN` and
 `dporm_acc_sN`) score the same pairs in the same order, so each pair gives
 correct(DPORM) - correct(EXRM) (a tie counts half). Prints, per set, the mean over every pair of

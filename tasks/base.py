@@ -72,6 +72,10 @@ class StageParams(BaseModel):
         """Files whose content the result depends on (hashed into the key; must exist)."""
         return []
 
+    # A kind's params may also define `run_tags(self) -> dict[str, str]`: tags of the stage's MLflow
+    # run that say what it measures (reward_accuracy: which reward). Not defined here: this class's
+    # code is in every stage's key.
+
     def code_files(self) -> dict[str, Path]:
         """A user's own Python modules the result depends on (a reward function's), by label:
         their normalised code is in the key, like the project's own code."""

@@ -4,9 +4,13 @@ Lin et al. 2024, "On the limited generalization capability of the implicit rewar
 DPO": compare an explicitly trained Bradley-Terry reward model (EXRM, a `reward_model` artifact)
 with DPO's implicit reward (DPORM) r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)), on preference
 pairs from the training distribution (`id`), with shifted prompts (`prompt_shift`) and with
-shifted responses (`response_shift`). Metrics: `<reward>_acc_<set>` with `_ci_low` / `_ci_high`,
-e.g. exrm_acc_id, dporm_acc_prompt_shift_ci_low. The artifact: metrics.json and pairs.parquet
-(every pair with both rewards of chosen and rejected).
+shifted responses (`response_shift`).
+
+One stage measures one reward, and logs the same names whichever it is: `acc_<set>` with `_ci_low`
+/ `_ci_high` (acc_id, acc_prompt_shift_ci_low, ...), its MLflow run tagged `alignflow.reward` =
+`exrm` or `dporm`; so MLflow's Compare lines an EXRM run and a DPORM run up metric by metric, and
+flows/report.py pairs them by seed. The artifact: metrics.json and pairs.parquet (every pair with
+the reward of chosen and of rejected, `<reward>_chosen` / `<reward>_rejected`).
 """
 from __future__ import annotations
 
@@ -36,9 +40,24 @@ class RewardAccuracyParams(StageParams):
     def _rewards(self):
         if (self.dporm_policy is None) != (self.dporm_reference is None):
             raise ValueError("DPORM needs both dporm_policy and dporm_reference")
-        if self.exrm is None and self.dporm_policy is None:
-            raise ValueError("reward_accuracy needs exrm, or dporm_policy and dporm_reference, or all three")
+        if (self.exrm is None) == (self.dporm_policy is None):
+            raise ValueError("reward_accuracy measures one reward: exrm, or dporm_policy and dporm_reference "
+                             "(a stage for each, e.g. exrm_acc and dporm_acc, so both log acc_id, ... "
+                             "and MLflow's Compare lines them up)")
         return self
+
+    @property
+    def reward(self) -> str:
+        """Which reward: `exrm` or `dporm`."""
+        return "exrm" if self.exrm is not None else "dporm"
+
+    @property
+    def reward_input(self) -> str:
+        """The input that is the reward being measured (its seed is the one a run is named by)."""
+        return "exrm" if self.exrm is not None else "dporm_policy"
+
+    def run_tags(self) -> dict[str, str]:
+        return {"alignflow.reward": self.reward}
 
 
 def wilson_interval(successes: float, n: int, alpha: float = 0.05) -> tuple[float, float]:
@@ -80,11 +99,7 @@ def reward_accuracy(ctx: StageContext) -> dict[str, float]:
         name: read_table(ctx.inputs[name], ["prompt", "chosen", "rejected"], what=f"{name} table").to_pydict()
         for name in SETS if getattr(p, name) is not None
     }
-    rewards = []  # the rewards compared: "exrm", "dporm"
-    if p.exrm is not None:
-        rewards.append("exrm")
-    if p.dporm_policy is not None:
-        rewards.append("dporm")
+    reward = p.reward
 
     # Every (set, side) sequence in one list, scored by each model in one pass, in batches of
     # similar length: padding is compute, and chosen and rejected differ in length by design
@@ -106,17 +121,16 @@ def reward_accuracy(ctx: StageContext) -> dict[str, float]:
             out[name][side], at = flat[at : at + n], at + n
         return out
 
-    scores = {}  # scores[reward][set][side] = list of rewards
     batches = math.ceil(len(prompts) / p.batch_size)
-    with ctx.progress("scoring pairs", total=batches * (len(rewards) + (p.dporm_policy is not None))) as bar:
-        if p.exrm is not None:
+    with ctx.progress("scoring pairs", total=batches * (1 if reward == "exrm" else 2)) as bar:
+        if reward == "exrm":
             from tasks.models import batched_scores, load_reward_model
 
             model, tokenizer = load_reward_model(ctx.inputs["exrm"])
-            scores["exrm"] = by_set(batched_scores(model, tokenizer, prompts, responses, p.max_length, p.batch_size,
-                                                   bar.advance))
+            scores = by_set(batched_scores(model, tokenizer, prompts, responses, p.max_length, p.batch_size,
+                                           bar.advance))
             del model
-        if p.dporm_policy is not None:
+        else:
             from tasks.logps import batched_logps
             from tasks.models import load_causal_lm
 
@@ -126,28 +140,24 @@ def reward_accuracy(ctx: StageContext) -> dict[str, float]:
                 logps[role], _ = batched_logps(model, tokenizer, prompts, responses, p.max_length, p.batch_size,
                                                bar.advance)
                 del model
-            scores["dporm"] = by_set([p.beta * (lp - ref) for lp, ref in zip(logps["dporm_policy"], logps["dporm_reference"])])
+            scores = by_set([p.beta * (lp - ref) for lp, ref in zip(logps["dporm_policy"], logps["dporm_reference"])])
 
     metrics = {}
-    for reward in rewards:
-        for name in tables:
-            result = ranking_accuracy(scores[reward][name]["chosen"], scores[reward][name]["rejected"])
-            metrics[f"{reward}_acc_{name}"] = result["acc"]
-            metrics[f"{reward}_acc_{name}_ci_low"] = result["ci_low"]
-            metrics[f"{reward}_acc_{name}_ci_high"] = result["ci_high"]
+    for name in tables:
+        result = ranking_accuracy(scores[name]["chosen"], scores[name]["rejected"])
+        metrics[f"acc_{name}"] = result["acc"]
+        metrics[f"acc_{name}_ci_low"] = result["ci_low"]
+        metrics[f"acc_{name}_ci_high"] = result["ci_high"]
     for name, t in tables.items():
         metrics[f"n_{name}"] = float(len(t["prompt"]))
     (ctx.out / "metrics.json").write_text(json.dumps({**metrics, "beta": p.beta}, indent=2))
 
-    columns = {"set": [], "prompt": [], "chosen": [], "rejected": []}
-    for reward in rewards:
-        columns[f"{reward}_chosen"], columns[f"{reward}_rejected"] = [], []
+    columns = {"set": [], "prompt": [], "chosen": [], "rejected": [], f"{reward}_chosen": [], f"{reward}_rejected": []}
     for name, t in tables.items():
         columns["set"] += [name] * len(t["prompt"])
         for column in ("prompt", "chosen", "rejected"):
             columns[column] += t[column]
-        for reward in rewards:
-            for side in ("chosen", "rejected"):
-                columns[f"{reward}_{side}"] += scores[reward][name][side]
+        for side in ("chosen", "rejected"):
+            columns[f"{reward}_{side}"] += scores[name][side]
     pq.write_table(pa.table(columns), ctx.out / "pairs.parquet")
     return metrics

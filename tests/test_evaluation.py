@@ -16,8 +16,7 @@ from tasks import demo_task, load_stage_kinds
 from tasks.tables import read_table, write_table
 
 SETS = ("id", "prompt_shift", "response_shift")
-ACCURACY_METRICS = [f"{reward}_acc_{name}{suffix}" for reward in ("exrm", "dporm") for name in SETS
-                    for suffix in ("", "_ci_low", "_ci_high")]
+ACCURACY_METRICS = [f"acc_{name}{suffix}" for name in SETS for suffix in ("", "_ci_low", "_ci_high")]
 
 
 def rows(folder):
@@ -136,14 +135,17 @@ def test_ranking_accuracy_and_wilson_interval_by_hand():
         assert (0.6875 - bound) ** 2 == pytest.approx(1.959964**2 * bound * (1 - bound) / 8, rel=1e-5)
 
 
-def test_reward_accuracy_params_need_a_reward():
+def test_reward_accuracy_params_need_one_reward():
     params = load_stage_kinds()["reward_accuracy"].params
     base = {"kind": "reward_accuracy", "id": "t"}
-    for bad in ({}, {"dporm_policy": "p"}, {"exrm": "rm", "dporm_reference": "r"}, {"exrm": "rm", "beta": 0}):
+    for bad in ({}, {"dporm_policy": "p"}, {"exrm": "rm", "dporm_reference": "r"}, {"exrm": "rm", "beta": 0},
+                {"exrm": "rm", "dporm_policy": "p", "dporm_reference": "r"}):  # both: two stages, one run each
         with pytest.raises(ValidationError):
             params.model_validate({**base, **bad})
-    params.model_validate({**base, "exrm": "rm"})
-    params.model_validate({**base, "dporm_policy": "p", "dporm_reference": "r"})
+    exrm = params.model_validate({**base, "exrm": "rm"})
+    dporm = params.model_validate({**base, "dporm_policy": "p", "dporm_reference": "r"})
+    assert exrm.run_tags() == {"alignflow.reward": "exrm"} and dporm.run_tags() == {"alignflow.reward": "dporm"}
+    assert (exrm.reward_input, dporm.reward_input) == ("exrm", "dporm_policy")
 
 
 def test_reward_accuracy_matches_its_per_pair_rewards(tiny_demo_model, tiny_sft_model, demo_table, run_stage):
@@ -151,25 +153,29 @@ def test_reward_accuracy_matches_its_per_pair_rewards(tiny_demo_model, tiny_sft_
                           {"model": tiny_demo_model, "data": demo_table("preferences", 64)})
     sets = {"id": demo_table("preferences_heldout", 40), "prompt_shift": demo_table("preferences_prompt_shift", 30),
             "response_shift": demo_table("preferences_response_shift", 20)}
-    out, metrics = run_stage(
-        {"kind": "reward_accuracy", "id": "a", "prompt_shift": "b", "response_shift": "c", "exrm": "rm",
-         "dporm_policy": "p", "dporm_reference": "r", "beta": 0.5},
-        {**sets, "exrm": rm_out, "dporm_policy": tiny_sft_model, "dporm_reference": tiny_sft_model},
-    )
-    assert set(ACCURACY_METRICS) <= set(metrics)
+    runs = {}
+    for reward, params, inputs in (
+            ("exrm", {"exrm": "rm"}, {"exrm": rm_out}),
+            ("dporm", {"dporm_policy": "p", "dporm_reference": "r", "beta": 0.5},
+             {"dporm_policy": tiny_sft_model, "dporm_reference": tiny_sft_model})):
+        runs[reward] = run_stage({"kind": "reward_accuracy", "id": "a", "prompt_shift": "b", "response_shift": "c",
+                                  **params}, {**sets, **inputs})
+        assert set(ACCURACY_METRICS) <= set(runs[reward][1])  # the same names, whichever reward
+    (out, metrics), (dporm_out, dporm_metrics) = runs["exrm"], runs["dporm"]
     pairs = pq.read_table(out / "pairs.parquet").to_pylist()
+    dporm_pairs = pq.read_table(dporm_out / "pairs.parquet").to_pylist()
     for name, folder in sets.items():
         mine = [r for r in pairs if r["set"] == name]
         assert [r["chosen"] for r in mine] == [r["chosen"] for r in rows(folder)]
         right = sum(1.0 if r["exrm_chosen"] > r["exrm_rejected"] else 0.5 if r["exrm_chosen"] == r["exrm_rejected"] else 0.0
                     for r in mine)
-        assert metrics[f"exrm_acc_{name}"] == pytest.approx(right / len(mine))
-        assert metrics[f"exrm_acc_{name}_ci_low"] <= metrics[f"exrm_acc_{name}"] <= metrics[f"exrm_acc_{name}_ci_high"]
+        assert metrics[f"acc_{name}"] == pytest.approx(right / len(mine))
+        assert metrics[f"acc_{name}_ci_low"] <= metrics[f"acc_{name}"] <= metrics[f"acc_{name}_ci_high"]
         # policy == reference: DPORM is 0 for every response, every pair a tie
-        assert all(r["dporm_chosen"] == r["dporm_rejected"] == 0 for r in mine)
-        assert metrics[f"dporm_acc_{name}"] == 0.5
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["beta"] == 0.5 and saved["exrm_acc_id"] == metrics["exrm_acc_id"]
+        assert all(r["dporm_chosen"] == r["dporm_rejected"] == 0 for r in dporm_pairs if r["set"] == name)
+        assert dporm_metrics[f"acc_{name}"] == 0.5
+    saved = json.loads((dporm_out / "metrics.json").read_text())
+    assert saved["beta"] == 0.5 and saved["acc_id"] == dporm_metrics["acc_id"]
 
 
 def test_dporm_ranks_its_pairs_better_after_dpo(tiny_sft_model, demo_table, run_stage):
@@ -181,7 +187,7 @@ def test_dporm_ranks_its_pairs_better_after_dpo(tiny_sft_model, demo_table, run_
     def accuracy(model):
         _, metrics = run_stage({"kind": "reward_accuracy", "id": "t", "dporm_policy": "p", "dporm_reference": "r"},
                                {"id": data, "dporm_policy": model, "dporm_reference": tiny_sft_model})
-        return metrics["dporm_acc_id"]
+        return metrics["acc_id"]
 
     before, after = accuracy(tiny_sft_model), accuracy(policy)
     assert before == 0.5  # the policy is the reference: all ties
@@ -276,11 +282,12 @@ def test_small_exrm_vs_dporm_pipeline_logs_every_accuracy(tmp_path):
     alignflow("run", small_exrm_vs_dporm(tmp_path), home=home, check=True, timeout=600)
     seeds = stage_runs(home, "exrm-vs-dporm-small")  # `seeds: 3`: the sweep's child runs, one per seed
     assert sorted(v.info.run_name for v in seeds) == ["seed=0", "seed=1", "seed=2"]
-    for seed in seeds:
-        runs = {r.data.tags["alignflow.stage"]: r for r in stage_runs(home, "exrm-vs-dporm-small", seed.info.run_id)}
-        metrics = runs["acc"].data.metrics
-        missing = [m for m in ACCURACY_METRICS if m not in metrics]
-        assert not missing, (seed.info.run_name, missing)
-        for m in ACCURACY_METRICS:
-            assert 0 <= metrics[m] <= 1
+    for seed, variant in enumerate(sorted(seeds, key=lambda v: v.info.run_name)):
+        runs = {r.data.tags["alignflow.stage"]: r for r in stage_runs(home, "exrm-vs-dporm-small", variant.info.run_id)}
+        for reward in ("exrm", "dporm"):  # one run each, the same names: MLflow's Compare lines them up
+            run = runs[f"{reward}_acc"]
+            assert run.info.run_name == f"{reward.upper()} · seed {seed}"  # the seed of its exrm / dpo
+            assert run.data.tags["alignflow.reward"] == run.data.params["reward"] == reward
+            assert sorted(m for m in run.data.metrics if not m.startswith("n_")) == sorted(ACCURACY_METRICS)
+            assert all(0 <= run.data.metrics[m] <= 1 for m in ACCURACY_METRICS)
         assert {"win_rate", "kl", "length_policy", "reward_policy"} <= set(runs["evaluate"].data.metrics)

@@ -24,8 +24,9 @@ def test_training_and_reward_accuracy_stages_keep_no_model_alive(tmp_path, tiny_
          {"model": tiny_demo_model, "data": prefs}),
         ("dpo", {"kind": "dpo", "policy": "p", "pairs": "x", "beta": 0.1, "epochs": 1, "batch_size": 16, **extra},
          {"policy": tiny_demo_model, "pairs": prefs}),
-        ("acc", {"kind": "reward_accuracy", "id": "i", "exrm": "e", "dporm_policy": "p", "dporm_reference": "r"},
-         {"id": prefs, "exrm": tmp_path / "rm", "dporm_policy": tmp_path / "dpo", "dporm_reference": tiny_demo_model}),
+        ("exrm_acc", {"kind": "reward_accuracy", "id": "i", "exrm": "e"}, {"id": prefs, "exrm": tmp_path / "rm"}),
+        ("dporm_acc", {"kind": "reward_accuracy", "id": "i", "dporm_policy": "p", "dporm_reference": "r"},
+         {"id": prefs, "dporm_policy": tmp_path / "dpo", "dporm_reference": tiny_demo_model}),
     ]
     before = live_modules()
     for name, params, inputs in stages:

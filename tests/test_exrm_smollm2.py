@@ -1,16 +1,15 @@
 """pipelines/exrm_vs_dporm_smollm2_ci.yaml end to end (slow: `pytest -m slow tests/test_exrm_smollm2.py`,
 run by .ci/run): SmolLM2-135M-Instruct, LoRA reward models and DPO policies on three seeds, and
-the comparison as a person reads it: six accuracies with intervals per seed (one EXRM run and one
-DPORM run each, under the seed's run of the sweep), the parent run's plot, `alignflow compare`'s EXRM vs DPORM table, and MLflow's
-compare page of an EXRM run and a DPORM run in a headless browser (screenshot in test-artifacts/).
+the comparison as a person reads it: three accuracies with intervals per run, one EXRM run and one
+DPORM run per seed (`EXRM · seed 0`, ..., under the seed's run of the sweep), the parent run's plot
+and DPORM - EXRM, `alignflow compare`'s EXRM vs DPORM table, and the page `alignflow ui` prints
+for them in a headless browser (screenshot in test-artifacts/).
 
 ALIGNFLOW_EXRM_HOME names a home that already ran the pipeline (a warm rerun: all cached)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -44,19 +43,20 @@ def ci_run(tmp_path_factory):
 
 
 @pytest.mark.timeout(2400)  # the first test waits for the cold run
-def test_three_seeds_are_three_pairs_of_runs_with_six_accuracies(ci_run):
+def test_three_seeds_are_three_pairs_of_runs_with_three_accuracies_each(ci_run):
     for seed in range(3):
         for reward in report.REWARDS:
-            metrics = ci_run["stages"][f"{reward}_acc", seed].data.metrics
+            run = ci_run["stages"][f"{reward}_acc", seed]
+            assert run.info.run_name == f"{reward.upper()} · seed {seed}" and run.data.tags["alignflow.reward"] == reward
             for set_ in report.SETS:
-                name = f"{reward}_acc_{set_}"
-                assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
+                name = f"acc_{set_}"
+                assert run.data.metrics[f"{name}_ci_low"] <= run.data.metrics[name] <= run.data.metrics[f"{name}_ci_high"]
     out = ci_run["run"].stdout + ci_run["run"].stderr
-    assert "dporm_acc_response_shift" in out[out.index("headline metrics by round"):]
+    assert "response shift" in out[out.index("EXRM vs DPORM"):]
     client, parent = ci_run["client"], ci_run["parent"].info.run_id
     assert "plots/reward_accuracy.png" in {a.path for a in client.list_artifacts(parent, "plots")}
-    history = client.get_metric_history(parent, "exrm_acc_id")
-    assert [m.step for m in history] == [0]
+    assert [m.step for m in client.get_metric_history(parent, "exrm_acc_id")] == [0]
+    assert "diff_acc_prompt_shift_ci_low" in ci_run["parent"].data.metrics
 
 
 def test_compare_prints_exrm_against_dporm_by_set(ci_run):
@@ -68,61 +68,22 @@ def test_compare_prints_exrm_against_dporm_by_set(ci_run):
     assert "mean over 3 seeds" in versus
 
 
-# True once the metric's row is in view; else scroll the metrics table half a box further down
-# (back to the top after the end). MLflow 3.17 draws the metric names and the values in two
-# grids; scrolling the values' grid alone leaves the names where they were (a screenshot would
-# show each name beside another metric's values), so both are scrolled.
-SCROLL_TO_METRIC = """
-const grids = [...document.querySelectorAll('.ReactVirtualized__Grid')].filter(g => g.scrollHeight > g.clientHeight + 2);
-const beside = v => grids.find(g => g !== v && Math.abs(g.getBoundingClientRect().top - v.getBoundingClientRect().top) < 40);
-const values = grids.find(g => /(auto|scroll)/.test(getComputedStyle(g).overflowY) && beside(g));
-if (!values) return false;
-const names = beside(values);
-const link = [...names.querySelectorAll('a')].find(a => a.textContent.trim() === arguments[0]);
-if (link) {
-  const box = names.getBoundingClientRect(), row = link.getBoundingClientRect();
-  if (box.top >= 0 && box.bottom <= window.innerHeight && row.top >= box.top && row.bottom <= box.bottom - 15) return true;
-}
-values.scrollIntoView({block: 'center'});
-const top = values.scrollTop + values.clientHeight >= values.scrollHeight - 2 ? 0 : values.scrollTop + values.clientHeight / 2;
-for (const grid of [values, names]) {
-  grid.scrollTop = top;
-  grid.dispatchEvent(new Event('scroll'));
-}
-return false;
-"""
-
-
 @pytest.mark.timeout(600)
-def test_mlflow_compare_page_shows_exrm_and_dporm_side_by_side(ci_run, tmp_path):
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-    from test_browser import PAGE_TIMEOUT, artifacts_dir, chrome
+def test_mlflow_shows_exrm_and_dporm_side_by_side(ci_run, tmp_path):
+    from flows.cli import ui_pages
+    from test_browser import chrome, need_chromium, open_and_see
     from test_mlflow_server import mlflow_server
 
-    runs = [ci_run["stages"]["exrm_acc", 0].info.run_id, ci_run["stages"]["dporm_acc", 0].info.run_id]
-    wanted = ["dporm_acc_response_shift", "exrm_acc_response_shift"]  # the table's order: scrolling down
-    values = [str(ci_run["stages"][stage].data.metrics[name])[:4]  # MLflow shows the value unrounded
-              for stage, name in ((("dporm_acc", 0), wanted[0]), (("exrm_acc", 0), wanted[1]))]
-    shots = [artifacts_dir() / f"mlflow-compare-exrm-dporm-smollm2-{name}.png" for name in wanted]
-    with mlflow_server(tmp_path, backend=f"sqlite:///{ci_run['home'] / 'mlflow.db'}") as url:
+    need_chromium()
+    uri = f"sqlite:///{ci_run['home'] / 'mlflow.db'}"
+    label, page = ui_pages(uri, NAME)[2]
+    assert label == "its EXRM and DPORM runs side by side"
+    wanted = [name for seed in range(3) for name in (f"EXRM · seed {seed}", f"DPORM · seed {seed}")]
+    wanted += [str(ci_run["stages"][f"{reward}_acc", seed].data.metrics[f"acc_{set_}"])  # shown unrounded
+               for seed in range(3) for reward in report.REWARDS for set_ in report.SETS]
+    with mlflow_server(tmp_path, backend=uri) as url:
         driver = chrome(tmp_path / "chromium-profile")
         try:
-            query = urllib.parse.urlencode({"runs": json.dumps(runs),
-                                            "experiments": json.dumps([ci_run["experiment"].experiment_id])})
-            driver.get(f"{url}/#/compare-runs?{query}")
-            # The metrics grid shows a few rows at a time, and the EXRM and DPORM rows are a dozen
-            # apart: scroll to each in turn, read its value and take its screenshot.
-            for name, value, shot in zip(wanted, values, shots):
-                def shows(d, name=name, value=value) -> bool:
-                    return d.execute_script(SCROLL_TO_METRIC, name) and value in d.find_element("tag name", "body").text
-
-                try:
-                    WebDriverWait(driver, PAGE_TIMEOUT, poll_frequency=1,
-                                  ignored_exceptions=(StaleElementReferenceException,)).until(shows)
-                finally:
-                    driver.save_screenshot(str(shot))
+            open_and_see(driver, f"{url}/{page}", wanted, "mlflow-exrm-vs-dporm-smollm2.png")
         finally:
             driver.quit()
-    for shot in shots:
-        assert shot.stat().st_size > 10_000

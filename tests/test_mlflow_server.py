@@ -150,4 +150,4 @@ def test_pipeline_logs_to_MLFLOW_TRACKING_URI_and_compare_reads_it(server, tmp_p
     found = check_over_rest(server["url"], "server-env", server["root"] / "art")
     assert not (home / "mlflow.db").exists()
     out = cli("compare", "server-env", home=home, env=env, timeout=120)
-    assert f"server-env: run {found['parent']}" in out.stdout and "0.55 [0.5, 0.6]" in out.stdout
+    assert f"server-env: run {found['parent']}" in out.stdout and "0.550 [0.500, 0.600]" in out.stdout

@@ -61,8 +61,11 @@ def test_summary_table_has_one_row_per_execution_and_every_metric():
 def test_terminal_view_folds_intervals_and_filters_columns():
     table = report.summary_table(ROWS)
     shown = report.display_columns(table)
-    assert "win_rate_ci_low" not in shown and shown["win_rate"][2] == "0.55 [0.5, 0.6]"
-    assert shown["loss"][2] == "" and shown["round"][3] == "2"
+    assert "win_rate_ci_low" not in shown and shown["win_rate"][2] == "0.550 [0.500, 0.600]"
+    assert shown["loss"][:3] == ["1.500", "0.600", ""] and shown["round"][3] == "2"
+    # three decimals for every metric; counts as integers; the tiny and the large in 4 digits
+    assert [report.format_value(v) for v in (1000.0, 0.01196, 3.2, 0.0004321, 123456.7)] == [
+        "1000", "0.012", "3.200", "0.0004321", "1.235e+05"]
     picked = report.select_columns(table, ["win*", "dporm_acc_id"])
     assert list(picked) == ["stage", "round", "cache", "win_rate", "win_rate_ci_low", "win_rate_ci_high",
                             "dporm_acc_id", "dporm_acc_id_ci_low", "dporm_acc_id_ci_high"]
@@ -210,7 +213,7 @@ def test_compare_prints_the_latest_run(toy_run):
     lines = out.stdout.splitlines()
     evaluate = [l for l in lines if "evaluate" in l]
     assert len(evaluate) == 2 and all("hit" in l for l in evaluate)
-    assert "0.55 [0.5, 0.6]" in evaluate[0] and "0.65 [0.6, 0.7]" in evaluate[1]
+    assert "0.550 [0.500, 0.600]" in evaluate[0] and "0.650 [0.600, 0.700]" in evaluate[1]
     assert "exrm_acc_id" not in out.stdout and "EXRM vs DPORM" in out.stdout, "accuracies: in the EXRM vs DPORM table"
     wide = alignflow("compare", "report-toy", "--all", home=toy_run["home"], check=True, timeout=120)
     assert "exrm_acc_id" in wide.stdout and "dporm_acc_id" in wide.stdout

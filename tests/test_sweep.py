@@ -81,17 +81,19 @@ def test_seeds_give_the_keys_of_the_seeds_written_out_by_hand():
     path = REPO / "pipelines" / "exrm_vs_dporm.yaml"
     spec = yaml.safe_load(path.read_text())
     by_hand = {k: v for k, v in spec.items() if k != "seeds"}
-    stages = by_hand["stages"] = {k: v for k, v in spec["stages"].items() if k not in ("exrm", "dpo", "acc", "evaluate")}
+    per_seed = ("exrm", "dpo", "exrm_acc", "dporm_acc", "evaluate")
+    stages = by_hand["stages"] = {k: v for k, v in spec["stages"].items() if k not in per_seed}
     for s in range(spec["seeds"]["count"]):
         stages[f"exrm_s{s}"] = {**spec["stages"]["exrm"], "seed": s}
         stages[f"dpo_s{s}"] = {**spec["stages"]["dpo"], "seed": s}
-        stages[f"acc_s{s}"] = {**spec["stages"]["acc"], "exrm": f"exrm_s{s}", "dporm_policy": f"dpo_s{s}"}
+        stages[f"exrm_acc_s{s}"] = {**spec["stages"]["exrm_acc"], "exrm": f"exrm_s{s}"}
+        stages[f"dporm_acc_s{s}"] = {**spec["stages"]["dporm_acc"], "dporm_policy": f"dpo_s{s}"}
         stages[f"evaluate_s{s}"] = {**spec["stages"]["evaluate"], "policy": f"dpo_s{s}"}
     written = {n.key for n in resolve(validate_spec(by_hand, str(path)))}
     swept = expand(str(path))
     assert [v.label for v in swept.variants] == ["seed=0", "seed=1", "seed=2"]
     assert {n.key for n in swept.unique()} == written
-    assert len(written) == 9 + 3 * 4  # the data, the model, SFT and the reference log-probs: shared by the seeds
+    assert len(written) == 9 + 3 * 5  # the data, the model, SFT and the reference log-probs: shared by the seeds
 
 
 def test_an_expansion_is_made_once_while_its_files_are_unchanged(tmp_path):
@@ -258,7 +260,7 @@ def test_shared_stages_are_computed_once_in_one_flow_run(swept):
 def test_mlflow_has_the_sweep_a_child_per_variant_and_its_stages(swept):
     client, experiment, parent = swept["client"], swept["experiment"], swept["parents"][0]
     assert parent.info.run_name == "sweep-toy · sweep of 4" and parent.info.status == "FINISHED"
-    assert parent.data.metrics["stages_run"] == 17 and parent.data.metrics["variants"] == 4
+    assert parent.data.tags["alignflow.stages_run"] == "17" and parent.data.tags["alignflow.variants"] == "4"
     assert "plots/win_rate.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     variants = children(client, experiment, parent.info.run_id)
     assert [v.info.run_name for v in variants] == ["gain=0.1 win_rate=0.01 seed=0", "gain=0.1 win_rate=0.01 seed=1",
@@ -302,7 +304,7 @@ def test_a_rerun_computes_nothing(swept):
     assert "0 ran, 17 cached" in swept["warm"].stderr
     assert len(swept["counter"].read_text().splitlines()) == len(swept["executions"])
     warm = swept["parents"][1]
-    assert warm.data.metrics["stages_run"] == 0 and warm.data.metrics["stages_cached"] == 17
+    assert warm.data.tags["alignflow.stages_run"] == "0" and warm.data.tags["alignflow.stages_cached"] == "17"
 
 
 def test_compare_prints_the_children_numbers(swept):
@@ -315,9 +317,10 @@ def test_compare_prints_the_children_numbers(swept):
                 key = (variant.data.params["stages.improve.gain"], int(stage.data.tags["alignflow.round"]))
                 rate.setdefault(key, []).append(stage.data.metrics["win_rate"])
 
-    def interval(values, low=0.0, high=1.0):
+    def interval(values, low=0.0, high=1.0, signed=False):
         mean, half = statistics.mean(values), T_975_1 * statistics.stdev(values) / 2 ** 0.5
-        return f"{mean:.3f} [{max(low, mean - half):.3f}, {min(high, mean + half):.3f}]"
+        f = "{:+.3f}" if signed else "{:.3f}"
+        return f"{f.format(mean)} [{f.format(max(low, mean - half))}, {f.format(min(high, mean + half))}]"
 
     out = alignflow("compare", swept["spec"], home=swept["home"], env=TOY, check=True, timeout=120).stdout
     assert max(map(len, out.splitlines())) <= 120
@@ -350,7 +353,7 @@ def test_a_failing_variant_leaves_the_others_finished(tmp_path):
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sweep-fail")
     parent = client.search_runs([experiment.experiment_id], filter_string=report.PARENT_FILTER)[0]
-    assert parent.info.status == "FAILED" and parent.data.metrics["variants_failed"] == 2
+    assert parent.info.status == "FAILED" and parent.data.tags["alignflow.variants_failed"] == "2"
     status = {}
     for variant in children(client, experiment, parent.info.run_id):
         status[variant.info.run_name] = variant.info.status
@@ -410,7 +413,7 @@ def test_exrm_against_dporm_over_seeds(tmp_path):
     }}
     home, path = tmp_path / "home", write(tmp_path / "exrm.yaml", spec)
     run = alignflow("run", path, home=home, env=TOY, check=True, timeout=600)
-    assert re.search(r"headline metrics by round.*\n  round 0: exrm_acc_id 0\.780", run.stderr), run.stderr[-2000:]
+    assert re.search(r"EXRM vs DPORM.*\n(.*\n)*.*in distribution\W+0\.780", run.stderr), run.stderr[-2000:]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
@@ -424,12 +427,13 @@ def test_exrm_against_dporm_over_seeds(tmp_path):
         by_seed[seed.data.tags["alignflow.seed"]] = (stages["exrm_acc"]["exrm_acc_id"], stages["dporm_acc"]["dporm_acc_id"])
     exrm, dporm = zip(*(by_seed[s] for s in ("0", "1")))
 
-    def interval(values, low=0.0, high=1.0):
+    def interval(values, low=0.0, high=1.0, signed=False):
         mean, half = statistics.mean(values), T_975_1 * statistics.stdev(values) / 2 ** 0.5
-        return f"{mean:.3f} [{max(low, mean - half):.3f}, {min(high, mean + half):.3f}]"
+        f = "{:+.3f}" if signed else "{:.3f}"
+        return f"{f.format(mean)} [{f.format(max(low, mean - half))}, {f.format(min(high, mean + half))}]"
 
     out = alignflow("compare", path, home=home, env=TOY, check=True, timeout=120).stdout
     line = next(l for l in out.splitlines() if "in distribution" in l)
-    difference = interval([d - e for e, d in zip(exrm, dporm)], -1.0, 1.0)
+    difference = interval([d - e for e, d in zip(exrm, dporm)], -1.0, 1.0, signed=True)
     assert interval(exrm) in line and interval(dporm) in line and difference in line, (line, exrm, dporm)
     assert "mean over 2 seeds" in out and "paired by seed" in out

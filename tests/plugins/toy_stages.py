@@ -68,6 +68,10 @@ class ToyMetricsParams(StageParams):
     policy: OptionalRef("model") = None
     shift: list[str] = []
     per_seed: dict[str, float] = {}  # metric -> added once per unit of the stage's seed
+    reward: Literal["exrm", "dporm"] | None = None  # a stand-in for reward_accuracy: its run's tag
+
+    def run_tags(self) -> dict[str, str]:
+        return {"alignflow.reward": self.reward} if self.reward else {}
 
 
 @stage_kind("toy_metrics", ToyMetricsParams, output="metrics")
