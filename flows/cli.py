@@ -75,10 +75,15 @@ def run(
     force: List[str] = typer.Option([], "--force", help="Recompute this stage and everything downstream."),
     rounds: Optional[int] = typer.Option(None, "--rounds", min=0, help="Number of rounds (overrides rounds.count)."),
 ):
-    """Run a pipeline: every stage whose artifact is not already in the store."""
+    """Run a pipeline: every stage whose artifact is not already in the store.
+
+    Ctrl-C (SIGINT), SIGTERM or SIGHUP stops it within seconds: stages computing are cancelled,
+    uncommitted, finished stages are kept (exit 130, 143, 129); a second Ctrl-C stops at once."""
+    from flows import stopping
     from flows.inputs import check_local_inputs
 
     started = time.time()
+    stopping.install_signal_handlers()
     try:
         with timings.phase("spec and keys"):
             loaded, nodes = _load(spec, set_, rounds, force)
@@ -101,8 +106,13 @@ def run(
             server.wait_ready()
     console.print(f"[bold]{loaded.name}[/]: {len(nodes)} stage executions, store {store_root(loaded.store)}")
     try:
+        if stopping.requested():
+            raise stopping.Stopped(stopping.requested())
         with timings.phase("flow"):
             result = pipeline(spec, list(set_), rounds, list(force))
+    except stopping.Stopped as stopped:
+        stopping.report(stopped.request)
+        raise typer.Exit(stopped.request.exit_code)
     except StageFailed as err:
         import traceback
 
@@ -113,6 +123,12 @@ def run(
     except BadInput as err:  # the user's data, found malformed while running
         console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(2)
+    except BaseException:
+        request = stopping.requested()
+        if request is None or request.error is not None:
+            raise
+        stopping.report(request)  # stopping: whatever the flow raised on its way out is fallout
+        raise typer.Exit(request.exit_code)
     ran = sum(s["cache"] == "miss" for s in result["stages"])
     stages = len(result["stages"])
     timings.write(stages=stages, per_stage=round(timings.PHASES["flow"] / max(1, stages), 4))
@@ -451,15 +467,16 @@ def _ui_page(uri: str, experiment: str | None) -> str:
         return ""
 
 
-_SUCCEEDED: list[bool] = []
+_QUICK_EXIT: list[int] = []  # the exit code, after a success or a stop
 
 
 def _exit_without_teardown() -> None:
     """The last exit handler of the `alignflow` program: after a success, and once every other
     exit handler has run (Prefect's event flush, the temporary server's stop, ...), end the
     process without the interpreter's teardown of the ~3000 modules prefect and mlflow bring,
-    which takes 0.7 s on a quiet machine and 4 s on a busy one: a no-change run's tenth."""
-    if not _SUCCEEDED:
+    which takes 0.7 s on a quiet machine and 4 s on a busy one: a no-change run's tenth, and
+    a stopped run's deadline (flows/stopping.py)."""
+    if not _QUICK_EXIT:
         return  # a failure: the ordinary exit, which prints and flushes whatever it has to
     import logging
 
@@ -469,7 +486,7 @@ def _exit_without_teardown() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(_QUICK_EXIT[0])
 
 
 def main() -> None:
@@ -479,8 +496,11 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
-        if done.code in (0, None):
-            _SUCCEEDED.append(True)
+        from flows import stopping
+
+        request = stopping.requested()
+        if done.code in (0, None) or (request is not None and done.code == request.exit_code):
+            _QUICK_EXIT.append(done.code or 0)
         raise
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,10 +24,12 @@ from importlib import metadata
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.states import Cancelled as CancelledState
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.transactions import IsolationLevel
 
 from flows import console as term
+from flows import stopping
 from flows.errors import StageFailed
 from flows.graph import Node, downstream
 from flows.home import store_root, tracking_uri
@@ -106,19 +109,6 @@ def reference(store: Store, node: Node, manifest: dict, computed: bool, seconds:
 # trainings sharing a GPU (or two cores) by surprise helps nobody.
 COMPUTING = threading.Semaphore(1)
 
-# Bad input data found while running (a remote source) is exit 2, which writes nothing: the
-# first BadInput stops this run's scheduling and every stage still computing, before it commits.
-BAD_INPUTS: list[BadInput] = []
-
-
-class Cancelled(Exception):
-    """A stage stopped, uncommitted, because another stage of the run found bad input data."""
-
-
-def _stop_if_cancelled() -> None:
-    if BAD_INPUTS:
-        raise Cancelled(f"cancelled: {BAD_INPUTS[0]}")
-
 
 def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     """Compute one stage's artifact unless it is already whole in the store; return its reference.
@@ -141,29 +131,29 @@ def _compute(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     steps = StepLogger(job.tracker, job.mlflow_run_id)
 
     def log_step(metrics: dict[str, float], step: int) -> None:  # each step is a point to stop at
-        _stop_if_cancelled()
+        stopping.check()
         steps(metrics, step)
 
     # Sources read files or the network, and run beside a training: a remote source's bad data
     # is then found (and the run stopped) without waiting for the training to finish.
     gate = contextlib.nullcontext() if node.section == "datasets" else COMPUTING
-    with gate, store.build(node.kind, node.key) as tmp:
-        _stop_if_cancelled()
+    with gate, stopping.checked(), store.build(node.kind, node.key) as tmp, stopping.computing(node.label):
         started = time.time()
         checkpoints = store.checkpoints(node.kind, node.key)
         # Inputs as local folders: on a remote store, verified copies in the local cache.
         local = {p: store.local_path(ref["kind"], ref["key"]) for p, ref in inputs.items()}
         ctx = StageContext(out=tmp, inputs=local,
                            params=node.params, seed=node.recipe["seed"],
-                           log_metrics=log_step, progress=term.progress, checkpoints=checkpoints, rows=job.rows)
+                           log_metrics=log_step, progress=stoppable_progress, checkpoints=checkpoints, rows=job.rows)
         try:
             metrics = {k: float(v) for k, v in ((compute or kind.run)(ctx) or {}).items()}
-        except BadInput as err:
-            BAD_INPUTS.append(err)
+        except BadInput as err:  # exit 2, which writes nothing: every stage still computing stops
+            stopping.request(f"bad input data: {err}", 2, error=err)
             raise
         finally:
-            release_memory()
-        _stop_if_cancelled()
+            if not stopping.requested():  # a stopping process exits next: no time to spend on this
+                release_memory()
+        stopping.check()
         steps.flush()
         if steps.history:
             (tmp / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in steps.history))
@@ -178,6 +168,32 @@ def _compute(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
         })
     shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact is in place: nothing to resume
     return reference(store, node, manifest, computed=True, seconds=time.time() - started)
+
+
+class _StoppableBar:
+    def __init__(self, bar):
+        self.bar = bar
+
+    def advance(self, n: int = 1) -> None:  # each advance is a point to stop at, as each step is
+        stopping.check()
+        self.bar.advance(n)
+
+
+@contextlib.contextmanager
+def stoppable_progress(description: str, total: int | None = None):
+    with term.progress(description, total) as bar:
+        yield _StoppableBar(bar)
+
+
+def cancellable(fn):
+    """A task whose stage stopped (stopping.Cancelled) ends Cancelled in Prefect, not Failed."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except stopping.Cancelled as err:
+            return CancelledState(message=str(err))
+    return wrapper
 
 
 def release_memory() -> None:
@@ -200,6 +216,7 @@ def release_memory() -> None:
 
 
 @task(persist_result=True, result_serializer="json")
+@cancellable
 def run_stage(job: StageJob, inputs: dict[str, dict]) -> dict:
     return build(job, inputs)
 
@@ -226,6 +243,7 @@ def shard_job(job: StageJob, index: int, count: int, rows: tuple[int, int] | Non
 
 
 @task(persist_result=True, result_serializer="json")
+@cancellable
 def run_shard(job: StageJob, inputs: dict[str, dict], index: int, count: int) -> dict | None:
     """Shard `index` of `count`: None when the table has too few batches to give it any rows."""
     from tasks.tables import read_table
@@ -243,6 +261,7 @@ def run_shard(job: StageJob, inputs: dict[str, dict], index: int, count: int) ->
 
 
 @task(persist_result=True, result_serializer="json")
+@cancellable
 def merge_shards(job: StageJob, inputs: dict[str, dict], shards: list[dict | None]) -> dict:
     """The stage's artifact: its shards' tables, concatenated in order."""
 
@@ -294,10 +313,13 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
     workers (runner: ray). Parameters are the spec file and options, not objects, so a
     deployment can run it as well."""
     spec = load_spec(spec_file, overrides or [], rounds)
-    if spec.runner.kind == "local":
-        return run_stages(spec_file, overrides, rounds, force)
-    on_ray = flow(run_stages, name="alignflow-stages", validate_parameters=False)
-    return on_ray.with_options(task_runner=ray_task_runner(spec.runner))(spec_file, overrides, rounds, force)
+    try:
+        if spec.runner.kind == "local":
+            return run_stages(spec_file, overrides, rounds, force)
+        on_ray = flow(run_stages, name="alignflow-stages", validate_parameters=False)
+        return on_ray.with_options(task_runner=ray_task_runner(spec.runner))(spec_file, overrides, rounds, force)
+    except stopping.Stopped as stopped:  # Prefect records the run as Cancelled; the caller gets `stopped`
+        return CancelledState(message=str(stopped), data=stopped)
 
 
 def ray_task_runner(runner):
@@ -318,7 +340,8 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
 
     spec = load_spec(spec_file, overrides or [], rounds)
     nodes = resolve(spec)
-    BAD_INPUTS.clear()
+    stopping.reset()
+    stopping.reassert_signal_handlers()  # Prefect's flow engine put its own SIGTERM handler in place
     forced = downstream(nodes, set(force or []))
     root = store_root(spec.store)
     store = Store(root)
@@ -334,7 +357,17 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         OWNER_TAG: OWNER,
     })
     tracker.log_text(parent, _dump_yaml(spec.resolved), "spec.yaml")
-    futures, run_ids, summary, recorded, current = {}, {}, [], set(), None
+    futures, run_ids, summary, recorded, current, refs = {}, {}, [], set(), None, {}
+    flow_run_id = flow_run.id  # read here: the hard stop's thread has no flow run context
+
+    def end_stopped() -> None:  # a hard stop's records: what has not finished was killed
+        for node_id, run_id in list(run_ids.items()):
+            if node_id not in recorded:
+                tracker.end(run_id, "KILLED")
+        tracker.end(parent, "KILLED")
+        _cancel_in_prefect(flow_run_id, list(futures.values()), stopping.requested().reason)
+
+    stopping.on_hard_stop(end_stopped)
     try:
         for node in nodes:
             run_ids[node.id] = tracker.start_run(run_name(node.name, node.round), {
@@ -357,7 +390,6 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
             futures[node.id] = task_.with_options(
                 name=node.kind, task_run_name=name, cache_policy=policy, refresh_cache=node.id in forced or damaged,
             ).submit(*args)
-        refs: dict[str, dict] = {}
         for node in nodes:
             current = node.id
             refs[node.id] = _record(node, futures[node.id], refs, tracker, run_ids[node.id], store)
@@ -367,12 +399,28 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
             summary.append({"stage": node.name, "round": node.round, "key": node.key,
                             "cache": "miss" if refs[node.id]["computed"] else "hit",
                             "seconds": refs[node.id]["seconds"], "metrics": refs[node.id]["metrics"]})
+    except stopping.Stopped as stopped:
+        for node in nodes:  # stages that finished meanwhile are kept: recorded as such
+            future = futures.get(node.id)
+            if node.id in recorded or future is None or not _finished(future) or \
+                    any(i not in recorded for i in node.inputs.values()):
+                continue
+            refs[node.id] = _record(node, future, refs, tracker, run_ids[node.id], store)
+            recorded.add(node.id)
+        for node_id, run_id in run_ids.items():
+            if node_id not in recorded:
+                tracker.end(run_id, "KILLED")
+        tracker.end(parent, "KILLED")
+        _cancel_in_prefect(None, futures.values(), stopped.request.reason)
+        raise
     except BaseException:
         for node_id, run_id in run_ids.items():
             if node_id not in recorded:  # the stage that failed, and those that never finished
                 tracker.end(run_id, "FAILED" if node_id == current else "KILLED")
         tracker.end(parent, "FAILED")
         raise
+    finally:
+        stopping.forget_hard_stop(end_stopped)
     hits = sum(row["cache"] == "hit" for row in summary)
     tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
     headline = headline_by_round(summary)  # MLflow's charts draw the parent's metrics by round
@@ -388,8 +436,11 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store
     state = future.state
     if not state.is_completed():
         cause = _exception(state)
-        if isinstance(cause, Cancelled) and BAD_INPUTS:
-            raise BAD_INPUTS[0]  # the root cause: bad input data somewhere else in the graph
+        stop = stopping.requested()
+        if stop is not None and stop.error is not None and not isinstance(cause, BadInput):
+            raise stop.error  # the root cause: bad input data somewhere else in the graph
+        if stop is not None and stop.error is None:  # whatever this stage died of, the run was stopping
+            raise stopping.Stopped(stop)
         term.console.print(f"[red]✗ {node.label}[/] failed")
         if isinstance(cause, BadInput):
             raise cause
@@ -410,7 +461,37 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store
     shown = ", ".join(f"{k}={v:.3g}" for k, v in list(ref["metrics"].items())[:4])
     mark = "[dim]cached[/]" if hit else f"[green]ran[/] {ref['seconds']:6.1f}s"
     term.console.print(f"[green]✓[/] {node.label:<24} {mark:<22} {shown}")
+    stopping.KEPT.append(node.label)
     return ref
+
+
+def _done_state(future):
+    """A task's final state once its thread is done, else None (never asks the Prefect server)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if wrapped is None or not wrapped.done():
+        return None
+    future.wait(0)
+    return future.state
+
+
+def _finished(future) -> bool:
+    state = _done_state(future)
+    return state is not None and state.is_completed()
+
+
+def _cancel_in_prefect(flow_run_id, futures, reason: str) -> None:
+    """Mark as Cancelled, in Prefect, the task runs a stopped run left unfinished (waiting on a
+    stopped stage), and, on a hard stop (`flow_run_id` given: the flow is not ending through
+    Prefect's engine), the flow run and the task runs still going."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        for future in futures:
+            state = _done_state(future)
+            if (state is None and flow_run_id is not None) or (state is not None and not state.is_final()):
+                client.set_task_run_state(future.task_run_id, CancelledState(message=reason), force=True)
+        if flow_run_id is not None:
+            client.set_flow_run_state(flow_run_id, CancelledState(message=reason), force=True)
 
 
 def _exception(state) -> BaseException:
