@@ -38,8 +38,8 @@ def _load(spec: str, overrides: list[str], rounds: int | None, force: list[str] 
 
 
 def _check_store(spec: str, store: str | None) -> None:
-    """A store that cannot be used (a protocol not installed, an unreachable bucket) is a spec
-    error, found before anything runs or is written."""
+    """A store that cannot be used (a protocol not installed, an unreachable bucket, a folder
+    that is not alignflow's) is a spec error, found before anything runs or is written."""
     from flows.store import Store, StoreUnavailable
 
     root = store_root(store)
@@ -80,10 +80,16 @@ def run(
     Ctrl-C (SIGINT), SIGTERM or SIGHUP stops it within seconds: stages computing are cancelled,
     uncommitted, finished stages are kept (exit 130, 143, 129); a second Ctrl-C stops at once."""
     from flows import stopping
+
+    with stopping.signal_handlers():
+        _run(spec, set_, force, rounds)
+
+
+def _run(spec: str, set_: list[str], force: list[str], rounds: int | None) -> None:
+    from flows import stopping
     from flows.inputs import check_local_inputs
 
     started = time.time()
-    stopping.install_signal_handlers()
     try:
         with timings.phase("spec and keys"):
             loaded, nodes = _load(spec, set_, rounds, force)

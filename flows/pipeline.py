@@ -167,6 +167,8 @@ def _compute(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
             "final_step": steps.history[-1]["step"] + 1 if steps.history else 0,
         })
     shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact is in place: nothing to resume
+    if job.rows is None:  # a whole stage (not one shard of it)
+        stopping.kept(node.label)
     return reference(store, node, manifest, computed=True, seconds=time.time() - started)
 
 
@@ -345,10 +347,11 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     forced = downstream(nodes, set(force or []))
     root = store_root(spec.store)
     store = Store(root)
-    store.sweep()
+    store.claim()  # checked by the CLI: an empty or new folder, or a store
+    kinds = load_stage_kinds()
+    store.sweep(kinds)
     forget_foreign_records(root, [node.key for node in nodes])
     policy = cache_policy(root)
-    kinds = load_stage_kinds()
     tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)
     close_orphaned_runs(tracker)
     parent = tracker.start_run(f"{spec.name}", {
@@ -461,7 +464,7 @@ def _record(node: Node, future, refs: dict, tracker: Tracker, run_id: str, store
     shown = ", ".join(f"{k}={v:.3g}" for k, v in list(ref["metrics"].items())[:4])
     mark = "[dim]cached[/]" if hit else f"[green]ran[/] {ref['seconds']:6.1f}s"
     term.console.print(f"[green]✓[/] {node.label:<24} {mark:<22} {shown}")
-    stopping.KEPT.append(node.label)
+    stopping.kept(node.label)
     return ref
 
 

@@ -55,18 +55,21 @@ _HARD_STOP: list[tuple[Callable[[], None], bool]] = []
 _DEADLINE: list[threading.Thread] = []
 # What the run has done so far, for the line: stage labels kept (finished), computing now, and
 # stopped while computing.
-KEPT: list[str] = []
+KEPT: dict[str, None] = {}  # ordered, once each
 COMPUTING: set[str] = set()
 STOPPED: list[str] = []
 
 
-def reset() -> None:
-    """A new run in this process (tests run several)."""
+def reset(signals: bool = False) -> None:
+    """A new run in this process (tests run several). A signal already received still counts,
+    unless `signals` (a new command)."""
     with _LOCK:
-        _REQUESTS.clear()
+        _REQUESTS[:] = [r for r in _REQUESTS if r.signal is not None and not signals]
         KEPT.clear()
         COMPUTING.clear()
         STOPPED.clear()
+        if signals:
+            _REPORTED.clear()
 
 
 def request(reason: str, exit_code: int, signum: int | None = None, error: BaseException | None = None,
@@ -115,6 +118,10 @@ def computing(label: str) -> Iterator[None]:
         COMPUTING.discard(label)
 
 
+def kept(label: str) -> None:
+    KEPT[label] = None
+
+
 def on_hard_stop(callback: Callable[[], None], immediate: bool = False) -> Callable[[], None]:
     """Run `callback` before a hard stop exits, the latest registered first: records, or
     (`immediate`: also on a second Ctrl-C) stopping a server that must not outlive the run."""
@@ -131,9 +138,9 @@ def summary(req: Request) -> str:
     computing = [*STOPPED, *sorted(COMPUTING - set(STOPPED))]
     stopped = (f"stopped {', '.join(computing)} (nothing of it committed)" if computing
                else "no stage was computing")
-    kept = len(KEPT)
-    shown = f": {', '.join(KEPT)}" if 0 < kept <= 4 else ""
-    return (f"{req.reason}: {stopped}; kept {kept} finished stage{'s' * (kept != 1)}{shown}; "
+    count = len(KEPT)
+    shown = f": {', '.join(KEPT)}" if 0 < count <= 4 else ""
+    return (f"{req.reason}: {stopped}; kept {count} finished stage{'s' * (count != 1)}{shown}; "
             f"`alignflow run` again resumes from them")
 
 
@@ -192,11 +199,21 @@ def _on_signal(signum, frame) -> None:
     request(signal.Signals(signum).name, 128 + signum, signum=signum, grace=GRACE_S, first=True)
 
 
-def install_signal_handlers() -> None:
-    """SIGINT, SIGTERM and SIGHUP stop the run (the first gently, a second at once). Main thread only."""
-    for signum in _SIGNALS:
-        signal.signal(signum, _on_signal)
+@contextlib.contextmanager
+def signal_handlers() -> Iterator[None]:
+    """For the block (a command, in the main thread): SIGINT, SIGTERM and SIGHUP stop the run,
+    the first gently, a second at once. The handlers before it are restored after it, unless
+    the run is stopping (then a second signal during the exit still stops at once)."""
+    reset(signals=True)
+    previous = {signum: signal.signal(signum, _on_signal) for signum in _SIGNALS}
     _INSTALLED[:] = [True]
+    try:
+        yield
+    finally:
+        if not any(r.signal is not None for r in _REQUESTS):
+            _INSTALLED.clear()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def reassert_signal_handlers() -> None:

@@ -153,3 +153,19 @@ def test_a_stage_that_does_not_reach_a_step_is_abandoned_and_a_second_ctrl_c_sto
     assert code == 130 and seconds < 5 and not alive, (code, seconds, out[-3000:])
     assert len([line for line in out.splitlines() if "SIGINT" in line]) == 1, out
     assert not committed(home, "toy_steps") or len(committed(home, "toy_steps")) == 1  # a only, never b
+
+
+def test_a_lost_prefect_server_fails_the_run_in_seconds(tmp_path):
+    spec, counter = toy_spec(tmp_path, seconds=0.1, steps=3000)
+    home = tmp_path / "home"
+    proc = start(spec, home, PLUGINS)
+    wait_for(counter.exists, proc, "stage b started")
+    server = [p for p in psutil.Process(proc.pid).children() if "uvicorn" in " ".join(p.cmdline())]
+    assert len(server) == 1
+    code, out, seconds, alive = stop_and_wait(proc, server[0].kill)
+    assert code == 1 and seconds < 30 and not alive, (code, seconds, out[-3000:])
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in out.splitlines() if "Prefect server" in line]
+    assert len(lines) == 1 and "exited with code -9 under the run: stopped b (nothing of it committed)" in lines[0], out
+    assert len(committed(home, "toy_steps")) <= 1  # never b
+    assert mlflow_statuses(home, "toy")["b"] == "KILLED"
