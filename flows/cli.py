@@ -81,11 +81,46 @@ def run(
     uncommitted, finished stages are kept (exit 130, 143, 129); a second Ctrl-C stops at once."""
     from flows import stopping
 
+    context: dict = {}  # what _run has set up so far, to say where a full disk was met
     with stopping.signal_handlers():
-        _run(spec, set_, force, rounds)
+        try:
+            _run(spec, set_, force, rounds, context)
+        except (typer.Exit, SystemExit):
+            raise
+        except BaseException as err:
+            _exit_on_known_failure(err, context)
+            raise
 
 
-def _run(spec: str, set_: list[str], force: list[str], rounds: int | None) -> None:
+def _exit_on_known_failure(err: BaseException, context: dict) -> None:
+    """Whatever raised it: a damaged MLflow database is exit 2, naming it and how to recover; a
+    full disk is one line, `no space left on device: <path>`, exit 1."""
+    from pathlib import Path
+
+    from flows.full_disk import no_space_at
+    from flows.tracking import DamagedDatabase
+
+    cause = err
+    while cause is not None and not isinstance(cause, DamagedDatabase):
+        cause = cause.__cause__ or cause.__context__ or getattr(cause, "cause", None)
+    if cause is not None:
+        console.print(f"[red]error:[/] {escape(str(cause))}", soft_wrap=True)
+        raise typer.Exit(2)
+    uri = context.get("tracking_uri", "")
+    server = context.get("server")
+    prefect_home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    path = no_space_at(err, server.stderr_tail if server else (),
+                       mlflow_db=Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None,
+                       prefect_db=prefect_home / "prefect.db" if server else None,
+                       places=[p for p in (context.get("store"), prefect_home) if p])
+    if path is not None:
+        console.print(f"[red]error:[/] no space left on device: {escape(str(path))}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _run(spec: str, set_: list[str], force: list[str], rounds: int | None, context: dict) -> None:
+    from pathlib import Path
+
     from flows import stopping
     from flows.inputs import check_local_inputs
 
@@ -96,10 +131,11 @@ def _run(spec: str, set_: list[str], force: list[str], rounds: int | None) -> No
             check_local_inputs(nodes, store_root(loaded.store))  # a bad data file: exit 2 before anything is written
     except SpecError as err:
         _fail_spec(err)
+    context.update(tracking_uri=tracking_uri(loaded.tracking_uri), store=Path(store_root(loaded.store)))
     configure_environment()
     from flows.prefect_server import start_if_needed
 
-    server = start_if_needed()  # boots in parallel with the imports and MLflow set-up below
+    server = context["server"] = start_if_needed()  # boots in parallel with the imports and MLflow set-up below
     with timings.phase("imports"):
         from flows.pipeline import pipeline
         from flows.tracking import get_tracker, quiet_mlflow
@@ -122,6 +158,7 @@ def _run(spec: str, set_: list[str], force: list[str], rounds: int | None) -> No
     except StageFailed as err:
         import traceback
 
+        _exit_on_known_failure(err, context)
         console.print("".join(traceback.format_exception(err.cause)).rstrip(), style="dim", markup=False)
         console.print(f"[red]error:[/] {escape(str(err))}")
         console.print("Finished stages are kept; `alignflow run` again resumes from them.")

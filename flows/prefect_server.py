@@ -30,6 +30,7 @@ from flows.children import owned_command
 from flows.locks import release_flock, try_flock
 
 READY_MARK = ".alignflow-ready"  # this Prefect home's database exists: servers may start at once
+CREATING_MARK = ".alignflow-creating"  # a first start is making the database: if it is still here, it died
 
 
 class LocalPrefectServer:
@@ -49,7 +50,11 @@ class LocalPrefectServer:
             home.mkdir(parents=True, exist_ok=True)
             while (fd := try_flock(lock)) is None:
                 time.sleep(0.1)
-            self._first_start = (lock, fd)
+            if (home / READY_MARK).exists():  # another run's first start, while we waited
+                release_flock(lock, fd)
+            else:
+                self._first_start = (lock, fd)
+                _redo_a_half_made_database(home)
         self.port = _free_port()
         self.spawned = time.perf_counter()
         prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
@@ -105,6 +110,7 @@ class LocalPrefectServer:
         if self._first_start:
             lock, fd = self._first_start
             (lock.parent / READY_MARK).touch()
+            (lock.parent / CREATING_MARK).unlink(missing_ok=True)
             release_flock(lock, fd)
             self._first_start = None
 
@@ -127,6 +133,23 @@ class LocalPrefectServer:
             os.killpg(self.process.pid, signum)  # its own group: the server and anything it started
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _redo_a_half_made_database(home: Path) -> None:
+    """A home's first server start creates Prefect's database (its migrations); one that died
+    before the server answered (a full disk, a kill) may have left it half-made, which every later
+    start would trip on. A mark says a first start is under way: found again, the database it was
+    making is removed, to be made anew. A database without the mark (an older alignflow's, or one
+    of Prefect's own home, or at a URL the user set) is left as it is."""
+    if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+        return
+    creating = home / CREATING_MARK
+    if creating.exists():
+        for name in ("prefect.db", "prefect.db-wal", "prefect.db-shm", "prefect.db-journal"):
+            (home / name).unlink(missing_ok=True)
+    elif (home / "prefect.db").exists():
+        return
+    creating.touch()
 
 
 def _free_port() -> int:
