@@ -349,8 +349,13 @@ def compare(
 
     from flows.report import (BASE_COLUMNS, SET_LABELS, NotFound, display_columns, find_parent_run, format_interval,
                               headline_columns, read_summary, reward_comparison, select_columns)
-    from flows.tracking import quiet_mlflow
+    from flows.tracking import DamagedDatabase, open_local_store, quiet_mlflow
 
+    try:
+        open_local_store(uri)
+    except DamagedDatabase as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(2)
     quiet_mlflow()
     from mlflow.tracking import MlflowClient
 

@@ -34,7 +34,7 @@ from flows.errors import StageFailed
 from flows.graph import Node, downstream
 from flows.home import store_root, tracking_uri
 from flows.keys import resolve
-from flows.locks import CrashSafeLockManager, file_lock
+from flows.locks import LABELS, CrashSafeLockManager, file_lock
 from flows.report import headline_by_round, log_report
 from flows.spec import load_spec
 from flows.store import Store, pid_alive, plain
@@ -119,7 +119,8 @@ def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
         return reference(store, node, store.manifest(node.kind, node.key), computed=False)
     # One computation per key across processes, shards included (Prefect's own lock covers only
     # the cached tasks); the kernel frees it if this process dies.
-    with file_lock(store.local_root / "_locks" / plain(f"{node.kind}.{node.key}.lock")):
+    with file_lock(store.local_root / "_locks" / plain(f"{node.kind}.{node.key}.lock"),
+                   what=f"{node.label} ({node.key[:12]}), which another run is computing"):
         if not job.force and store.check(node.kind, node.key) is None:  # another run just built it
             return reference(store, node, store.manifest(node.kind, node.key), computed=False)
         return _compute(job, inputs, compute)
@@ -350,6 +351,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     store.claim()  # checked by the CLI: an empty or new folder, or a store
     kinds = load_stage_kinds()
     store.sweep(kinds)
+    LABELS.update({node.key: node.label for node in nodes})
     forget_foreign_records(root, [node.key for node in nodes])
     policy = cache_policy(root)
     tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)

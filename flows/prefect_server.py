@@ -27,7 +27,7 @@ from pathlib import Path
 
 from flows import stopping, timings
 from flows.children import owned_command
-from flows.locks import release_flock, try_flock
+from flows.locks import WaitNotes, release_flock, try_flock
 
 READY_MARK = ".alignflow-ready"  # this Prefect home's database exists: servers may start at once
 CREATING_MARK = ".alignflow-creating"  # a first start is making the database: if it is still here, it died
@@ -48,7 +48,9 @@ class LocalPrefectServer:
         if not (home / READY_MARK).exists():
             lock = home / ".alignflow-start.lock"
             home.mkdir(parents=True, exist_ok=True)
+            note = WaitNotes(lock, f"the first start of Prefect's server in {home}")
             while (fd := try_flock(lock)) is None:
+                note()
                 time.sleep(0.1)
             if (home / READY_MARK).exists():  # another run's first start, while we waited
                 release_flock(lock, fd)

@@ -250,7 +250,12 @@ class Store:
         return self.root
 
     def path(self, kind: str, key: str) -> Path:
-        return safe_join(self.root, kind, key)
+        """Where the artifact is (a symlink put there is not followed: `check` calls it damaged)."""
+        return self.root / plain(kind, key)
+
+    def _linked(self, kind: str, key: str) -> bool:
+        """Whether the artifact's folder, or its kind's, is a symbolic link (never the store's own)."""
+        return self.path(kind, key).is_symlink() or (self.root / plain(kind)).is_symlink()
 
     def local_path(self, kind: str, key: str) -> Path:
         """The artifact as a local folder, for a stage to read (a remote store downloads it)."""
@@ -287,6 +292,8 @@ class Store:
         write_json_atomic(self.root / OWNER_MARK, {"alignflow": "artifact store", "created": time.time()})
 
     def manifest(self, kind: str, key: str) -> dict | None:
+        if self._linked(kind, key):
+            return None
         try:
             return json.loads((self.path(kind, key) / MANIFEST).read_text())
         except (OSError, ValueError):
@@ -296,8 +303,10 @@ class Store:
         """None if the artifact is present and whole, else what is wrong with it. (`download`:
         for a remote store, see RemoteStore.check; a local artifact is checked where it is.)"""
         folder = self.path(kind, key)
+        if self._linked(kind, key):
+            return f"damaged: {kind}/{key} is a symbolic link, not a folder of the store"
         if not folder.exists():
-            return "not built" 
+            return "not built"
         manifest = self.manifest(kind, key)
         if manifest is None or manifest.get("key") != key:
             return "no valid manifest (incomplete or damaged)"
@@ -312,6 +321,8 @@ class Store:
         """Yield an empty temporary folder; the caller fills it and calls `commit`. On error the
         folder is removed, so nothing half-written is ever visible at the artifact's place."""
         self.claim()
+        if (self.root / plain(kind)).is_symlink():  # damaged (see check): the link goes, not what it names
+            (self.root / plain(kind)).unlink()
         tmp = self.root / plain(kind) / f".tmp-{plain(key)}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
@@ -328,6 +339,8 @@ class Store:
     def install(self, tmp: Path, kind: str, key: str) -> None:
         """Rename a sealed folder (one with its manifest) into the artifact's place."""
         final = self.path(kind, key)
+        if final.is_symlink():  # damaged (see check): the link goes, not what it names
+            final.unlink()
         if final.exists():  # a forced rebuild, or a damaged artifact being replaced
             old = final.with_name(f".old-{key}-{uuid.uuid4().hex[:8]}")
             os.replace(final, old)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def _store_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
     db = Path(uri.removeprefix("sqlite:///"))
-    return file_lock(db.with_name(f".{db.name}.lock"))
+    return file_lock(db.with_name(f".{db.name}.lock"), what=f"MLflow's database {db}")
 
 
 _WAL_STORES: set[str] = set()
@@ -165,10 +166,13 @@ def _local_db_state(db: Path) -> str:
     return "half-made"
 
 
-def check_local_store(uri: str) -> None:
-    """DamagedDatabase if a local sqlite store exists and cannot be read (before MLflow trips on it)."""
-    if uri.startswith("sqlite:///"):
-        _local_db_state(Path(uri.removeprefix("sqlite:///")))
+def open_local_store(uri: str) -> None:
+    """For a reader (compare, ui) of a local sqlite store that exists: DamagedDatabase if it
+    cannot be read (before MLflow trips on it), and its artifacts re-pointed if its home moved."""
+    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
+        with _store_lock(uri):
+            _local_db_state(Path(uri.removeprefix("sqlite:///")))
+            repoint_moved_artifacts(uri)
 
 
 def _set_up_local_store(uri: str) -> None:
@@ -199,6 +203,40 @@ def _set_up_local_store(uri: str) -> None:
             leftover.unlink(missing_ok=True)
 
 
+_ARTIFACT_LOCATION = re.compile(r"(file://.+)/mlflow-artifacts(/[^/]*)?")
+
+
+def repoint_moved_artifacts(uri: str) -> None:
+    """Artifacts follow a home that moved. MLflow keeps an absolute artifact location per
+    experiment and per run; after `cp -a A B` (or `mv`), B's database still names A's
+    `mlflow-artifacts/`, so B's runs would write there (and a moved A be re-created) and its older
+    runs would show nothing. Opening the home's own database, the locations under another
+    `<folder>/mlflow-artifacts` are re-pointed to this home's, where the copy holds them. Only the
+    home's own database: one a spec names may be shared by several homes. Under the store's lock."""
+    import sqlite3
+
+    from flows.home import home
+
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_file() or db.resolve() != (home() / "mlflow.db").resolve():
+        return
+    root = mlflow_artifact_root()
+    with contextlib.closing(sqlite3.connect(db, timeout=20)) as connection, connection:
+        moved = {}
+        for experiment_id, location in connection.execute("SELECT experiment_id, artifact_location FROM experiments"):
+            match = _ARTIFACT_LOCATION.fullmatch(location or "")
+            if match and f"{match.group(1)}/mlflow-artifacts" != root:
+                moved[experiment_id] = (f"{match.group(1)}/mlflow-artifacts", root + (match.group(2) or ""))
+        for experiment_id, (old_root, location) in moved.items():
+            connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                               (location, experiment_id))
+            connection.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                               "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                               (root, len(old_root) + 1, experiment_id, len(old_root) + 1, old_root + "/"))
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         from mlflow.tracking import MlflowClient
@@ -211,6 +249,7 @@ class Tracker:
         # all but one fail): a local database is opened, and its experiment made, under a lock.
         with _store_lock(uri):
             _set_up_local_store(uri)
+            repoint_moved_artifacts(uri)
             self.client = MlflowClient(uri)
             self.experiment_id = self._experiment_id(experiment)
 

@@ -74,9 +74,18 @@ def test_a_store_is_marked_and_its_sweep_keeps_foreign_names(tmp_path):
     # A dead run's build folder is alignflow's: swept.
     dead = store / "toy_steps" / f".tmp-0123456789abcdef01234567-{host}-4242-abcd1234"
     dead.mkdir()
+    # An artifact folder replaced by a symlink (to a copy elsewhere): damaged, rebuilt, the copy untouched.
+    artifact = next(p for p in (store / "toy_steps").iterdir() if not p.name.startswith("."))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(artifact, elsewhere)
+    shutil.rmtree(artifact)
+    artifact.symlink_to(elsewhere)
+    copy = snapshot(elsewhere)
     again = alignflow("run", spec, home=tmp_path / "home", env=PLUGINS, check=True)
-    assert "0 ran, 2 cached" in again.stderr
+    assert "1 ran, 1 cached" in again.stderr, again.stderr
     assert all(path.is_dir() for path in foreign) and not dead.exists()
+    assert not artifact.is_symlink() and (artifact / "manifest.json").is_file()
+    assert snapshot(elsewhere) == copy and (artifact / "metrics.json").read_bytes() == copy["metrics.json"][1]
 
 
 def test_a_store_made_before_markers_keeps_working(tmp_path):
