@@ -73,14 +73,41 @@ def listening_pids(port: int) -> set[int] | None:
     return found
 
 
-def group_members(pgid: int) -> set[int]:
-    """The pids in process group `pgid` (from /proc)."""
-    members = set()
+def family(pid: int) -> set[int]:
+    """`pid` and its descendants (from /proc)."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.getpgid(int(entry.name)) == pgid:
-                    members.add(int(entry.name))
-            except OSError:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-    return members
+    found, todo = {pid}, [pid]
+    while todo:
+        current = todo.pop()
+        for child, parent in parents.items():
+            if parent == current and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def describe(pid: int) -> str:
+    """"pid 123 (its command line)"."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = ""
+    return f"pid {pid}" + (f" ({command[:120]})" if command else "")
+
+
+def port_holder(port: int, owner: int) -> str | None:
+    """Who listens on `port` when it is not `owner` or one of its descendants ("pid N (...)"), else
+    None (ours, nobody, or no /proc to tell)."""
+    pids = listening_pids(port)
+    if not pids:
+        return None
+    ours = family(owner)
+    others = sorted(pids - ours)
+    return describe(others[0]) if others and not pids & ours else None

@@ -412,12 +412,15 @@ def ui(
 ):
     """Open the MLflow UI on the spec's (or the default local) tracking store, at the experiment's runs.
 
-    The URL is printed once the server answers. Ctrl+C or SIGTERM stops the server it started."""
+    The URL is printed once the server answers. Ctrl+C, SIGTERM or SIGHUP stops the server it
+    started, which also stops itself if this process dies."""
     import shlex
     import signal
     import socket
     import subprocess
     import urllib.request
+
+    from flows.children import owned_command, port_holder
 
     experiment, uri = _spec_store(spec) if spec else (None, tracking_uri(None))
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -429,13 +432,19 @@ def ui(
                           "stop what uses it, or give another --port")
             raise typer.Exit(2)
     # One worker: enough for one person, and several would race to open (migrate) a fresh sqlite store.
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", "1"]
+    args = ["ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     if uri.startswith("sqlite:"):
-        cmd += ["--default-artifact-root", mlflow_artifact_root()]
-    # Its own process group: stopping it stops the web workers it starts, too.
-    server = subprocess.Popen(cmd, start_new_session=True)
+        args += ["--default-artifact-root", mlflow_artifact_root()]
+    cmd = [sys.executable, "-m", "mlflow", *args]
+    # Its own process group: stopping it stops the web workers it starts, too. It watches this
+    # process and stops itself when this one dies (SIGKILL, a closed terminal): flows/children.py.
+    server = subprocess.Popen(owned_command("mlflow", args), start_new_session=True)
     stopping: list[float] = []  # when a signal asked to stop
+
+    def port_lost(holder: str) -> typer.Exit:
+        console.print(f"[red]error:[/] ui: --port {port}: {host}:{port} is taken by {holder}, not this UI's "
+                      "server; stop what uses it, or give another --port", soft_wrap=True)
+        return typer.Exit(2)
 
     def signal_group(signum: int) -> None:
         try:
@@ -447,7 +456,7 @@ def ui(
         stopping.append(time.time())
         signal_group(signal.SIGTERM)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     try:
         page = _ui_page(uri, experiment)  # read while the server boots
@@ -456,6 +465,8 @@ def ui(
         deadline = time.time() + UI_READY_S
         while not stopping:
             if server.poll() is not None:
+                if holder := port_holder(port, server.pid):  # another took the port first
+                    raise port_lost(holder)
                 console.print(f"[red]error:[/] ui: the MLflow server exited ({server.returncode}) before it answered: "
                               f"{shlex.join(cmd)}")
                 raise typer.Exit(1)
@@ -467,6 +478,8 @@ def ui(
                     raise typer.Exit(1)
                 time.sleep(0.5)
                 continue
+            if holder := port_holder(port, server.pid):  # what answered is another's server
+                raise port_lost(holder)
             console.print(f"MLflow UI for {uri}:\n  {base}/{page}\nCtrl+C stops it.", highlight=False, soft_wrap=True)
             if open_browser:
                 import webbrowser
@@ -480,6 +493,8 @@ def ui(
         if stopping:
             console.print("MLflow UI stopped.")
             raise typer.Exit(0)
+        if holder := port_holder(port, server.pid):  # it died of losing the port to another
+            raise port_lost(holder)
         raise typer.Exit(server.returncode)
     finally:
         if server.poll() is None:  # an error here: take the server down with us
