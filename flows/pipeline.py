@@ -365,14 +365,17 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     futures, run_ids, summary, recorded, current, refs = {}, {}, [], set(), None, {}
     flow_run_id = flow_run.id  # read here: the hard stop's thread has no flow run context
 
-    def end_stopped() -> None:  # a hard stop's records: what has not finished was killed
+    def end_in_mlflow() -> None:  # a hard stop's records: what has not finished was killed
         for node_id, run_id in list(run_ids.items()):
             if node_id not in recorded:
                 tracker.end(run_id, "KILLED")
         tracker.end(parent, "KILLED")
+
+    def end_in_prefect() -> None:
         _cancel_in_prefect(flow_run_id, list(futures.values()), stopping.requested().reason)
 
-    stopping.on_hard_stop(end_stopped)
+    stopping.on_hard_stop(end_in_mlflow)
+    stopping.on_hard_stop(end_in_prefect)
     try:
         for node in nodes:
             run_ids[node.id] = tracker.start_run(run_name(node.name, node.round), {
@@ -425,7 +428,8 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
         tracker.end(parent, "FAILED")
         raise
     finally:
-        stopping.forget_hard_stop(end_stopped)
+        stopping.forget_hard_stop(end_in_mlflow)
+        stopping.forget_hard_stop(end_in_prefect)
     hits = sum(row["cache"] == "hit" for row in summary)
     tracker.log(parent, metrics={"stages_run": len(summary) - hits, "stages_cached": hits})
     headline = headline_by_round(summary)  # MLflow's charts draw the parent's metrics by round

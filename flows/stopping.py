@@ -123,8 +123,8 @@ def kept(label: str) -> None:
 
 
 def on_hard_stop(callback: Callable[[], None], immediate: bool = False) -> Callable[[], None]:
-    """Run `callback` before a hard stop exits, the latest registered first: records, or
-    (`immediate`: also on a second Ctrl-C) stopping a server that must not outlive the run."""
+    """Run `callback` before a hard stop exits: records (all at once), or (`immediate`, after
+    them, and also on a second Ctrl-C) stopping a server that must not outlive the run."""
     _HARD_STOP.append((callback, immediate))
     return callback
 
@@ -160,20 +160,31 @@ def report(req: Request) -> None:
         console.print(f"[yellow]stopped[/] by {summary(req)}")
 
 
+def _quietly(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except BaseException:  # noqa: BLE001 - best effort: the next run ends what is left as KILLED
+        pass
+
+
 def hard_stop(records: bool = True) -> None:
-    """Stop now: the records (only the immediate callbacks unless `records`), the line, the exit."""
+    """Stop now: the line, the records (all at once, for at most RECORDS_S; none unless
+    `records`), then the immediate callbacks (the server the records needed), the exit."""
     req = requested() or Request("stopped", 1)
     try:
         report(req)
         sys.stderr.flush()
         if records:
-            threading.Timer(RECORDS_S, os._exit, (req.exit_code,)).start()  # records must not hold the exit
+            writers = [threading.Thread(target=_quietly, args=(callback,), daemon=True)
+                       for callback, immediate in list(_HARD_STOP) if not immediate]
+            for writer in writers:
+                writer.start()
+            deadline = time.monotonic() + RECORDS_S
+            for writer in writers:
+                writer.join(max(0.0, deadline - time.monotonic()))
         for callback, immediate in reversed(list(_HARD_STOP)):
-            if records or immediate:
-                try:
-                    callback()
-                except BaseException:  # noqa: BLE001 - best effort: the next run ends what is left as KILLED
-                    pass
+            if immediate:
+                _quietly(callback)
     finally:
         sys.stderr.flush()
         sys.stdout.flush()

@@ -275,7 +275,8 @@ class Store:
             return None
         if not self.root.is_dir():
             return "exists and is not a folder"
-        if any(self.root.iterdir()) and not laid_out_as_store(self.root):
+        others = [p for p in self.root.iterdir() if not p.name.startswith(f".{OWNER_MARK}.")]  # a claim under way
+        if others and not laid_out_as_store(self.root):
             return (f"a folder that is not empty and is not an alignflow store (it has no {OWNER_MARK}): "
                     "alignflow writes only to a store folder of its own; name a new or empty folder")
         return None
