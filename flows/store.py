@@ -273,6 +273,8 @@ class Store:
             return f"refusing to use {refused} as a store: name a folder of its own (e.g. {self.root / 'alignflow-store'})"
         if not self.root.exists() or (self.root / OWNER_MARK).is_file():
             return None
+        if self.root == (home() / "cache").resolve():  # a remote store's local copies: the home's own
+            return None
         if not self.root.is_dir():
             return "exists and is not a folder"
         others = [p for p in self.root.iterdir() if not p.name.startswith(f".{OWNER_MARK}.")]  # a claim under way
