@@ -46,6 +46,9 @@ def quiet_mlflow() -> None:
     import mlflow  # noqa: F401
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # It logs a database error's traceback before raising it; the CLI reports the error itself (a
+    # full disk in one line).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _store_lock(uri: str):
