@@ -421,8 +421,14 @@ def ui(
     import urllib.request
 
     from flows.children import owned_command, port_holder
+    from flows.tracking import DamagedDatabase, open_local_store
 
     experiment, uri = _spec_store(spec) if spec else (None, tracking_uri(None))
+    try:
+        open_local_store(uri)  # a moved home's artifacts shown from where they are now
+    except DamagedDatabase as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(2)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is free
         try:
