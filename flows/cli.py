@@ -43,8 +43,8 @@ def _load(spec: str, overrides: list[str], rounds: int | None, force: list[str] 
 
 
 def _check_store(spec: str, store: str | None) -> None:
-    """A store that cannot be used (a protocol not installed, an unreachable bucket) is a spec
-    error, found before anything runs or is written."""
+    """A store that cannot be used (a protocol not installed, an unreachable bucket, a folder
+    that is not alignflow's) is a spec error, found before anything runs or is written."""
     from flows.store import Store, StoreUnavailable
 
     root = store_root(store)
@@ -83,7 +83,54 @@ def run(
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help=SEEDS_HELP),
 ):
     """Run a pipeline: every stage whose artifact is not already in the store. A sweep runs every
-    variant in one flow run, each stage key once."""
+    variant in one flow run, each stage key once.
+
+    Ctrl-C (SIGINT), SIGTERM or SIGHUP stops it within seconds: stages computing are cancelled,
+    uncommitted, finished stages are kept (exit 130, 143, 129); a second Ctrl-C stops at once."""
+    from flows import stopping
+
+    context: dict = {}  # what _run has set up so far, to say where a full disk was met
+    with stopping.signal_handlers():
+        try:
+            _run(spec, set_, force, rounds, sweep, seeds, context)
+        except (typer.Exit, SystemExit):
+            raise
+        except BaseException as err:
+            _exit_on_known_failure(err, context)
+            raise
+
+
+def _exit_on_known_failure(err: BaseException, context: dict) -> None:
+    """Whatever raised it: a damaged MLflow database is exit 2, naming it and how to recover; a
+    full disk is one line, `no space left on device: <path>`, exit 1."""
+    from pathlib import Path
+
+    from flows.full_disk import no_space_at
+    from flows.tracking import DamagedDatabase
+
+    cause = err
+    while cause is not None and not isinstance(cause, DamagedDatabase):
+        cause = cause.__cause__ or cause.__context__ or getattr(cause, "cause", None)
+    if cause is not None:
+        console.print(f"[red]error:[/] {escape(str(cause))}", soft_wrap=True)
+        raise typer.Exit(2)
+    uri = context.get("tracking_uri", "")
+    server = context.get("server")
+    prefect_home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    path = no_space_at(err, server.stderr_tail if server else (),
+                       mlflow_db=Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None,
+                       prefect_db=prefect_home / "prefect.db" if server else None,
+                       places=[p for p in (context.get("store"), prefect_home) if p])
+    if path is not None:
+        console.print(f"[red]error:[/] no space left on device: {escape(str(path))}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _run(spec: str, set_: list[str], force: list[str], rounds: int | None, sweep: list[str], seeds: int | None,
+         context: dict) -> None:
+    from pathlib import Path
+
+    from flows import stopping
     from flows.errors import SweepFailed
     from flows.inputs import check_local_inputs
 
@@ -100,11 +147,11 @@ def run(
             check_local_inputs(nodes, store_root(loaded.store))  # a bad data file: exit 2 before anything is written
     except SpecError as err:
         _fail_spec(err)
+    context.update(tracking_uri=tracking_uri(loaded.tracking_uri), store=Path(store_root(loaded.store)))
     configure_environment()
     from flows.prefect_server import start_if_needed
 
-    console.print(f"[bold]{loaded.name}[/]: {len(nodes)} stage executions, store {store_root(loaded.store)}")
-    server = start_if_needed()  # boots in parallel with the imports and MLflow set-up below
+    server = context["server"] = start_if_needed()  # boots in parallel with the imports and MLflow set-up below
     phase(("starting a temporary Prefect server; " if server is not None else "") + "loading Prefect and MLflow")
     with timings.phase("imports"):
         from flows.pipeline import pipeline
@@ -127,13 +174,19 @@ def run(
     phase("running the stages")
     failed = None
     try:
+        if stopping.requested():
+            raise stopping.Stopped(stopping.requested())
         with timings.phase("flow"):
             result = pipeline(spec, list(set_), rounds, list(force), list(sweep), seeds)
+    except stopping.Stopped as stopped:
+        stopping.report(stopped.request)
+        raise typer.Exit(stopped.request.exit_code)
     except SweepFailed as err:  # the other variants finished: report them, then the failures
         result, failed = err.result, err
     except StageFailed as err:
         import traceback
 
+        _exit_on_known_failure(err, context)
         console.print("".join(traceback.format_exception(err.cause)).rstrip(), style="dim", markup=False)
         console.print(f"[red]error:[/] {escape(str(err))}")
         console.print("Finished stages are kept; `alignflow run` again resumes from them.")
@@ -141,6 +194,12 @@ def run(
     except BadInput as err:  # the user's data, found malformed while running
         console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(2)
+    except BaseException:
+        request = stopping.requested()
+        if request is None or request.error is not None:
+            raise
+        stopping.report(request)  # stopping: whatever the flow raised on its way out is fallout
+        raise typer.Exit(request.exit_code)
     ran = sum(s["cache"] == "miss" for s in result["stages"])
     stages = len(result["stages"])
     timings.write(stages=stages, per_stage=round(timings.PHASES["flow"] / max(1, stages), 4), ran=ran,
@@ -401,8 +460,13 @@ def compare(
 
     from flows.report import (BASE_COLUMNS, LABEL_COLUMNS, NotFound, display_columns, find_parent_run,
                               headline_columns, read_summary, reward_comparison, select_columns)
-    from flows.tracking import quiet_mlflow
+    from flows.tracking import DamagedDatabase, open_local_store, quiet_mlflow
 
+    try:
+        open_local_store(uri)
+    except DamagedDatabase as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(2)
     quiet_mlflow()
     from mlflow.tracking import MlflowClient
 
@@ -542,14 +606,23 @@ def ui(
 ):
     """Open the MLflow UI on the spec's (or the default local) tracking store, at the experiment's runs.
 
-    The URL is printed once the server answers. Ctrl+C or SIGTERM stops the server it started."""
+    The URL is printed once the server answers. Ctrl+C, SIGTERM or SIGHUP stops the server it
+    started, which also stops itself if this process dies."""
     import shlex
     import signal
     import socket
     import subprocess
     import urllib.request
 
+    from flows.children import owned_command, port_holder
+    from flows.tracking import DamagedDatabase, open_local_store
+
     experiment, uri = _spec_store(spec) if spec else (None, tracking_uri(None))
+    try:
+        open_local_store(uri)  # a moved home's artifacts shown from where they are now
+    except DamagedDatabase as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(2)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is free
         try:
@@ -559,20 +632,27 @@ def ui(
                           "stop what uses it, or give another --port")
             raise typer.Exit(2)
     # One worker: enough for one person, and several would race to open (migrate) a fresh sqlite store.
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", "1"]
+    args = ["ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     if uri.startswith("sqlite:"):
-        cmd += ["--default-artifact-root", mlflow_artifact_root()]
-    # Its own process group: stopping it stops the web workers it starts, too. Its start-up notes
-    # and warnings (registry URI, security middleware, deprecations) and request log go to a file,
-    # shown when it fails: the terminal gets the URLs.
+        args += ["--default-artifact-root", mlflow_artifact_root()]
+    cmd = [sys.executable, "-m", "mlflow", *args]
+    # Its own process group: stopping it stops the web workers it starts, too. It watches this
+    # process and stops itself when this one dies (SIGKILL, a closed terminal): flows/children.py.
+    # Its start-up notes and warnings (registry URI, security middleware, deprecations) and request
+    # log go to a file, shown when it fails: the terminal gets the URLs.
     import tempfile
 
     log = tempfile.NamedTemporaryFile("w+", prefix="alignflow-mlflow-ui-", suffix=".log", delete=False)
-    server = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    server = subprocess.Popen(owned_command("mlflow", args), start_new_session=True, stdin=subprocess.DEVNULL,
+                              stdout=log, stderr=subprocess.STDOUT,
                               env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # GenAI jobs: 7 idle workers, 1.7 GB
                                    **os.environ, "PYTHONWARNINGS": "ignore"})
     stopping: list[float] = []  # when a signal asked to stop
+
+    def port_lost(holder: str) -> typer.Exit:
+        console.print(f"[red]error:[/] ui: --port {port}: {host}:{port} is taken by {holder}, not this UI's "
+                      "server; stop what uses it, or give another --port", soft_wrap=True)
+        return typer.Exit(2)
 
     def signal_group(signum: int) -> None:
         try:
@@ -584,7 +664,7 @@ def ui(
         stopping.append(time.time())
         signal_group(signal.SIGTERM)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     try:
         pages = ui_pages(uri, experiment)  # read while the server boots
@@ -593,6 +673,8 @@ def ui(
         deadline = time.time() + UI_READY_S
         while not stopping:
             if server.poll() is not None:
+                if holder := port_holder(port, server.pid):  # another took the port first
+                    raise port_lost(holder)
                 log.seek(0)
                 console.print(f"[red]error:[/] ui: the MLflow server exited ({server.returncode}) before it answered: "
                               f"{shlex.join(cmd)}\n{escape(log.read()[-3000:])}")
@@ -605,6 +687,8 @@ def ui(
                     raise typer.Exit(1)
                 time.sleep(0.5)
                 continue
+            if holder := port_holder(port, server.pid):  # what answered is another's server
+                raise port_lost(holder)
             console.print(f"MLflow UI for {uri}:\n" + "".join(f"  {label + ': ' if label else ''}{base}/{page}\n"
                                                                 for label, page in pages)
                           + f"Ctrl+C stops it. (MLflow's own log: {log.name})",
@@ -623,6 +707,8 @@ def ui(
             log.close()
             os.unlink(log.name)  # it stopped as asked: nothing in its log to read
             raise typer.Exit(0)
+        if holder := port_holder(port, server.pid):  # it died of losing the port to another
+            raise port_lost(holder)
         raise typer.Exit(server.returncode)
     finally:
         if server.poll() is None:  # an error here: take the server down with us
@@ -676,15 +762,16 @@ def ui_pages(uri: str, experiment: str | None) -> list[tuple[str, str]]:
     return pages
 
 
-_SUCCEEDED: list[bool] = []
+_QUICK_EXIT: list[int] = []  # the exit code, after a success or a stop
 
 
 def _exit_without_teardown() -> None:
     """The last exit handler of the `alignflow` program: after a success, and once every other
     exit handler has run (Prefect's event flush, the temporary server's stop, ...), end the
     process without the interpreter's teardown of the ~3000 modules prefect and mlflow bring,
-    which takes 0.7 s on a quiet machine and 4 s on a busy one: a no-change run's tenth."""
-    if not _SUCCEEDED:
+    which takes 0.7 s on a quiet machine and 4 s on a busy one: a no-change run's tenth, and
+    a stopped run's deadline (flows/stopping.py)."""
+    if not _QUICK_EXIT:
         return  # a failure: the ordinary exit, which prints and flushes whatever it has to
     import logging
 
@@ -694,7 +781,7 @@ def _exit_without_teardown() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(_QUICK_EXIT[0])
 
 
 def main() -> None:
@@ -704,8 +791,11 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
-        if done.code in (0, None):
-            _SUCCEEDED.append(True)
+        from flows import stopping
+
+        request = stopping.requested()
+        if done.code in (0, None) or (request is not None and done.code == request.exit_code):
+            _QUICK_EXIT.append(done.code or 0)
         raise
 
 

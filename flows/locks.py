@@ -10,12 +10,17 @@ kernel releases it when its holder exits, however it exits (SIGKILL, OOM).
 The lock file is removed by its holder on release, while still locked. A process that opened it
 before the removal then locks an unlinked file; it notices (the path no longer names the file it
 holds) and tries again, so two processes never both hold one key.
+
+A holder writes its pid and command into the file, so that a process waiting for it says whose
+lock it waits for, every WAIT_NOTE_S seconds.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import shlex
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +33,8 @@ from flows.store import plain
 _HELD: dict[tuple[str, str], tuple[int, str]] = {}
 _GUARD = threading.Lock()
 POLL_S = 0.1
+WAIT_NOTE_S = 10.0  # a waiter says whose lock it waits for, this often
+LABELS: dict[str, str] = {}  # key -> the stage it is, for those notes (the flow fills it)
 
 
 def try_flock(path: Path) -> int | None:
@@ -41,10 +48,46 @@ def try_flock(path: Path) -> int | None:
             return None
         try:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                _write_holder(fd)
                 return fd
         except FileNotFoundError:
             pass
         os.close(fd)  # its holder removed it between our open and our lock: a new file now
+
+
+def _write_holder(fd: int) -> None:
+    """Our pid and command, for whoever waits for this lock (a full disk only loses the note)."""
+    program = "alignflow" if sys.argv and sys.argv[0].endswith(("alignflow", "flows/cli.py")) else sys.argv[0] if sys.argv else "python"
+    note = f"{os.getpid()} {shlex.join([Path(program).name, *sys.argv[1:]])}\n".encode()
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note, 0)
+
+
+def holder(path: Path) -> str:
+    """Who holds the lock at `path`, as its holder wrote it: "pid 123 (alignflow run x.yaml)"."""
+    try:
+        pid, _, command = path.read_text(errors="replace").strip().partition(" ")
+    except OSError:
+        return "a process that has not said who it is"
+    return f"pid {pid} ({command})" if pid.isdigit() else "a process that has not said who it is"
+
+
+class WaitNotes:
+    """Says, every WAIT_NOTE_S seconds of waiting, what for and whose lock it is."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = path, what
+        self.started = self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= WAIT_NOTE_S:
+            self.last = now
+            from flows.console import console
+
+            console.print(f"waiting {now - self.started:.0f}s for {self.what}, held by {holder(self.path)}",
+                          highlight=False, soft_wrap=True, markup=False)
 
 
 def release_flock(path: Path, fd: int) -> None:
@@ -54,13 +97,16 @@ def release_flock(path: Path, fd: int) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (blocking, polling) for the block's duration."""
+def file_lock(path: Path, timeout: float | None = None, what: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (blocking, polling) for the block's duration; while
+    waiting, say whose it is (`what` it guards: "the lock on ...")."""
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout is None else time.monotonic() + timeout
+    note = WaitNotes(path, what or f"the lock {path}")
     while (fd := try_flock(path)) is None:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"could not lock {path} within {timeout}s")
+        note()
         time.sleep(POLL_S)
     try:
         yield
@@ -85,6 +131,7 @@ class CrashSafeLockManager:
                      hold_timeout: float | None = None) -> bool:
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         self.folder.mkdir(parents=True, exist_ok=True)
+        note = WaitNotes(self._path(key), f"{LABELS.get(key, 'key')} ({key[:12]}), which another run is computing")
         while True:
             with _GUARD:
                 held = _HELD.get(self._id(key))
@@ -96,6 +143,8 @@ class CrashSafeLockManager:
                     return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
+            if held is None:  # another process's (this process's own runs share the work)
+                note()
             time.sleep(POLL_S)
 
     async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
@@ -130,9 +179,12 @@ class CrashSafeLockManager:
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
+        note = WaitNotes(self._path(key), f"{LABELS.get(key, 'key')} ({key[:12]}), which another run is computing")
         while self.is_locked(key):
             if deadline is not None and time.monotonic() > deadline:
                 return False
+            if self._id(key) not in _HELD:
+                note()
             time.sleep(POLL_S)
         return True
 

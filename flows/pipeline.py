@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,14 +31,16 @@ from importlib import metadata
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.states import Cancelled as CancelledState
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.transactions import IsolationLevel
 
 from flows import console as term
+from flows import stopping
 from flows.errors import StageFailed, SweepFailed
 from flows.graph import Node, downstream
 from flows.home import store_root, tracking_uri
-from flows.locks import CrashSafeLockManager, file_lock
+from flows.locks import LABELS, CrashSafeLockManager, file_lock
 from flows.report import headline_by_round, log_report
 from flows.store import Store, pid_alive, plain
 from flows.sweep import Variant, expand
@@ -113,19 +116,6 @@ def reference(store: Store, node: Node, manifest: dict, computed: bool, seconds:
 # trainings sharing a GPU (or two cores) by surprise helps nobody.
 COMPUTING = threading.Semaphore(1)
 
-# Bad input data found while running (a remote source) is exit 2, which writes nothing: the
-# first BadInput stops this run's scheduling and every stage still computing, before it commits.
-BAD_INPUTS: list[BadInput] = []
-
-
-class Cancelled(Exception):
-    """A stage stopped, uncommitted, because another stage of the run found bad input data."""
-
-
-def _stop_if_cancelled() -> None:
-    if BAD_INPUTS:
-        raise Cancelled(f"cancelled: {BAD_INPUTS[0]}")
-
 
 def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     """Compute one stage's artifact unless it is already whole in the store; return its reference.
@@ -136,7 +126,8 @@ def build(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
         return reference(store, node, store.manifest(node.kind, node.key), computed=False)
     # One computation per key across processes, shards included (Prefect's own lock covers only
     # the cached tasks); the kernel frees it if this process dies.
-    with file_lock(store.local_root / "_locks" / plain(f"{node.kind}.{node.key}.lock")):
+    with file_lock(store.local_root / "_locks" / plain(f"{node.kind}.{node.key}.lock"),
+                   what=f"{node.label} ({node.key[:12]}), which another run is computing"):
         if not job.force and store.check(node.kind, node.key) is None:  # another run just built it
             return reference(store, node, store.manifest(node.kind, node.key), computed=False)
         return _compute(job, inputs, compute)
@@ -148,29 +139,29 @@ def _compute(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
     steps = StepLogger(job.tracker, job.mlflow_run_id)
 
     def log_step(metrics: dict[str, float], step: int) -> None:  # each step is a point to stop at
-        _stop_if_cancelled()
+        stopping.check()
         steps(metrics, step)
 
     # Sources read files or the network, and run beside a training: a remote source's bad data
     # is then found (and the run stopped) without waiting for the training to finish.
     gate = contextlib.nullcontext() if node.section == "datasets" else COMPUTING
-    with gate, store.build(node.kind, node.key) as tmp:
-        _stop_if_cancelled()
+    with gate, stopping.checked(), store.build(node.kind, node.key) as tmp, stopping.computing(node.label):
         started = time.time()
         checkpoints = store.checkpoints(node.kind, node.key)
         # Inputs as local folders: on a remote store, verified copies in the local cache.
         local = {p: store.local_path(ref["kind"], ref["key"]) for p, ref in inputs.items()}
         ctx = StageContext(out=tmp, inputs=local,
                            params=node.params, seed=node.recipe["seed"],
-                           log_metrics=log_step, progress=term.progress, checkpoints=checkpoints, rows=job.rows)
+                           log_metrics=log_step, progress=stoppable_progress, checkpoints=checkpoints, rows=job.rows)
         try:
             metrics = {k: float(v) for k, v in ((compute or kind.run)(ctx) or {}).items()}
-        except BadInput as err:
-            BAD_INPUTS.append(err)
+        except BadInput as err:  # exit 2, which writes nothing: every stage still computing stops
+            stopping.request(f"bad input data: {err}", 2, error=err)
             raise
         finally:
-            release_memory()
-        _stop_if_cancelled()
+            if not stopping.requested():  # a stopping process exits next: no time to spend on this
+                release_memory()
+        stopping.check()
         steps.flush()
         if steps.history:
             (tmp / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in steps.history))
@@ -184,7 +175,35 @@ def _compute(job: StageJob, inputs: dict[str, dict], compute=None) -> dict:
             "final_step": steps.history[-1]["step"] + 1 if steps.history else 0,
         })
     shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact is in place: nothing to resume
+    if job.rows is None:  # a whole stage (not one shard of it)
+        stopping.kept(node.label)
     return reference(store, node, manifest, computed=True, seconds=time.time() - started)
+
+
+class _StoppableBar:
+    def __init__(self, bar):
+        self.bar = bar
+
+    def advance(self, n: int = 1) -> None:  # each advance is a point to stop at, as each step is
+        stopping.check()
+        self.bar.advance(n)
+
+
+@contextlib.contextmanager
+def stoppable_progress(description: str, total: int | None = None):
+    with term.progress(description, total) as bar:
+        yield _StoppableBar(bar)
+
+
+def cancellable(fn):
+    """A task whose stage stopped (stopping.Cancelled) ends Cancelled in Prefect, not Failed."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except stopping.Cancelled as err:
+            return CancelledState(message=str(err))
+    return wrapper
 
 
 def release_memory() -> None:
@@ -207,6 +226,7 @@ def release_memory() -> None:
 
 
 @task(persist_result=True, result_serializer="json")
+@cancellable
 def run_stage(job: StageJob, inputs: dict[str, dict]) -> dict:
     return build(job, inputs)
 
@@ -233,6 +253,7 @@ def shard_job(job: StageJob, index: int, count: int, rows: tuple[int, int] | Non
 
 
 @task(persist_result=True, result_serializer="json")
+@cancellable
 def run_shard(job: StageJob, inputs: dict[str, dict], index: int, count: int) -> dict | None:
     """Shard `index` of `count`: None when the table has too few batches to give it any rows."""
     from tasks.tables import read_table
@@ -250,6 +271,7 @@ def run_shard(job: StageJob, inputs: dict[str, dict], index: int, count: int) ->
 
 
 @task(persist_result=True, result_serializer="json")
+@cancellable
 def merge_shards(job: StageJob, inputs: dict[str, dict], shards: list[dict | None]) -> dict:
     """The stage's artifact: its shards' tables, concatenated in order."""
 
@@ -302,10 +324,13 @@ def pipeline(spec_file: str, overrides: list[str] | None = None, rounds: int | N
     objects, so a deployment can run it as well."""
     args = (spec_file, overrides, rounds, force, sweep, seeds)
     spec = expand(spec_file, overrides or [], rounds, sweep or [], seeds).spec
-    if spec.runner.kind == "local":
-        return run_stages(*args)
-    on_ray = flow(run_stages, name="alignflow-stages", validate_parameters=False)
-    return on_ray.with_options(task_runner=ray_task_runner(spec.runner))(*args)
+    try:
+        if spec.runner.kind == "local":
+            return run_stages(*args)
+        on_ray = flow(run_stages, name="alignflow-stages", validate_parameters=False)
+        return on_ray.with_options(task_runner=ray_task_runner(spec.runner))(*args)
+    except stopping.Stopped as stopped:  # Prefect records the run as Cancelled; the caller gets `stopped`
+        return CancelledState(message=str(stopped), data=stopped)
 
 
 def ray_task_runner(runner):
@@ -342,14 +367,17 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     expanded = expand(spec_file, overrides or [], rounds, sweep or [], seeds)
     spec, is_sweep = expanded.spec, expanded.is_sweep
     unique = expanded.unique()
-    BAD_INPUTS.clear()
+    stopping.reset()
+    stopping.reassert_signal_handlers()  # Prefect's flow engine put its own SIGTERM handler in place
     forced = {n.key for v in expanded.variants for n in v.nodes if n.id in downstream(v.nodes, set(force or []))}
     root = store_root(spec.store)
     store = Store(root)
-    store.sweep()
+    store.claim()  # checked by the CLI: an empty or new folder, or a store
+    kinds = load_stage_kinds()
+    store.sweep(kinds)
+    LABELS.update({node.key: node.label for node in unique})
     forget_foreign_records(root, [node.key for node in unique])
     policy = cache_policy(root)
-    kinds = load_stage_kinds()
     tracker = get_tracker(tracking_uri(spec.tracking_uri), spec.name)
     close_orphaned_runs(tracker)
     tags = {"alignflow.spec": spec.file, "alignflow.spec_hash": spec.hash,
@@ -364,7 +392,39 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
     for record in records:
         for node in record.variant.nodes:
             needers.setdefault(node.key, []).append((record, node))
-    futures, failed, computed, current = {}, set(), set(), None
+    futures, failed, computed, recorded, current = {}, set(), set(), set(), None
+    flow_run_id = flow_run.id  # read here: the hard stop's thread has no flow run context
+
+    def end_in_mlflow() -> None:  # a hard stop's records: what has not finished was killed
+        for record in records:
+            for run_id in list(record.stage_runs.values()):
+                tracker.end(run_id, "KILLED")
+            if record.run_id != parent:
+                tracker.end(record.run_id, "KILLED")
+        tracker.end(parent, "KILLED")
+
+    def end_in_prefect() -> None:
+        _cancel_in_prefect(flow_run_id, list(futures.values()), stopping.requested().reason)
+
+    def finished(node: Node, ref: dict) -> None:
+        """A key's stage is done: record it in every variant that needs it."""
+        users = needers[node.key]
+        if ref["computed"]:
+            computed.add(node.key)
+        for i, (record, execution) in enumerate(users):  # the first computed it; the rest share it
+            mine = ref if i == 0 else {**ref, "computed": False}
+            line = _log_stage(execution, mine, record.refs, tracker, record.stage_runs.pop(execution.id))
+            if i == 0:
+                term.console.print(line + _shared(users, records))
+            if (store.last_recipe(record.variant.recipes, execution.id) or {}).get("key") != execution.key:
+                store.record_recipe(record.variant.recipes, execution.id, execution.key, execution.recipe)
+            record.refs[execution.id] = mine
+            record.summary.append(_summary_row(execution, "hit" if i or not ref["computed"] else "miss", mine))
+        recorded.add(node.key)
+        stopping.kept(node.label)
+
+    stopping.on_hard_stop(end_in_mlflow)
+    stopping.on_hard_stop(end_in_prefect)
     try:
         by_id = {record.run_id: {n.id: n for n in record.variant.nodes} for record in records}
         for node in unique:
@@ -414,17 +474,22 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
                     record.summary.append(_summary_row(execution, "failed"))
                     record.failure = record.failure or err
                 continue
-            if ref["computed"]:
-                computed.add(node.key)
-            for i, (record, execution) in enumerate(users):  # the first computed it; the rest share it
-                mine = ref if i == 0 else {**ref, "computed": False}
-                line = _log_stage(execution, mine, record.refs, tracker, record.stage_runs.pop(execution.id))
-                if i == 0:
-                    term.console.print(line + _shared(users, records))
-                if (store.last_recipe(record.variant.recipes, execution.id) or {}).get("key") != execution.key:
-                    store.record_recipe(record.variant.recipes, execution.id, execution.key, execution.recipe)
-                record.refs[execution.id] = mine
-                record.summary.append(_summary_row(execution, "hit" if i or not ref["computed"] else "miss", mine))
+            finished(node, ref)
+    except stopping.Stopped as stopped:
+        for node in unique:  # stages that finished meanwhile are kept: recorded as such
+            future = futures.get(node.key)
+            if node.key in recorded or future is None or not _finished(future) or \
+                    any(k not in recorded for k in node.recipe["inputs"].values()):
+                continue
+            finished(node, _outcome(node, future, store))
+        for record in records:
+            for run_id in list(record.stage_runs.values()):
+                tracker.end(run_id, "KILLED")
+            if record.run_id != parent:
+                tracker.end(record.run_id, "KILLED")
+        tracker.end(parent, "KILLED")
+        _cancel_in_prefect(None, futures.values(), stopped.request.reason)
+        raise
     except BaseException:
         for record in records:
             for node_id, run_id in record.stage_runs.items():  # the stage that failed, and those that never finished
@@ -434,6 +499,9 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
                 tracker.end(record.run_id, "FAILED")
         tracker.end(parent, "FAILED")
         raise
+    finally:
+        stopping.forget_hard_stop(end_in_mlflow)
+        stopping.forget_hard_stop(end_in_prefect)
     reports = store.local_root / "_reports"
     for record in records:  # each variant's (or the plain run's) own metrics, headline and report
         done = [row for row in record.summary if row["cache"] in ("hit", "miss")]
@@ -540,8 +608,11 @@ def _outcome(node: Node, future, store: Store) -> dict:
     state = future.state
     if not state.is_completed():
         cause = _exception(state)
-        if isinstance(cause, Cancelled) and BAD_INPUTS:
-            raise BAD_INPUTS[0]  # the root cause: bad input data somewhere else in the graph
+        stop = stopping.requested()
+        if stop is not None and stop.error is not None and not isinstance(cause, BadInput):
+            raise stop.error  # the root cause: bad input data somewhere else in the graph
+        if stop is not None and stop.error is None:  # whatever this stage died of, the run was stopping
+            raise stopping.Stopped(stop)
         term.console.print(f"[red]✗ {node.label}[/] failed")
         if isinstance(cause, BadInput):
             raise cause
@@ -567,6 +638,35 @@ def _log_stage(node: Node, ref: dict, refs: dict, tracker: Tracker, run_id: str)
     shown = ", ".join(f"{k}={v:.3g}" for k, v in list(ref["metrics"].items())[:4])
     mark = "[dim]cached[/]" if hit else f"[green]ran[/] {ref['seconds']:6.1f}s"
     return f"[green]✓[/] {node.label:<24} {mark:<22} {shown}"
+
+
+def _done_state(future):
+    """A task's final state once its thread is done, else None (never asks the Prefect server)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if wrapped is None or not wrapped.done():
+        return None
+    future.wait(0)
+    return future.state
+
+
+def _finished(future) -> bool:
+    state = _done_state(future)
+    return state is not None and state.is_completed()
+
+
+def _cancel_in_prefect(flow_run_id, futures, reason: str) -> None:
+    """Mark as Cancelled, in Prefect, the task runs a stopped run left unfinished (waiting on a
+    stopped stage), and, on a hard stop (`flow_run_id` given: the flow is not ending through
+    Prefect's engine), the flow run and the task runs still going."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        for future in futures:
+            state = _done_state(future)
+            if (state is None and flow_run_id is not None) or (state is not None and not state.is_final()):
+                client.set_task_run_state(future.task_run_id, CancelledState(message=reason), force=True)
+        if flow_run_id is not None:
+            client.set_flow_run_state(flow_run_id, CancelledState(message=reason), force=True)
 
 
 def _exception(state) -> BaseException:

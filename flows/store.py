@@ -14,6 +14,12 @@ inputs from a verified local copy under `$ALIGNFLOW_HOME/cache/<kind>/<key>/`.
 
 The store also keeps, per spec and stage execution, the recipe last run (`_index/`), so `plan` can
 say what changed.
+
+A local store owns its folder, and only its folder: `.alignflow-store` marks a folder alignflow
+made (or a store made before markers, recognised by its layout, which gets one). A folder that is
+not empty and not a store is refused, as are `/`, the user's home and the system's folders; the
+start-up sweep removes only names alignflow makes (`.tmp-<key>-<host>-<pid>-<hex>`,
+`.old-<key>-<hex>`) in the kind folders of a marked store.
 """
 from __future__ import annotations
 
@@ -40,6 +46,11 @@ SAMPLE_BLOCKS = 256
 class StoreUnavailable(Exception):
     """The store's URI cannot be used: its filesystem is not installed, or it cannot be reached.
     The CLI reports it against the spec's `store` field (exit 2) before any stage runs."""
+
+
+class StoreNotOurs(Exception):
+    """A store folder that is not alignflow's to write (not empty and not a store, or a system
+    folder): the CLI reports it against the spec's `store` field (exit 2) before anything runs."""
 
 
 class DamagedArtifact(Exception):
@@ -70,8 +81,69 @@ def safe_join(root: Path, *parts: str) -> Path:
 def write_json_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written file left beside it
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+OWNER_MARK = ".alignflow-store"
+# The names alignflow makes at a store's top level, besides one folder per stage kind.
+STORE_FOLDERS = ("_index", "_locks", "_prefect", "_checkpoints", "_reports")
+# Folders a store must never be (nor, for the trees, be inside): the machine's own.
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys",
+                "/usr", "/System", "/Library")
+SYSTEM_FOLDERS = ("/", "/home", "/mnt", "/media", "/opt", "/root", "/run", "/srv", "/tmp", "/var", "/Users",
+                  "/Volumes", "/private", "/private/tmp", "/private/var", "/Applications")
+
+
+def refused_folder(root: Path) -> str | None:
+    """Why `root` can never be a store (a system folder, the user's home or above it), or None."""
+    home_dir = Path.home().resolve()
+    if str(root) in SYSTEM_FOLDERS or any(root == Path(t) or root.is_relative_to(t) for t in SYSTEM_TREES):
+        return "a system folder"
+    if home_dir == root or home_dir.is_relative_to(root):
+        return "your home directory" if home_dir == root else f"a folder holding your home directory ({home_dir})"
+    return None
+
+
+def _tmp_name(name: str, host: str) -> tuple[str, int] | None:
+    """(key, pid) of a build folder's name `.tmp-<key>-<host>-<pid>-<8 hex>` made on `host`."""
+    match = re.fullmatch(r"\.tmp-(.+)-(\d+)-[0-9a-f]{8}", name)
+    if match is None or not match.group(1).endswith(f"-{host}"):
+        return None
+    key = match.group(1)[: -len(host) - 1]
+    return (key, int(match.group(2))) if _PART.fullmatch(key) else None
+
+
+def _old_name(name: str) -> str | None:
+    """The key of a replaced artifact's name `.old-<key>-<8 hex>`."""
+    match = re.fullmatch(r"\.old-(.+)-[0-9a-f]{8}", name)
+    return match.group(1) if match and _PART.fullmatch(match.group(1)) else None
+
+
+def laid_out_as_store(root: Path) -> bool:
+    """Whether a folder without the marker is unmistakably a store made before markers: alignflow's
+    own folders (one of _index, _locks, _prefect at least), and kind folders holding only
+    artifacts (folders with a manifest) and build leftovers; nothing else."""
+    entries = list(root.iterdir())
+    if not {e.name for e in entries} & {"_index", "_locks", "_prefect"}:
+        return False
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir():
+            return False
+        if entry.name in STORE_FOLDERS:
+            continue
+        if entry.name.startswith(("_", ".")) or not _PART.fullmatch(entry.name):
+            return False
+        for inner in entry.iterdir():
+            leftover = inner.name.startswith((".tmp-", ".old-"))
+            artifact = _PART.fullmatch(inner.name) and (inner / MANIFEST).is_file()
+            if inner.is_symlink() or not inner.is_dir() or not (leftover or artifact):
+                return False
+    return True
 
 
 def file_sha256(path: Path) -> str:
@@ -178,7 +250,12 @@ class Store:
         return self.root
 
     def path(self, kind: str, key: str) -> Path:
-        return safe_join(self.root, kind, key)
+        """Where the artifact is (a symlink put there is not followed: `check` calls it damaged)."""
+        return self.root / plain(kind, key)
+
+    def _linked(self, kind: str, key: str) -> bool:
+        """Whether the artifact's folder, or its kind's, is a symbolic link (never the store's own)."""
+        return self.path(kind, key).is_symlink() or (self.root / plain(kind)).is_symlink()
 
     def local_path(self, kind: str, key: str) -> Path:
         """The artifact as a local folder, for a stage to read (a remote store downloads it)."""
@@ -189,10 +266,37 @@ class Store:
         return safe_join(self.local_root / "_checkpoints", kind, key)
 
     def unavailable(self) -> str | None:
-        """None if the store can be used, else why not. A local folder is made on demand."""
+        """None if the store can be used, else why not. A local folder is made on demand; one
+        that exists must be alignflow's (see `claim`)."""
+        refused = refused_folder(self.root)
+        if refused:
+            return f"refusing to use {refused} as a store: name a folder of its own (e.g. {self.root / 'alignflow-store'})"
+        if not self.root.exists() or (self.root / OWNER_MARK).is_file():
+            return None
+        if self.root == (home() / "cache").resolve():  # a remote store's local copies: the home's own
+            return None
+        if not self.root.is_dir():
+            return "exists and is not a folder"
+        others = [p for p in self.root.iterdir() if not p.name.startswith(f".{OWNER_MARK}.")]  # a claim under way
+        if others and not laid_out_as_store(self.root):
+            return (f"a folder that is not empty and is not an alignflow store (it has no {OWNER_MARK}): "
+                    "alignflow writes only to a store folder of its own; name a new or empty folder")
         return None
 
+    def claim(self) -> None:
+        """Make the folder this store's: create it with its marker, or mark an empty folder or a
+        store made before markers. StoreNotOurs for any other folder."""
+        if (self.root / OWNER_MARK).is_file():
+            return
+        problem = self.unavailable()
+        if problem:
+            raise StoreNotOurs(f"{self.root}: {problem}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.root / OWNER_MARK, {"alignflow": "artifact store", "created": time.time()})
+
     def manifest(self, kind: str, key: str) -> dict | None:
+        if self._linked(kind, key):
+            return None
         try:
             return json.loads((self.path(kind, key) / MANIFEST).read_text())
         except (OSError, ValueError):
@@ -202,8 +306,10 @@ class Store:
         """None if the artifact is present and whole, else what is wrong with it. (`download`:
         for a remote store, see RemoteStore.check; a local artifact is checked where it is.)"""
         folder = self.path(kind, key)
+        if self._linked(kind, key):
+            return f"damaged: {kind}/{key} is a symbolic link, not a folder of the store"
         if not folder.exists():
-            return "not built" 
+            return "not built"
         manifest = self.manifest(kind, key)
         if manifest is None or manifest.get("key") != key:
             return "no valid manifest (incomplete or damaged)"
@@ -217,7 +323,10 @@ class Store:
     def build(self, kind: str, key: str) -> Iterator[Path]:
         """Yield an empty temporary folder; the caller fills it and calls `commit`. On error the
         folder is removed, so nothing half-written is ever visible at the artifact's place."""
-        tmp = self.root / kind / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.claim()
+        if (self.root / plain(kind)).is_symlink():  # damaged (see check): the link goes, not what it names
+            (self.root / plain(kind)).unlink()
+        tmp = self.root / plain(kind) / f".tmp-{plain(key)}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             yield tmp
@@ -233,6 +342,8 @@ class Store:
     def install(self, tmp: Path, kind: str, key: str) -> None:
         """Rename a sealed folder (one with its manifest) into the artifact's place."""
         final = self.path(kind, key)
+        if final.is_symlink():  # damaged (see check): the link goes, not what it names
+            final.unlink()
         if final.exists():  # a forced rebuild, or a damaged artifact being replaced
             old = final.with_name(f".old-{key}-{uuid.uuid4().hex[:8]}")
             os.replace(final, old)
@@ -241,27 +352,31 @@ class Store:
         else:
             os.replace(tmp, final)
 
-    def sweep(self) -> None:
-        """Remove temporary folders left by processes of this host that died (SIGKILL, power)."""
+    def sweep(self, kinds) -> None:
+        """Remove build folders left by processes of this host that died (SIGKILL, power), in the
+        folders of these stage kinds in a store alignflow marked as its own; nothing that
+        alignflow does not name so."""
         host = socket.gethostname()
-        if not self.root.exists():
+        if not (self.root / OWNER_MARK).is_file():
             return
-        for tmp in self.root.glob("*/.tmp-*"):
-            parts = tmp.name.split("-")
-            try:
-                tmp_host, pid = "-".join(parts[2:-2]), int(parts[-2])
-            except (ValueError, IndexError):
-                continue
-            if tmp_host == host and not pid_alive(pid):
-                shutil.rmtree(tmp, ignore_errors=True)
-        # A crash between commit's two renames leaves the previous artifact as .old-<key>-*:
-        # put it back if nothing replaced it (the renames are microseconds apart, hence the age).
-        for old in self.root.glob("*/.old-*"):
-            final = old.with_name(old.name.split("-")[1])
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            elif time.time() - old.stat().st_ctime > 60:  # ctime: when it was renamed
-                os.replace(old, final)
+        folders = [self.root / plain(kind) for kind in kinds]
+        for folder in (f for f in folders if f.is_dir() and not f.is_symlink()):
+            for entry in folder.iterdir():
+                if entry.is_symlink() or not entry.is_dir():
+                    continue
+                made = _tmp_name(entry.name, host)
+                if made is not None and not pid_alive(made[1]):
+                    shutil.rmtree(entry, ignore_errors=True)
+                # A crash between commit's two renames leaves the previous artifact as .old-<key>-*:
+                # put it back if nothing replaced it (the renames are microseconds apart, hence the age).
+                key = _old_name(entry.name)
+                if key is None or not (entry / MANIFEST).is_file():
+                    continue
+                final = folder / key
+                if final.exists():
+                    shutil.rmtree(entry, ignore_errors=True)
+                elif time.time() - entry.stat().st_ctime > 60:  # ctime: when it was renamed
+                    os.replace(entry, final)
 
     # --- what each spec's stages last ran with, to explain staleness ---
     def _index_file(self, spec_name: str, node_id: str) -> Path:
@@ -470,11 +585,14 @@ class RemoteStore(Store):
                     raise
         return self.cache.path(kind, key)
 
-    def sweep(self) -> None:
+    def sweep(self, kinds) -> None:
         """Nothing half-built is ever on the remote store; local leftovers are in the cache.
         (A crashed upload leaves files without a manifest: not an artifact, replaced when its key
         is built again.)"""
-        self.cache.sweep()
+        self.cache.sweep(kinds)
+
+    def claim(self) -> None:
+        self.cache.claim()
 
     def _index_file(self, spec_name: str, node_id: str) -> str:
         return f"{self._base}/_index/{plain(spec_name, node_id + '.json')}"

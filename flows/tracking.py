@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import time
+from pathlib import Path
 
 from flows.home import mlflow_artifact_root
 from flows.timings import timed
@@ -146,6 +149,9 @@ def quiet_mlflow() -> None:
     import mlflow  # noqa: F401
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # It logs a database error's traceback before raising it; the CLI reports the error itself (a
+    # full disk in one line).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _store_lock(uri: str):
@@ -158,7 +164,7 @@ def _store_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
     db = Path(uri.removeprefix("sqlite:///"))
-    return file_lock(db.with_name(f".{db.name}.lock"))
+    return file_lock(db.with_name(f".{db.name}.lock"), what=f"MLflow's database {db}")
 
 
 _WAL_STORES: set[str] = set()
@@ -214,6 +220,129 @@ def checkpoint_local_stores() -> None:
             pass  # the log stays: SQLite reads it on the next open
 
 
+class DamagedDatabase(Exception):
+    """A local MLflow database that cannot be read: the CLI names it and how to recover (exit 2)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = path
+        super().__init__(
+            f"MLflow's database {path} is damaged ({reason}). To recover: move it aside (mv {path} "
+            f"{path}.damaged) and run again, which starts a new one (the store's artifacts are kept and reused; "
+            f"the run history starts over), or put back a copy from a backup")
+
+
+_NEEDED_TABLES = {"experiments", "runs", "alembic_version"}
+
+
+def _local_db_state(db: Path) -> str:
+    """"absent", "ready", or "half-made" (created, but its set-up never finished: empty, or a
+    migration that died, and no run in it); DamagedDatabase when it cannot be read or is cut short."""
+    import sqlite3
+
+    if not db.exists():
+        return "absent"
+    try:
+        size = db.stat().st_size
+        with open(db, "rb") as handle:
+            header = handle.read(100)
+    except OSError as err:
+        raise DamagedDatabase(db, f"cannot read it: {err.strerror}") from None
+    if size == 0:
+        return "half-made"
+    if not header.startswith(b"SQLite format 3\0") or len(header) < 100:
+        raise DamagedDatabase(db, "not an SQLite database")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if size < page_size * pages:
+        raise DamagedDatabase(db, f"cut short: {size} bytes, its header says {page_size * pages}")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=20)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            runs = connection.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    except sqlite3.DatabaseError as err:
+        if getattr(err, "sqlite_errorname", "") not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            raise
+        raise DamagedDatabase(db, str(err)) from None
+    if _NEEDED_TABLES <= tables and not any(t.startswith("_alembic_tmp_") for t in tables):
+        return "ready"
+    if runs:
+        raise DamagedDatabase(db, "a schema migration did not finish (tables " +
+                              ", ".join(sorted(t for t in tables if t.startswith("_alembic_tmp_"))) + " are left)")
+    return "half-made"
+
+
+def open_local_store(uri: str) -> None:
+    """For a reader (compare, ui) of a local sqlite store that exists: DamagedDatabase if it
+    cannot be read (before MLflow trips on it), and its artifacts re-pointed if its home moved."""
+    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
+        with _store_lock(uri):
+            _local_db_state(Path(uri.removeprefix("sqlite:///")))
+            repoint_moved_artifacts(uri)
+
+
+def _set_up_local_store(uri: str) -> None:
+    """A new local store is made whole or not at all: MLflow creates its tables (dozens of
+    migrations) in a file beside the final one, which is renamed into place once complete. A full
+    disk then leaves no half-migrated database that every later run trips on; one that an older
+    alignflow left half-made (and empty of runs) is made again the same way. Call under the lock."""
+    import uuid
+
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if _local_db_state(db) == "ready":
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", mlflow_artifact_root())
+        store.engine.dispose()
+        SqlAlchemyStore._engine_map.pop(f"sqlite:///{tmp}", None)
+        for suffix in ("-wal", "-shm", "-journal"):  # a half-made one's log must not meet the new file
+            db.with_name(db.name + suffix).unlink(missing_ok=True)
+        os.replace(tmp, db)
+    finally:
+        for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-journal", "-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)
+
+
+_ARTIFACT_LOCATION = re.compile(r"(file://.+)/mlflow-artifacts(/[^/]*)?")
+
+
+def repoint_moved_artifacts(uri: str) -> None:
+    """Artifacts follow a home that moved. MLflow keeps an absolute artifact location per
+    experiment and per run; after `cp -a A B` (or `mv`), B's database still names A's
+    `mlflow-artifacts/`, so B's runs would write there (and a moved A be re-created) and its older
+    runs would show nothing. Opening the home's own database, the locations under another
+    `<folder>/mlflow-artifacts` are re-pointed to this home's, where the copy holds them. Only the
+    home's own database: one a spec names may be shared by several homes. Under the store's lock."""
+    import sqlite3
+
+    from flows.home import home
+
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_file() or db.resolve() != (home() / "mlflow.db").resolve():
+        return
+    root = mlflow_artifact_root()
+    with contextlib.closing(sqlite3.connect(db, timeout=20)) as connection, connection:
+        moved = {}
+        for experiment_id, location in connection.execute("SELECT experiment_id, artifact_location FROM experiments"):
+            match = _ARTIFACT_LOCATION.fullmatch(location or "")
+            if match and f"{match.group(1)}/mlflow-artifacts" != root:
+                moved[experiment_id] = (f"{match.group(1)}/mlflow-artifacts", root + (match.group(2) or ""))
+        for experiment_id, (old_root, location) in moved.items():
+            connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                               (location, experiment_id))
+            connection.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                               "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                               (root, len(old_root) + 1, experiment_id, len(old_root) + 1, old_root + "/"))
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         from mlflow.tracking import MlflowClient
@@ -225,6 +354,8 @@ class Tracker:
         # Several runs starting on a fresh home would each migrate the new database's schema (and
         # all but one fail): a local database is opened, and its experiment made, under a lock.
         with _store_lock(uri):
+            _set_up_local_store(uri)
+            repoint_moved_artifacts(uri)
             self.client = MlflowClient(uri)
             self.experiment_id = self._experiment_id(experiment)
 

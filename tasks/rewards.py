@@ -1,7 +1,14 @@
 """Programmatic reward functions: a built-in name (`reward_fn: demo_gold` means
-REWARD_FNS["demo_gold"]) or a user's own, `"module:function"`, imported with the spec's folder
-first on sys.path (so a `myreward.py` beside the spec works). `resolve_reward_fn` is the one
-resolver every stage uses (score's reward_fn, evaluate's judge, the online stages' rewards).
+REWARD_FNS["demo_gold"]) or a user's own, `"module:function"`: a module beside the spec (found
+there first, so a `myreward.py` beside the spec works), else an installed one. `resolve_reward_fn`
+is the one resolver every stage uses (score's reward_fn, evaluate's judge, the online stages'
+rewards).
+
+A module beside the spec is loaded from its file under a private module name, never under its own:
+a `random.py`, `json.py` or `tasks.py` there cannot replace Python's module or alignflow's package
+for the process. Its own imports of modules beside it still work (the spec's folder is searched
+after every other place while it loads); one that names a module beside the spec which is also
+Python's or an installed one is a spec error (which one it would get is a guess), saying so.
 
 A reward function maps (prompt, response) to a float. The prompt is a str, or for a
 conversational prompt a list of {role, content} messages. Pure Python, so a spec can be checked
@@ -120,24 +127,118 @@ def is_import_path(name: str) -> bool:
     return ":" in name
 
 
-def _import_user_module(module: str, folder: str | Path | None):
-    """Import `module` with `folder` first on sys.path. A module that lives in `folder` is imported
-    afresh each time: an edit made since (or the same name beside another spec) is seen."""
-    import importlib
+def _beside(name: str, folder: Path) -> Path | None:
+    """The file (or package folder) of a top-level module `name` in `folder`, or None."""
+    if (folder / f"{name}.py").is_file():
+        return folder / f"{name}.py"
+    if (folder / name).is_dir() and name.isidentifier():
+        return folder / name
+    return None
+
+
+def _elsewhere(name: str, folder: Path) -> str | None:
+    """Where Python finds a top-level module `name` without `folder`: "Python's own module", an
+    installed one's file, or None."""
+    import importlib.util
     import sys
 
-    top = module.split(".")[0]
-    if folder is not None and ((Path(folder) / f"{top}.py").is_file() or (Path(folder) / top).is_dir()):
-        for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
-            del sys.modules[name]
-    path = list(sys.path)
-    if folder is not None:
-        sys.path.insert(0, str(folder))
+    if name in sys.stdlib_module_names or name in sys.builtin_module_names:
+        return "Python's own module"
+    loaded = sys.modules.get(name)
+    try:
+        spec = loaded.__spec__ if loaded is not None and getattr(loaded, "__spec__", None) else importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    origin = spec.origin if spec is not None else None
+    if spec is None or (origin and Path(origin).resolve().is_relative_to(folder.resolve())):
+        return None
+    return f"the installed module at {origin or next(iter(spec.submodule_search_locations or []), '?')}"
+
+
+def _shadowing(file: Path, folder: Path, seen: set[Path]) -> str | None:
+    """Why the module in `file`, or a module beside it that it imports, would get another module
+    than the one beside the spec that it names: None if none would."""
+    import ast
+
+    files = sorted(file.rglob("*.py")) if file.is_dir() else [file]
+    for path in files:
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            tree = ast.parse(path.read_text(), filename=str(path))
+        except (OSError, SyntaxError, ValueError):
+            continue  # reported when it is imported
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in (n.split(".")[0] for n in names):
+                local = _beside(name, folder)
+                if local is None or local == path or (local.is_dir() and not (local / "__init__.py").is_file()):
+                    continue  # nothing beside it; a module naming itself (it means the other); a data folder
+                other = _elsewhere(name, folder)
+                if other is not None:
+                    return (f"{path.relative_to(folder)} imports '{name}', which is {other}, not "
+                            f"{local.name} beside the spec: rename {local.name}")
+                inner = _shadowing(local, folder, seen)
+                if inner:
+                    return inner
+    return None
+
+
+def _load_beside(module: str, folder: Path):
+    """Import `module` from its file in `folder` under a private name (see the module's docstring)."""
+    import hashlib
+    import importlib
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    top, _, rest = module.partition(".")
+    local = _beside(top, folder)
+    problem = _shadowing(local, folder, set())
+    if problem:
+        raise ImportError(problem)
+    private = f"_alignflow_user_{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]}_{top}"
+    for name in [m for m in sys.modules if m == private or m.startswith(private + ".")]:
+        del sys.modules[name]  # afresh each time: an edit made since is seen
+    if local.is_dir():
+        init = local / "__init__.py"
+        spec = importlib.util.spec_from_file_location(private, init, submodule_search_locations=[str(local)]) \
+            if init.is_file() else importlib.machinery.ModuleSpec(private, None, is_package=True)
+        if not init.is_file():
+            spec.submodule_search_locations = [str(local)]
+    else:
+        spec = importlib.util.spec_from_file_location(private, local)
+    loaded = importlib.util.module_from_spec(spec)
+    before = set(sys.modules)
+    sys.modules[private] = loaded
+    sys.path.append(str(folder))  # last: its sibling imports, and nothing Python or an install provides
     try:
         importlib.invalidate_caches()
-        return importlib.import_module(module)
+        if spec.loader is not None:
+            spec.loader.exec_module(loaded)
+        return importlib.import_module(f"{private}.{rest}") if rest else loaded
+    except BaseException:
+        sys.modules.pop(private, None)
+        raise
     finally:
-        sys.path[:] = path
+        sys.path.remove(str(folder))
+        for name in set(sys.modules) - before:  # siblings it imported: its own, not the process's
+            file = getattr(sys.modules[name], "__file__", None)
+            if not name.startswith(private) and file and Path(file).resolve().is_relative_to(folder.resolve()):
+                del sys.modules[name]
+
+
+def _import_user_module(module: str, folder: str | Path | None):
+    """The module `module` names: from `folder` (the spec's) when it is there, else an installed
+    one. A module in `folder` is loaded afresh each time: an edit made since (or the same name
+    beside another spec) is seen."""
+    import importlib
+
+    if folder is not None and _beside(module.partition(".")[0], Path(folder)) is not None:
+        return _load_beside(module, Path(folder))
+    return importlib.import_module(module)
 
 
 def resolve_reward_fn(name: str, folder: str | Path | None = None) -> RewardFn:

@@ -66,6 +66,7 @@ def test_rebuild_replaces_atomically(tmp_path):
 
 def test_sweep_removes_only_dead_processes_tmp(tmp_path):
     store = Store(tmp_path)
+    store.claim()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
     host = socket.gethostname()
@@ -73,7 +74,7 @@ def test_sweep_removes_only_dead_processes_tmp(tmp_path):
     live_tmp = tmp_path / "toy" / f".tmp-k4-{host}-{os.getpid()}-abcd1234"
     dead_tmp.mkdir(parents=True)
     live_tmp.mkdir()
-    store.sweep()
+    store.sweep(["toy"])
     assert not dead_tmp.exists() and live_tmp.exists()
 
 
@@ -82,11 +83,11 @@ def test_sweep_restores_an_artifact_a_crash_left_aside(tmp_path, monkeypatch):
     build_one(store)
     aside = tmp_path / "toy" / ".old-k1-abcd1234"
     os.replace(store.path("toy", "k1"), aside)  # as if killed between commit's two renames
-    store.sweep()
+    store.sweep(["toy"])
     assert aside.exists(), "a fresh one may belong to a commit in progress"
     later = time.time() + 120
     monkeypatch.setattr("flows.store.time.time", lambda: later)
-    store.sweep()
+    store.sweep(["toy"])
     assert store.check("toy", "k1") is None and not aside.exists()
 
 

@@ -66,3 +66,22 @@ def shard_count(ctx):
     time.sleep(ctx.params.seconds)
     write_table(part, ctx.out)
     return {"rows": float(part.num_rows)}
+
+
+class WriteParams(StageParams):
+    """A stage that writes `mib` MiB into its artifact, a step per 256 KiB (a full disk's test)."""
+
+    kind: Literal["toy_write"] = "toy_write"
+    data: Ref("table")
+    mib: float = 1.0
+
+
+@stage_kind("toy_write", WriteParams, output="metrics")
+def write(ctx):
+    chunk = os.urandom(256 << 10)
+    with open(ctx.out / "data.bin", "wb") as f:
+        for step in range(int(ctx.params.mib * 4)):
+            f.write(chunk)
+            f.flush()
+            ctx.log_metrics({"written": float(step)}, step)
+    return {"mib": ctx.params.mib}
