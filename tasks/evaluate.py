@@ -234,19 +234,28 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     sampling = dict(n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens,
                     seed=ctx.seed, max_prompt_length=p.max_prompt_length)
     responses, kept = {}, {}  # kept: the hf policy, for the KL
+    outcomes = None  # judge_lm on vLLM: judged while the engines run
     if p.backend == "vllm":
-        from tasks.vllm_backend import sample_with_engines
+        from tasks.vllm_backend import Engines, judge_length, lm_judge as vllm_lm_judge, longest_prompt, sample_models
 
-        with ctx.progress("evaluating (vllm)", total=2 * n) as bar:
-            shown = {"policy": 0, "baseline": 0}
+        # One engine per base model, policy and baseline (and judge_lm) together where one base serves them.
+        models = {name: ctx.inputs[name] for name in ("policy", "baseline", "judge_lm") if name in ctx.inputs}
+        needed = longest_prompt(models, prompts, p.max_prompt_length) + p.max_new_tokens
+        if "judge_lm" in models:
+            needed = max(needed, judge_length(models["judge_lm"], p.max_length) + 1)
+        with Engines(models, p.vllm, ctx.seed, ctx.out, needed) as engines:
+            with ctx.progress("evaluating (vllm)", total=2 * n) as bar:
+                shown = {"policy": 0, "baseline": 0}
 
-            def advance(name, done, total):
-                bar.advance(done - shown[name])
-                shown[name] = done
+                def advance(name, done, total):
+                    bar.advance(done - shown[name])
+                    shown[name] = done
 
-            sampled = sample_with_engines({name: ctx.inputs[name] for name in ("policy", "baseline")}, prompts,
-                                          engine=p.vllm, scratch=ctx.out, on_progress=advance, **sampling)
-        responses = {name: [r[0] for r in rows] for name, rows in sampled.items()}
+                sampled = sample_models(engines, ["policy", "baseline"], prompts, on_progress=advance, **sampling)
+            responses = {name: [r[0] for r in rows] for name, rows in sampled.items()}
+            if "judge_lm" in models:
+                prefers_a = vllm_lm_judge(engines, "judge_lm", p.max_length, p.judge_template or JUDGE_TEMPLATE)
+                outcomes = pairwise_outcomes(prompts, responses["policy"], responses["baseline"], prefers_a)
     else:
         with ctx.progress("evaluating", total=2 * math.ceil(n / p.batch_size)) as bar:
             for name in ("policy", "baseline"):
@@ -288,13 +297,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
                    for name in responses}
     if rewards is not None:
         outcomes = win_rate(rewards["policy"], rewards["baseline"])["outcomes"]
-    elif p.backend == "vllm":
-        from tasks.vllm_backend import lm_judge as vllm_lm_judge
-
-        with vllm_lm_judge(ctx.inputs["judge_lm"], p.vllm, ctx.seed, ctx.out, p.max_length,
-                           p.judge_template or JUDGE_TEMPLATE) as prefers_a:
-            outcomes = pairwise_outcomes(prompts, responses["policy"], responses["baseline"], prefers_a)
-    else:
+    elif outcomes is None:
         judge, judge_tokenizer = load_causal_lm(ctx.inputs["judge_lm"])
         prefers_a = lm_judge(judge, judge_tokenizer, p.max_length, p.batch_size, template=p.judge_template or JUDGE_TEMPLATE)
         outcomes = pairwise_outcomes(prompts, responses["policy"], responses["baseline"], prefers_a)

