@@ -114,7 +114,8 @@ def run_vllm(config: dict) -> dict:
                           top_p=config["top_p"], max_new_tokens=tokens, seed=config["seed"], stats=stats)
             runs.append({"new_tokens": tokens, "generated_tokens": stats["generated_tokens"],
                          "seconds": stats["generate_seconds"]})
-        return {"side": f"vllm {engine.dtype}", "runs": runs, "start_seconds": engine.start_seconds}
+        return {"side": f"vllm {engine.dtype}", "runs": runs, "start_seconds": engine.start_seconds,
+                "import_seconds": engine.import_seconds}
 
 
 def spawn_side(side: str, config_file: Path, log_dir: Path) -> dict:
@@ -198,7 +199,8 @@ def main() -> None:
               f"{sum(x['seconds'] for x in r['runs']):>8.1f} {rate(r['runs']):>9.1f}")
     vllm = results[-1]
     baseline = max(results[:-1], key=lambda r: rate(r["runs"]))
-    print(f"vLLM engine start: {vllm['start_seconds']:.1f} s (the child's imports and vLLM's start, once per stage)")
+    print(f"vLLM engine start: {vllm['start_seconds']:.1f} s (once per stage: the child process, its import of vllm "
+          f"{vllm['import_seconds']:.1f} s, and vLLM's engine start)")
     print(f"baseline: {baseline['side']} (the fastest hf dtype here); load average at the end "
           f"{os.getloadavg()[0]:.1f}")
     print(f"generate_backends: vllm/hf tokens/s ratio {rate(vllm['runs']) / rate(baseline['runs']):.2f} "

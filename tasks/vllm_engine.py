@@ -77,8 +77,8 @@ class VllmEngine:
         except BaseException:
             self.close()
             raise
-        self.start_seconds = time.perf_counter() - started  # the child's imports and vLLM's engine start
-        self.engine_seconds = reply["seconds"]  # vLLM's LLM(...) alone
+        self.start_seconds = time.perf_counter() - started  # the child's start, its imports and vLLM's engine start
+        self.import_seconds = reply["import_seconds"]  # `from vllm import LLM` in the child
         self.dtype = reply.get("dtype")
 
     # -- requests --
@@ -217,7 +217,15 @@ def serve(conn) -> None:
                 started = time.perf_counter()
                 from vllm import LLM
 
-                llm = LLM(**message["llm"])
+                reply["import_seconds"] = time.perf_counter() - started
+                try:
+                    llm = LLM(**message["llm"])
+                except Exception as e:  # with LoRA on: the model may be one vLLM's LoRA does not cover
+                    if not message["llm"].get("enable_lora"):
+                        raise
+                    traceback.print_exc()
+                    conn.send_bytes(json.dumps({"error": f"{type(e).__name__}: {e}", "lora": True}).encode())
+                    continue
                 reply["seconds"] = time.perf_counter() - started
                 reply["dtype"] = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
                 for name, folder in message["loras"].items():
