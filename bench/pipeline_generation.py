@@ -1,6 +1,7 @@
 """The generation in a SmolLM2 pipeline, with each backend: which one makes the pipeline faster?
 
     python bench/pipeline_generation.py SPEC [--backends hf vllm] [--stages NAME ...] [--set KEY=VALUE ...]
+        [--max-prompts N]
 
 Every `generate` and `evaluate` stage of SPEC runs as the pipeline runs it (the stage's own
 function, its settings and prompts: the spec's jsonl files, renamed by `columns`, cut by `slice`
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("spec")
     parser.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
     parser.add_argument("--stages", nargs="*", help="only these stages")
+    parser.add_argument("--max-prompts", type=int, help="at most this many prompts per stage (to check the script runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="as alignflow run's --set (byo_iterative_dpo.yaml needs models.rm.path to exist)")
     args = parser.parse_args()
@@ -79,7 +81,7 @@ def main() -> None:
             runs = spec.rounds.count if name in spec.rounds.repeat else 1
             prompts = tmp / f"{name}-prompts"
             prompts.mkdir()
-            write_table({"prompt": table_rows(spec, node.refs["prompts"])}, prompts)
+            write_table({"prompt": table_rows(spec, node.refs["prompts"])[: args.max_prompts]}, prompts)
             seconds = {}
             for backend in args.backends:
                 update = {"backend": backend, "vllm": node.params.vllm or VllmParams() if backend == "vllm" else None}
