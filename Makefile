@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 SPEC ?= pipelines/demo.yaml
 
 .PHONY: setup demo test compare ui
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+$(VENV)/.installed: pyproject.toml scripts/install.sh scripts/install_vllm.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
 

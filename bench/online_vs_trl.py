@@ -3,7 +3,7 @@ seconds per step and peak memory, in one process.
 
     python bench/online_vs_trl.py --model tiny|smollm2 [--steps 8] [--warmup 2] [--algos rloo grpo]
         [--prompts-per-step B] [--samples K] [--max-new-tokens T] [--fixed-length] [--threads N]
-        [--order ours-first|trl-first] [--malloc-mmap-threshold BYTES] [--sft-examples N]
+        [--order ours-first|trl-first] [--malloc-mmap-threshold BYTES] [--sft-examples N] [--rollout hf|vllm]
 
 The last line:
 
@@ -11,6 +11,15 @@ The last line:
 
 time ratio = our seconds per step / trl's (below 1: ours is faster); memory ratio = our peak memory
 / trl's (below 1: ours uses less). Both are taken from the table above it.
+
+--rollout vllm: ours samples its rollouts with a vLLM engine (rollout_backend: vllm, one engine for
+the run, the policy's weights loaded into it after every step; tasks/train/vllm_rollouts.py) and
+the last line is that side's; ours with transformers rollouts runs too, in the same invocation,
+and its ratios are the line before (`hf rollouts, same run: ...`). trl uses its own vLLM mode
+(colocate) where vllm imports in this environment, else its default (transformers generate); the
+bench prints which. The engine starts in the untimed warm-up steps (its seconds are printed) and
+its memory is its own process's (not in our peak). With smollm2 its defaults are 8 prompts x 4
+samples and 64 new tokens, where generation is most of a step.
 
 What is matched. Each algorithm runs twice, one side after the other in this process, on:
 - the same policy weights, loaded fresh by each side from the same folder (fp32; bf16 autocast on
@@ -143,6 +152,10 @@ import torch  # noqa: E402
 from bench.dpo_vs_trl import SEED, peak_memory, smollm2_model, tiny_model  # noqa: E402
 
 BETA, CLIP = 0.05, 0.2
+# trl's vLLM mode (colocate) imports vllm in its own process: it runs only where this environment has vllm.
+# alignflow's vLLM lives in an environment of its own (scripts/install_vllm.sh), so here trl generates with
+# transformers unless vllm is installed beside trl.
+TRL_VLLM = False
 DEFAULTS = {
     "tiny": dict(prompts_per_step=32, samples=4, max_new_tokens=12, lr=5e-4, reward="demo_gold"),
     "smollm2": dict(prompts_per_step=2, samples=4, max_new_tokens=32, lr=1e-5, reward="arithmetic"),
@@ -231,6 +244,7 @@ class Result:
     rewards: list[float] = field(default_factory=list)
     peak_bytes: int = 0
     memory_method: str = ""
+    start_seconds: float = 0.0  # vLLM rollouts: the engine's start (in the untimed warm-up steps)
 
     def record(self, clock: StepClock, warmup: int, steps: int) -> None:
         if len(clock.ends) < warmup + steps:
@@ -280,11 +294,12 @@ HEADER = (f"{'side':<22} {'s/step':>8} {'min-max':^15} {'cpu s':>8} {'generate':
 # ---- the two sides --------------------------------------------------------------------------
 
 
-def run_ours(algo: str, setup: Setup) -> Result:
-    """Our rloo or grpo stage, as the engine runs it (tasks/train/online.py's run_online), timed."""
+def run_ours(algo: str, setup: Setup, rollout: str = "hf") -> Result:
+    """Our rloo or grpo stage, as the engine runs it (tasks/train/online.py's run_online), timed;
+    rollout: its rollout_backend (vllm: one engine for the run, the policy synced after every step)."""
     from tasks import load_stage_kinds
     from tasks.base import StageContext
-    from tasks.train import loop, online
+    from tasks.train import loop, online, vllm_rollouts
 
     kind = load_stage_kinds()[algo]
     n = len(setup.prompts)
@@ -293,10 +308,20 @@ def run_ours(algo: str, setup: Setup) -> Result:
         "kl_coef": BETA, "samples_per_prompt": setup.samples, "batch_size": setup.prompts_per_step,
         "epochs": setup.total_steps * setup.prompts_per_step / n, "lr": setup.lr, "warmup_ratio": 0.0,
         "weight_decay": 0.0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": setup.max_new_tokens,
-        "updates_per_rollout": 1, "minibatches": 1, "clip_eps": CLIP,
+        "updates_per_rollout": 1, "minibatches": 1, "clip_eps": CLIP, "rollout_backend": rollout,
     })
-    result, clock = Result(f"alignflow {algo}"), StepClock()
+    result, clock = Result(f"alignflow {algo}" + (" vllm" if rollout == "vllm" else "")), StepClock()
     real_sample, real_rollout = online.sample, online.make_rollout
+    real_vllm_sample, real_enter = vllm_rollouts.VllmRollouts.sample, vllm_rollouts.VllmRollouts.__enter__
+
+    def vllm_sample(self, *args, **kwargs):
+        with clock.phase("generate"):
+            return real_vllm_sample(self, *args, **kwargs)
+
+    def vllm_enter(self):
+        entered = real_enter(self)
+        result.start_seconds = self.start_seconds
+        return entered
 
     def sample(model, *args, **kwargs):
         if setup.fixed_length:  # generate takes what its kwargs leave unset from the model's generation config
@@ -335,6 +360,8 @@ def run_ours(algo: str, setup: Setup) -> Result:
             mock.patch.object(online, "load_models", load_models), \
             mock.patch.object(online, "response_logps", response_logps), \
             mock.patch.object(loop, "make_accelerator", make_accelerator), \
+            mock.patch.object(vllm_rollouts.VllmRollouts, "sample", vllm_sample), \
+            mock.patch.object(vllm_rollouts.VllmRollouts, "__enter__", vllm_enter), \
             mock.patch("tasks.train.lora.save_trained", lambda *args, **kwargs: {}):  # trl does not save either
         kind.run(ctx)
     result.record(clock, setup.warmup, setup.steps)
@@ -402,11 +429,13 @@ def run_trl(algo: str, setup: Setup) -> Result:
         steps_per_generation=1, num_iterations=1, num_generations=setup.samples,
         max_completion_length=setup.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=setup.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", beta=BETA, epsilon=CLIP, disable_dropout=True, use_vllm=False,
+        optim="adamw_torch", beta=BETA, epsilon=CLIP, disable_dropout=True, use_vllm=TRL_VLLM,
         bf16=bf16, fp16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10**6, log_completions=False,
         disable_tqdm=True, dataloader_num_workers=0, seed=SEED,
     )
+    if TRL_VLLM:
+        config.update(vllm_mode="colocate")
     if setup.fixed_length:
         config.update(generation_kwargs={"min_new_tokens": setup.max_new_tokens})
     if algo == "rloo":
@@ -503,6 +532,9 @@ def main() -> None:
     parser.add_argument("--fixed-length", action="store_true",
                         help="suppress eos (generate's min_new_tokens): every response max_new_tokens long on both "
                              "sides, so both do the same work each step")
+    parser.add_argument("--rollout", choices=["hf", "vllm"], default="hf",
+                        help="our rollout_backend; vllm also runs hf rollouts, for their ratio in the same run "
+                             "(smollm2 defaults then: 8 prompts x 4 samples, 64 new tokens)")
     parser.add_argument("--order", choices=["ours-first", "trl-first"], default="ours-first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (tiny: 1, smollm2: all cores)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
@@ -512,6 +544,16 @@ def main() -> None:
                         help="skip the untimed warm-up runs (faster; the first side's memory then counts "
                              "one-time setup)")
     args = parser.parse_args()
+    if args.rollout == "vllm":
+        global TRL_VLLM
+        import importlib.util
+
+        if args.fixed_length:
+            parser.error("--fixed-length suppresses eos in transformers' generate; not with --rollout vllm")
+        if args.model == "smollm2":
+            args.prompts_per_step = args.prompts_per_step or 8
+            args.max_new_tokens = args.max_new_tokens or 64
+        TRL_VLLM = importlib.util.find_spec("vllm") is not None
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first timed step starts where the step before it ends)")
     if args.steps < 1:
@@ -543,31 +585,44 @@ def main() -> None:
         print(f"model {args.model}, reward {setup.reward}, {setup.prompts_per_step} prompts x {setup.samples} samples "
               f"per step, max_new_tokens {setup.max_new_tokens}{fixed}, lr {setup.lr:g}, beta {BETA}, "
               f"{args.warmup} warm-up + {args.steps} timed steps, {threads} threads", flush=True)
+        if args.rollout == "vllm":
+            print(f"trl generates with {'its vLLM mode (colocate)' if TRL_VLLM else 'transformers generate (its vLLM mode needs vllm in this environment; alignflow runs vLLM from its own)'}",
+                  flush=True)
         print(HEADER, flush=True)
-        results: dict[str, tuple[Result, Result]] = {}
+        results: dict[str, dict[str, Result]] = {}
+        ours_sides = ["hf", "vllm"] if args.rollout == "vllm" else ["hf"]
         for algo in args.algos:
-            sides = [run_ours, run_trl] if args.order == "ours-first" else [run_trl, run_ours]
+            order = [*ours_sides, "trl"] if args.order == "ours-first" else ["trl", *ours_sides]
             done = {}
-            for side in sides:
-                r = side(algo, setup)
+            for side in order:
+                r = run_trl(algo, setup) if side == "trl" else run_ours(algo, setup, side)
                 done[side] = r
                 print(r.line(), flush=True)
-            results[algo] = (done[run_ours], done[run_trl])
+            results[algo] = done
 
     print(PHASE_HEADER)
-    for ours, theirs in results.values():
-        print(ours.phase_line())
-        print(theirs.phase_line())
-    method = next(iter(results.values()))[0].memory_method
+    for done in results.values():
+        for r in done.values():
+            print(r.phase_line())
+    for algo, done in results.items():
+        if "vllm" in done:
+            print(f"{algo}: vLLM engine start {done['vllm'].start_seconds:.1f} s (once per stage, in the untimed warm-up "
+                  "steps); the engine's own memory is in its process, not in the peak above")
+    method = next(iter(next(iter(results.values())).values())).memory_method
     print(f"s/step: median over the timed steps (wall clock); cpu s: median CPU time per step, all threads "
           f"(less sensitive to other processes on the machine); generate, rollout, update: medians of wall time; "
           f"memory: {method} above each side's start")
-    parts = []
-    for algo, (ours, theirs) in results.items():
-        time_ratio = ours.seconds_per_step / theirs.seconds_per_step
-        memory_ratio = ours.peak_bytes / theirs.peak_bytes
-        parts.append(f"{algo} time ratio {time_ratio:.2f}, memory ratio {memory_ratio:.2f}")
-    print("online_vs_trl: " + "; ".join(parts))
+    def ratios(side: str) -> str:
+        parts = []
+        for algo, done in results.items():
+            ours, theirs = done[side], done["trl"]
+            parts.append(f"{algo} time ratio {ours.seconds_per_step / theirs.seconds_per_step:.2f}, "
+                         f"memory ratio {ours.peak_bytes / theirs.peak_bytes:.2f}")
+        return "; ".join(parts)
+
+    if args.rollout == "vllm":
+        print(f"hf rollouts, same run: {ratios('hf')}")
+    print(f"online_vs_trl: {ratios(args.rollout)}")
 
 
 if __name__ == "__main__":

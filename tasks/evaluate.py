@@ -9,6 +9,7 @@ Both models answer every prompt (one sample each, the same seed); a judge decide
 - `judge_lm`: a causal LM asked which of the two responses is better (`judge_template`, default
   JUDGE_TEMPLATE, answered by the next token "A" or "B"). It is asked in both orders, to cancel its
   position bias: a response wins only if both orders prefer it, otherwise the prompt is a tie.
+  With backend vllm it runs on a vLLM engine (tasks/vllm_backend.py), as the sampling does.
 
 There is no default: exactly one judge is named. Conversational prompts work with each: a reward
 function gets the messages, a reward model its chat template (or the conversation as text when it
@@ -31,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from tasks.base import OptionalRef, Ref, StageContext, StageParams, stage_kind
 from tasks.logps_report import reports_logps
 from tasks.rewards import RewardFnName, reward_code_files
-from tasks.vllm_backend import VllmParams, vllm_settings
+from tasks.vllm_backend import VllmParams, vllm_problems, vllm_settings
 
 # The pairwise judge's question; the next token after it is the answer, "A" or "B".
 JUDGE_TEMPLATE = (
@@ -65,6 +66,7 @@ class EvaluateParams(StageParams):
     proxy_model: OptionalRef("reward_model") = Field(None, description="a reward model whose mean on the samples is logged")
     temperature: float = Field(1.0, ge=0, description="KL is an estimate of the sampled distribution's")
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens only; 0: no cut")
     max_new_tokens: int = Field(64, ge=1)
     max_prompt_length: int | None = Field(
         None, ge=1, description="prompts longer than this many tokens lose their beginning (a leading bos is kept)"
@@ -72,7 +74,8 @@ class EvaluateParams(StageParams):
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(512, ge=2, description="for the reward model, the judge LM and the KL log-probs")
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="samples the policy's and the baseline's responses: hf (transformers) or vllm (CUDA GPUs)"
+        "hf", description="samples the policy's and the baseline's responses, and runs judge_lm: hf (transformers) or "
+        "vllm (a CUDA GPU, or an x86 CPU with AVX-512)"
     )
     vllm: VllmParams | None = Field(
         None, validate_default=True, description="vLLM's engine settings (backend: vllm; checked, then dropped, with hf)"
@@ -82,6 +85,9 @@ class EvaluateParams(StageParams):
     @classmethod
     def _vllm_settings(cls, value, info):
         return vllm_settings(value, info)
+
+    def environment_problems(self):
+        return vllm_problems(self.backend, self.vllm)
 
     @field_validator("judge_template")
     @classmethod
@@ -165,28 +171,38 @@ def pairwise_outcomes(prompts: list[str], policy: list[str], baseline: list[str]
     return outcomes
 
 
+def judge_answer_ids(tokenizer, template: str) -> list[int]:
+    """The tokens of "A" and "B" as they follow the template's last words (" A" in a BPE vocabulary,
+    "▁A" in a sentencepiece one): the first token of "... is A" beyond those of "... is"."""
+    tail = judge_template_tail(template)
+    n_tail = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    answer_ids = [tokenizer(f"{tail} {letter}", add_special_tokens=False)["input_ids"][n_tail] for letter in ("A", "B")]
+    if answer_ids[0] == answer_ids[1]:
+        raise ValueError(f"judge_lm's tokenizer gives 'A' and 'B' the same token ({answer_ids[0]}): it cannot answer")
+    return answer_ids
+
+
+def judge_questions(template: str, prompts, responses_a, responses_b) -> list[str]:
+    """The judge's question per prompt (a conversational prompt written into it as text)."""
+    from tasks.rewards import conversation_text
+
+    return [template.rstrip().format(prompt=conversation_text(x), a=a, b=b) for x, a, b in zip(prompts, responses_a, responses_b)]
+
+
 def lm_judge(model, tokenizer, max_length: int, batch_size: int, on_batch=None, template: str = JUDGE_TEMPLATE):
     """`prefers_a` for a causal LM judge: log p("A") - log p("B") as the token after `template`
     (conversational prompts are written into it as text)."""
     import torch
 
     from tasks.models import encode_prompts, pad
-    from tasks.rewards import conversation_text
 
-    # The answer's token as it follows the template's last words (" A" in a BPE vocabulary, "▁A" in
-    # a sentencepiece one): the first token of "... is A" beyond those of "... is".
-    tail = judge_template_tail(template)
-    n_tail = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
-    answer_ids = [tokenizer(f"{tail} {letter}", add_special_tokens=False)["input_ids"][n_tail] for letter in ("A", "B")]
-    if answer_ids[0] == answer_ids[1]:
-        raise ValueError(f"judge_lm's tokenizer gives 'A' and 'B' the same token ({answer_ids[0]}): it cannot answer")
+    answer_ids = judge_answer_ids(tokenizer, template)
 
     @torch.no_grad()
     def prefers_a(prompts, responses_a, responses_b) -> list[float]:
         model.eval()
         device = next(model.parameters()).device
-        questions = [template.rstrip().format(prompt=conversation_text(x), a=a, b=b)
-                     for x, a, b in zip(prompts, responses_a, responses_b)]
+        questions = judge_questions(template, prompts, responses_a, responses_b)
         preferences = []
         for start in range(0, len(questions), batch_size):
             encoded = [ids[-max_length:] for ids in encode_prompts(tokenizer, questions[start : start + batch_size])]
@@ -213,55 +229,68 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     import pyarrow.parquet as pq
 
     from tasks.logps import batched_logps
-    from tasks.models import load_causal_lm, sample_responses
+    from tasks.models import load_causal_lm, load_tokenizer, sample_responses
     from tasks.tables import read_table
 
     p: EvaluateParams = ctx.params
     if p.backend == "vllm":  # before any model is loaded: can it run here at all?
-        from tasks.vllm_backend import check_available
+        from tasks.vllm_backend import require_vllm
 
-        check_available("evaluate", p.vllm)
+        require_vllm("evaluate stage", "backend", p.vllm)
     prompts = read_table(ctx.inputs["prompts"], ["prompt"], what="prompts table").column("prompt").to_pylist()
     n = len(prompts)
 
-    responses, lengths = {}, {}
-    kl = None
-    n_batches = math.ceil(n / p.batch_size)
-    with ctx.progress("evaluating", total=2 * n_batches) as bar:
-        for name in ("policy", "baseline"):
-            # The same seed for both: common random numbers make the comparison less noisy
-            # (and a policy compared with itself ties on every prompt).
-            if p.backend == "vllm":
-                from tasks.models import load_tokenizer
-                from tasks.vllm_backend import sample_responses as vllm_sample_responses
+    # The same seed for both: common random numbers make the comparison less noisy (and a policy
+    # compared with itself ties on every prompt).
+    sampling = dict(n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens,
+                    seed=ctx.seed, max_prompt_length=p.max_prompt_length)
+    responses, kept = {}, {}  # kept: the hf policy, for the KL
+    outcomes = None  # judge_lm on vLLM: judged while the engines run
+    if p.backend == "vllm":
+        from tasks.vllm_backend import Engines, judge_length, lm_judge as vllm_lm_judge, longest_prompt, sample_models
 
-                responses[name] = [r[0] for r in vllm_sample_responses(
-                    ctx.inputs[name], prompts, n=1, temperature=p.temperature, top_p=p.top_p,
-                    max_new_tokens=p.max_new_tokens, seed=ctx.seed, engine=p.vllm, scratch=ctx.out,
-                    max_prompt_length=p.max_prompt_length,
-                )]
-                bar.advance(n_batches)
-                model, tokenizer = None, load_tokenizer(ctx.inputs[name])
-            else:
+        # One engine per base model, policy and baseline (and judge_lm) together where one base serves them.
+        models = {name: ctx.inputs[name] for name in ("policy", "baseline", "judge_lm") if name in ctx.inputs}
+        needed = longest_prompt(models, prompts, p.max_prompt_length) + p.max_new_tokens
+        if "judge_lm" in models:
+            needed = max(needed, judge_length(models["judge_lm"], p.max_length) + 1)
+        with Engines(models, p.vllm, ctx.seed, ctx.out, needed) as engines:
+            with ctx.progress("evaluating (vllm)", total=2 * n) as bar:
+                shown = {"policy": 0, "baseline": 0}
+
+                def advance(name, done, total):
+                    bar.advance(done - shown[name])
+                    shown[name] = done
+
+                sampled = sample_models(engines, ["policy", "baseline"], prompts, on_progress=advance, **sampling)
+            responses = {name: [r[0] for r in rows] for name, rows in sampled.items()}
+            if "judge_lm" in models:
+                prefers_a = vllm_lm_judge(engines, "judge_lm", p.max_length, p.judge_template or JUDGE_TEMPLATE)
+                outcomes = pairwise_outcomes(prompts, responses["policy"], responses["baseline"], prefers_a)
+    else:
+        with ctx.progress("evaluating", total=2 * math.ceil(n / p.batch_size)) as bar:
+            for name in ("policy", "baseline"):
                 model, tokenizer = load_causal_lm(ctx.inputs[name])
-                responses[name] = [r[0] for r in sample_responses(
-                    model, tokenizer, prompts, n=1, temperature=p.temperature, top_p=p.top_p,
-                    max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance,
-                    max_prompt_length=p.max_prompt_length,
-                )]
-            lengths[name] = [len(ids) for ids in tokenizer(responses[name], add_special_tokens=False)["input_ids"]]
-            if name == "policy" and p.reference is not None:
-                # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], on the policy's own samples.
-                if model is None:  # sampled by vLLM: the log-probs come from transformers
-                    model, tokenizer = load_causal_lm(ctx.inputs["policy"])
-                policy_logps, _ = batched_logps(model, tokenizer, prompts, responses["policy"], p.max_length, p.batch_size,
-                                                max_prompt_length=p.max_prompt_length)
-                reference, ref_tokenizer = load_causal_lm(ctx.inputs["reference"])
-                ref_logps, _ = batched_logps(reference, ref_tokenizer, prompts, responses["policy"], p.max_length, p.batch_size,
-                                             max_prompt_length=p.max_prompt_length)
-                kl = sum(a - b for a, b in zip(policy_logps, ref_logps)) / n
-                del reference
-            del model
+                responses[name] = [r[0] for r in sample_responses(model, tokenizer, prompts, batch_size=p.batch_size,
+                                                                  on_batch=bar.advance, **sampling)]
+                if name == "policy" and p.reference is not None:
+                    kept["policy"] = model, tokenizer
+                del model
+    lengths = {name: [len(ids) for ids in load_tokenizer(ctx.inputs[name])(responses[name], add_special_tokens=False)["input_ids"]]
+               for name in responses}
+    kl = None
+    if p.reference is not None:
+        # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], on the policy's own samples, by
+        # transformers whichever backend sampled them.
+        model, tokenizer = kept.pop("policy", None) or load_causal_lm(ctx.inputs["policy"])
+        policy_logps, _ = batched_logps(model, tokenizer, prompts, responses["policy"], p.max_length, p.batch_size,
+                                        max_prompt_length=p.max_prompt_length)
+        del model
+        reference, ref_tokenizer = load_causal_lm(ctx.inputs["reference"])
+        ref_logps, _ = batched_logps(reference, ref_tokenizer, prompts, responses["policy"], p.max_length, p.batch_size,
+                                     max_prompt_length=p.max_prompt_length)
+        kl = sum(a - b for a, b in zip(policy_logps, ref_logps)) / n
+        del reference
 
     def rewards_of(fn: str | None, model_input: str) -> dict[str, list[float]] | None:
         """Each side's rewards under a reward function or reward model (None: neither is named)."""
@@ -284,7 +313,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     proxy = rewards_of(p.proxy_fn, "proxy_model")
     if rewards is not None:
         outcomes = win_rate(rewards["policy"], rewards["baseline"])["outcomes"]
-    else:
+    elif outcomes is None:
         judge, judge_tokenizer = load_causal_lm(ctx.inputs["judge_lm"])
         prefers_a = lm_judge(judge, judge_tokenizer, p.max_length, p.batch_size, template=p.judge_template or JUDGE_TEMPLATE)
         outcomes = pairwise_outcomes(prompts, responses["policy"], responses["baseline"], prefers_a)

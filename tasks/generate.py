@@ -1,8 +1,9 @@
 """generate: n sampled responses per prompt from a policy.
 
 backend `hf`: transformers `generate`, batched (tasks.models.sample_responses), anywhere.
-backend `vllm`: vLLM on CUDA GPUs (tasks/vllm_backend.py), with the `vllm` block's engine settings;
-the same table (prompt_id, prompt, sample, response), the same prompt tokens and decoding.
+backend `vllm`: a vLLM engine (tasks/vllm_backend.py; a CUDA GPU, or an x86 CPU with AVX-512), with
+the `vllm` block's engine settings; the same table (prompt_id, prompt, sample, response), the same
+prompt tokens, sampling settings and decoding.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from tasks.base import Ref, StageContext, StageParams, shard_rows, stage_kind
-from tasks.vllm_backend import VllmParams, vllm_settings
+from tasks.vllm_backend import VllmParams, vllm_problems, vllm_settings
 
 
 class GenerateParams(StageParams):
@@ -21,12 +22,15 @@ class GenerateParams(StageParams):
     n: int = Field(4, ge=1, description="candidates per prompt")
     temperature: float = Field(1.0, ge=0, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens only; 0: no cut")
     max_new_tokens: int = Field(64, ge=1)
     max_prompt_length: int | None = Field(
         None, ge=1, description="prompts longer than this many tokens lose their beginning (a leading bos is kept)"
     )
     batch_size: int = Field(64, ge=1, description="prompts per generate call (hf backend)")
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate; vllm: vLLM, on CUDA GPUs")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers generate; vllm: vLLM (a CUDA GPU, or an x86 CPU with AVX-512)"
+    )
     vllm: VllmParams | None = Field(
         None, validate_default=True, description="vLLM's engine settings (backend: vllm; checked, then dropped, with hf)"
     )
@@ -38,6 +42,9 @@ class GenerateParams(StageParams):
     @classmethod
     def _vllm_settings(cls, value, info):
         return vllm_settings(value, info)
+
+    def environment_problems(self):
+        return vllm_problems(self.backend, self.vllm)
 
 
 def candidates_metrics(rows: dict) -> dict[str, float]:
@@ -59,9 +66,9 @@ def generate(ctx: StageContext) -> dict[str, float]:
 
     p: GenerateParams = ctx.params
     if p.backend == "vllm":  # before any model is loaded: can it run here at all?
-        from tasks.vllm_backend import check_available
+        from tasks.vllm_backend import require_vllm
 
-        check_available("generate", p.vllm)
+        require_vllm("generate stage", "backend", p.vllm)
     table, first = shard_rows(read_table(ctx.inputs["prompts"], ["prompt"], what="prompts table"), ctx)
     prompts = table.column("prompt").to_pylist()
     if "prompt_id" in table.column_names:
@@ -71,19 +78,26 @@ def generate(ctx: StageContext) -> dict[str, float]:
     if p.backend == "vllm":
         from tasks.vllm_backend import sample_responses as vllm_sample_responses
 
-        with ctx.progress("generating (vllm)", total=1) as bar:
+        samples = len(prompts) * (p.n if p.temperature > 0 else 1)  # what the engine counts as done
+        with ctx.progress("generating (vllm)", total=samples) as bar:
+            shown = [0]
+
+            def advance(done, total):
+                bar.advance(done - shown[0])
+                shown[0] = done
+
             responses = vllm_sample_responses(
                 ctx.inputs["policy"], prompts,
-                n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
+                n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens,
                 seed=ctx.seed, engine=p.vllm, scratch=ctx.out, row_ids=prompt_ids, max_prompt_length=p.max_prompt_length,
+                on_progress=advance,
             )
-            bar.advance()
     else:
         model, tokenizer = load_causal_lm(ctx.inputs["policy"])
         with ctx.progress("generating", total=math.ceil(len(prompts) / p.batch_size)) as bar:
             responses = sample_responses(
                 model, tokenizer, prompts,
-                n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
+                n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens,
                 batch_size=p.batch_size, seed=ctx.seed, on_batch=bar.advance, prompt_ids=prompt_ids,
                 max_prompt_length=p.max_prompt_length,
             )

@@ -453,8 +453,10 @@ def sample_responses(
     on_batch: Callable[[], None] | None = None,
     prompt_ids: list | None = None,
     max_prompt_length: int | None = None,
+    top_k: int = 0,
 ) -> list[list[str]]:
-    """n sampled responses per prompt (temperature 0: greedy). Seeded: same inputs, same outputs.
+    """n sampled responses per prompt (temperature 0: greedy; top_k 0: no top-k cut). Seeded: same
+    inputs, same outputs.
 
     batch_size counts prompts; each generate call holds batch_size * n sequences. Each batch is
     seeded from `seed` and the id of its first prompt (default: its position), so a run over a
@@ -467,7 +469,7 @@ def sample_responses(
     per_prompt = n if sampling else 1
     options = dict(do_sample=sampling, num_return_sequences=per_prompt, max_new_tokens=max_new_tokens)
     if sampling:
-        options.update(temperature=temperature, top_p=top_p, top_k=0)  # top_k=0: no top-k cut
+        options.update(temperature=temperature, top_p=top_p, top_k=top_k)  # top_k=0: no top-k cut
     responses = []
     for start in range(0, len(prompts), batch_size):
         torch.manual_seed(batch_seed(seed, prompt_ids[start] if prompt_ids is not None else start))

@@ -3,10 +3,11 @@ functions they share (loop, online, losses, lora)."""
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.base import OptionalRef, Ref, SpecPath, StageParams
 from tasks.rewards import RewardFnName, reward_code_files
+from tasks.vllm_backend import ROLLOUT_DEFAULTS, VllmParams, vllm_problems, vllm_settings
 
 
 class LoraParams(BaseModel):
@@ -146,8 +147,24 @@ class OnlineParams(OptimParams):
         None, ge=1, description="sampled responses per forward and backward pass (and per log-prob pass of a rollout); "
         "gradients accumulate over a minibatch; none: a whole minibatch"
     )
+    rollout_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="samples the rollouts: hf (transformers generate) or vllm (one engine for the stage, the "
+        "policy's weights loaded into it after every update; tasks/train/vllm_rollouts.py)"
+    )
+    vllm: VllmParams | None = Field(
+        None, validate_default=True, description="vLLM's engine settings (rollout_backend: vllm; checked, then dropped, "
+        "with hf); gpu_memory_utilization defaults to 0.3 here: the policy trains on the same GPU"
+    )
 
     not_in_key = frozenset({"checkpoint_every", "micro_batch_size"})
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_settings(cls, value, info):
+        return vllm_settings(value, info, "rollout_backend", ROLLOUT_DEFAULTS)
+
+    def environment_problems(self):
+        return vllm_problems(self.rollout_backend, self.vllm, "rollout_backend")
 
     def code_files(self):
         return reward_code_files([self.reward_fn, self.monitor_reward_fn], self.spec_dir)

@@ -27,6 +27,7 @@ the value adapter disabled, so reward and value share one set of weights.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -351,14 +352,18 @@ def disable_dropout(model) -> None:
 
 @torch.no_grad()
 def make_rollout(models: OnlineModels, tokenizer, prompt_ids: list, prompts: list, p: OnlineParams, score,
-                 monitor=None, policy_pass: bool = True) -> tuple[dict, dict]:
+                 monitor=None, policy_pass: bool = True, rollouts=None, step: int = 0) -> tuple[dict, dict]:
     """Sample, score and take log-probs (see the rollout layout above); and the rollout's metrics.
     Without `policy_pass` the policy's log-probs (and the kl and entropy metrics) are left to the
-    training forward (run_online's single-update path)."""
+    training forward (run_online's single-update path). `rollouts`: a vLLM engine that samples
+    (rollout_backend: vllm, tasks/train/vllm_rollouts.py), else transformers' generate."""
     from tasks.train.lora import reference_context
 
     k = p.samples_per_prompt
-    rollout = sample(models.policy, tokenizer, prompt_ids, k, p.temperature, p.top_p, p.max_new_tokens)
+    if rollouts is None:
+        rollout = sample(models.policy, tokenizer, prompt_ids, k, p.temperature, p.top_p, p.max_new_tokens)
+    else:
+        rollout = rollouts.sample(prompt_ids, k, p.temperature, p.top_p, p.max_new_tokens, step)
     width = rollout.pop("prompt_width")
     n = len(rollout["sequences"])
     texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(rollout["sequences"][:, width:], rollout["mask"])],
@@ -476,12 +481,18 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
         metrics.update(prepare(rollout, models, p))
         return loss_fn(models, rollout, p, logps)
 
-    with ctx.progress("online training" + (f" (resumed after step {start})" if start else ""), total=total_steps) as bar:
+    rollouts = None  # rollout_backend: vllm: the stage's engine, the policy synced into it after every step's updates
+    if p.rollout_backend == "vllm":
+        from tasks.train.vllm_rollouts import VllmRollouts
+
+        rollouts = VllmRollouts(models.policy, tokenizer, ctx.inputs["policy"], p.vllm, ctx.seed, p.max_length, start > 0)
+    with rollouts or contextlib.nullcontext(), \
+            ctx.progress("online training" + (f" (resumed after step {start})" if start else ""), total=total_steps) as bar:
         bar.advance(start)
         for step in range(start, total_steps):
             rows = step_prompts(step, len(prompts), p.batch_size, ctx.seed)
             rollout, metrics = make_rollout(models, tokenizer, [prompt_ids[i] for i in rows], [prompts[i] for i in rows],
-                                            p, score, monitor, policy_pass=not single)
+                                            p, score, monitor, policy_pass=not single, rollouts=rollouts, step=step)
             if not single:
                 metrics.update(prepare(rollout, models, p))
             n = len(rollout["sequences"])
@@ -506,6 +517,8 @@ def run_online(ctx: StageContext, prepare: Prepare, loss_fn: Loss, with_value: b
                     for key, value in values.items():
                         sums[key] = sums.get(key, 0.0) + value / (p.updates_per_rollout * p.minibatches)
             metrics.update(sums, learning_rate=lr)  # the step's last update's
+            if rollouts is not None and step + 1 < total_steps:
+                rollouts.sync()
             ctx.log_metrics(metrics, step + 1)
             history.append({"step": step + 1, **metrics})
             bar.advance()
