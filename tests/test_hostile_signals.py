@@ -107,7 +107,7 @@ def toy_spec(tmp_path: Path, seconds: float, steps: int) -> tuple[Path, Path]:
         "datasets": {"prompts": {"kind": "synthetic", "split": "prompts", "size": 8}},
         "stages": {"a": {"kind": "toy_steps", "data": "prompts", "steps": 1, "seconds": 0},
                    "b": {"kind": "toy_steps", "data": "prompts", "steps": steps, "seconds": seconds,
-                         "counter": str(counter)}},
+                         "counter": str(counter), "after": "a"}},  # b computes after a, whichever thread wakes first
     }))
     return spec, counter
 

@@ -6,7 +6,7 @@ import os
 import time
 from typing import Literal
 
-from tasks.base import BadInput, Ref, StageParams, stage_kind
+from tasks.base import BadInput, OptionalRef, Ref, StageParams, stage_kind
 
 
 class LateBadInputParams(StageParams):
@@ -30,6 +30,7 @@ class StepsParams(StageParams):
     steps: int = 20
     seconds: float = 0.1
     counter: str | None = None  # a file that gets one line per execution
+    after: OptionalRef("metrics") = None  # a stage that must finish first (its output is not read)
 
 
 @stage_kind("toy_steps", StepsParams, output="metrics")
