@@ -122,3 +122,17 @@ def stage_runs(home: Path, experiment: str, parent_run_id: str | None = None) ->
     if parent_run_id is None:
         parent_run_id = max(parents, key=lambda r: r.info.start_time).info.run_id
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+
+
+def paired_reward_gain(evaluate_run) -> tuple[float, float, float]:
+    """An evaluate run's mean judge reward of the policy minus the baseline's, paired by prompt,
+    with its 95% t-interval (scipy's, independent of flows/report.py): (mean, low, high). A
+    learning test asserts the low end above 0, an improvement over the measured baseline."""
+    import pyarrow.parquet as pq
+    from scipy import stats
+
+    samples = pq.read_table(Path(evaluate_run.data.tags["alignflow.uri"]) / "samples.parquet").to_pydict()
+    gains = [p - b for p, b in zip(samples["policy_reward"], samples["baseline_reward"])]
+    mean = sum(gains) / len(gains)
+    low, high = stats.t.interval(0.95, len(gains) - 1, loc=mean, scale=stats.sem(gains))
+    return mean, float(low), float(high)
