@@ -530,9 +530,10 @@ def _compare_sweep(client, run, summary: dict[str, list], metric: list[str], all
     groups = list(dict.fromkeys(summary["variant"]))
     seeds = len({s for s in summary["seed"] if s is not None})
     screen = Console(width=120 if not all_ else max(120, console.width), soft_wrap=True)
+    # Wrapped at the screen's width (a long experiment name and a run id pass 120 columns).
     screen.print(f"{name}: sweep run {run.info.run_id} ({run.info.status.lower()}, started {started}), "
                   f"{len(groups)} variant{'s' if len(groups) != 1 else ''}" + (f" x {seeds} seeds" if seeds else ""),
-                  highlight=False, soft_wrap=True)
+                  highlight=False, soft_wrap=False)
     failed = {v for v, cache in zip(summary["variant"], summary["cache"]) if cache in ("failed", "killed")}
     label = lambda v: variant_name(v) + (" (failed)" if v in failed else "")  # noqa: E731
     for chosen in sweep_metrics(summary, metric):
@@ -589,8 +590,8 @@ def versus_table(comparison: list[dict], title: str = ""):
                        cell(entry["difference"], signed=True) if "difference" in entry else "")
     versus.caption = ((f"mean over {pairs} seeds \\[95% t-interval over seeds]; DPORM - EXRM paired by seed"
                        if pairs > 1 else "accuracy \\[95% Wilson interval]; one seed: no interval on the difference")
-                      + ("\n* zero width: every seed gave the same value, so the t-interval over seeds cannot show "
-                         "the sampling error (each seed's own interval: --all)" if any(marked) else ""))
+                      + ("\n* zero width: every seed gave the same value, so the t-interval over seeds cannot show"
+                         "\nthe sampling error (each seed's own interval: --all)" if any(marked) else ""))
     return versus
 
 

@@ -353,7 +353,9 @@ def validate_spec(raw: dict, file: str, overridden: dict[str, str] | None = None
         raise SpecError(Problem(file, "rounds.count", f"expected at most {MAX_EXECUTIONS} stage executions over all "
                                 f"rounds, got {len(top.rounds.repeat)} x {top.rounds.count}"))
     failed: set[str] = set()  # names whose own definition is wrong: references to them say nothing more
-    nodes = _validate_nodes(top, file, p.parent, overridden, problems, failed)
+    # Relative paths resolve against the folder's absolute path: a path is in its node's key, and
+    # `alignflow run pipelines/x.yaml` must find the artifacts `alignflow run /abs/pipelines/x.yaml` made.
+    nodes = _validate_nodes(top, file, p.parent.resolve(), overridden, problems, failed)
     _check_names_and_refs(top, nodes, file, problems, failed)
     _check_reference_lengths(nodes, file, problems)
     _check_sweep(top, raw, nodes, file, problems, failed, overridden)

@@ -2,12 +2,21 @@
 (tiny_demo_model, demo_table, run_stage); add engine fixtures alongside them."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tasks import load_stage_kinds
 from tasks.base import StageContext
+
+# Test workers (xdist) share the cores: each takes its share of torch's threads, and so do the
+# runs it starts (tasks.models.set_cpu_threads reads ALIGNFLOW_TORCH_THREADS). With 2 workers of 2
+# threads on 2 cores, each thread spins waiting for one the other worker holds: SmolLM2's sampling
+# ran 6x slower, its training 2.4x (measured side by side, 1 thread each against 2 each).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("ALIGNFLOW_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 # The tiny model every stage test uses: small enough that a stage runs in about a second.
 TINY_MODEL = {"kind": "tiny", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}

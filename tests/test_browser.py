@@ -59,6 +59,12 @@ if (close) close.click();
 return Boolean(close);
 """
 
+def shown(value: float) -> str:
+    """A metric as MLflow's runs table writes it: JavaScript's number to string, unrounded
+    (Python's shortest repr but for whole numbers: 1.0 shows as "1")."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 DEMO_RATES = {"as written": [0.55, 0.62, 0.71], "dpo.beta=0.2": [0.58, 0.64, 0.69]}  # two runs, rounds 1-3
 ACCURACY = {("exrm", 0): (0.96, 0.81, 0.98), ("dporm", 0): (0.95, 0.88, 0.94),
             ("exrm", 1): (0.97, 0.79, 0.97), ("dporm", 1): (0.93, 0.9, 0.92)}
@@ -199,7 +205,7 @@ def test_runs_list_shows_each_runs_win_rate_by_round(ui):
     names = ["browser-demo · win_rate 0.550 → 0.620 → 0.710",
              "browser-demo · dpo.beta=0.2 · win_rate 0.580 → 0.640 → 0.690"]
     rounds = ["win_rate_round_1", "win_rate_round_2", "win_rate_round_3"]
-    values = [str(w) for rates in DEMO_RATES.values() for w in rates]
+    values = [shown(w) for rates in DEMO_RATES.values() for w in rates]
     open_and_see(ui["driver"], ui["list"], [*names, *rounds, *values], "mlflow-runs-list.png")
 
 
@@ -214,6 +220,6 @@ def test_latest_runs_charts_show_the_win_rate_of_each_round(ui):
 @pytest.mark.timeout(300)
 def test_exrm_and_dporm_accuracies_side_by_side(ui):
     runs = [f"{reward.upper()} · seed {seed}" for reward, seed in ACCURACY]
-    values = {str(v) for accuracies in ACCURACY.values() for v in accuracies}
+    values = {shown(v) for accuracies in ACCURACY.values() for v in accuracies}
     open_and_see(ui["driver"], ui["rewards"], [*runs, *(f"acc_{s}" for s in report.SETS), *values],
                  "mlflow-exrm-vs-dporm.png")

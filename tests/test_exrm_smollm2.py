@@ -71,7 +71,7 @@ def test_compare_prints_exrm_against_dporm_by_set(ci_run):
 @pytest.mark.timeout(600)
 def test_mlflow_shows_exrm_and_dporm_side_by_side(ci_run, tmp_path):
     from flows.cli import ui_pages
-    from test_browser import chrome, need_chromium, open_and_see
+    from test_browser import chrome, need_chromium, open_and_see, shown
     from test_mlflow_server import mlflow_server
 
     need_chromium()
@@ -79,7 +79,7 @@ def test_mlflow_shows_exrm_and_dporm_side_by_side(ci_run, tmp_path):
     label, page = ui_pages(uri, NAME)[2]
     assert label == "its EXRM and DPORM runs side by side"
     wanted = [name for seed in range(3) for name in (f"EXRM · seed {seed}", f"DPORM · seed {seed}")]
-    wanted += [str(ci_run["stages"][f"{reward}_acc", seed].data.metrics[f"acc_{set_}"])  # shown unrounded
+    wanted += [shown(ci_run["stages"][f"{reward}_acc", seed].data.metrics[f"acc_{set_}"])
                for seed in range(3) for reward in report.REWARDS for set_ in report.SETS]
     with mlflow_server(tmp_path, backend=uri) as url:
         driver = chrome(tmp_path / "chromium-profile")

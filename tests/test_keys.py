@@ -143,3 +143,21 @@ def test_a_hub_model_needs_a_pinned_revision(tmp_path):
     (tmp_path / "spec.yaml").write_text(json.dumps(spec))
     with pytest.raises(SpecError, match=r"models.m.revision.*revision \(commit sha or tag\) for hub model 'someone/some-model'"):
         load_spec(tmp_path / "spec.yaml")
+
+
+def test_a_spec_named_by_a_relative_path_has_the_keys_of_its_absolute_path(tmp_path, monkeypatch):
+    """A data file's path is in its node's key: `alignflow run pipelines/x.yaml` from the project's
+    folder must reuse what `alignflow run /abs/.../pipelines/x.yaml` computed (they once differed)."""
+    from flows.keys import resolve
+    from flows.spec import load_spec
+
+    (tmp_path / "pipelines" / "data").mkdir(parents=True)
+    (tmp_path / "pipelines" / "data" / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    spec = tmp_path / "pipelines" / "x.yaml"
+    spec.write_text("name: x\ndatasets:\n  prompts: {kind: jsonl, path: data/p.jsonl}\n"
+                    "stages:\n  first: {kind: slice, table: prompts, rows: 1}\n")
+    absolute = {n.name: n.key for n in resolve(load_spec(spec))}
+    monkeypatch.chdir(tmp_path)
+    relative = {n.name: n.key for n in resolve(load_spec("pipelines/x.yaml"))}
+    monkeypatch.chdir(tmp_path / "pipelines")
+    assert absolute == relative == {n.name: n.key for n in resolve(load_spec("x.yaml"))}

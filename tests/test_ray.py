@@ -32,6 +32,7 @@ SPEC = {
 }
 
 
+@pytest.mark.slow  # a Ray instance's start-up is most of its minute or two; .ci/run runs it
 def test_sharded_generation_and_scoring_on_ray_equal_the_single_process_run(tmp_path):
     path = tmp_path / "sharded.yaml"
     path.write_text(yaml.safe_dump(SPEC))
@@ -63,6 +64,7 @@ def test_sharded_generation_and_scoring_on_ray_equal_the_single_process_run(tmp_
         r.data.tags["alignflow.key"] for r in runs.values()}
 
 
+@pytest.mark.slow  # a Ray instance's start-up is most of its minute or two; .ci/run runs it
 def test_a_sweeps_variants_run_at_once_on_ray(tmp_path):
     """Two variants, each a stage that finishes only if the other runs at the same time: on a Ray
     instance of 2 workers both finish, in one flow run; on the local runner, which computes one

@@ -195,6 +195,7 @@ def statuses(runs) -> dict[str, str]:
             for r in runs}
 
 
+@pytest.mark.slow  # the demo twice and a repair on moto's S3, about a minute; .ci/run runs it
 def test_demo_pipeline_on_s3(s3, tmp_path):
     spec, home = small_demo(tmp_path, rounds=1, name="demo-s3"), tmp_path / "home"
     store = f"s3://{s3['bucket']}/runs/demo"

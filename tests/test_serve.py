@@ -73,6 +73,7 @@ def count_finished_parent_runs(home) -> int:
         return 0
 
 
+@pytest.mark.slow  # a Prefect server's start and three scheduled runs, about a minute; .ci/run runs it
 def test_serve_adds_a_round_per_scheduled_run_on_a_prefect_server(tmp_path):
     home, port = tmp_path / "home", free_port()
     env = {**os.environ, "ALIGNFLOW_HOME": str(home), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
