@@ -482,12 +482,7 @@ def run_stages(spec_file: str, overrides: list[str] | None = None, rounds: int |
                     any(k not in recorded for k in node.recipe["inputs"].values()):
                 continue
             finished(node, _outcome(node, future, store))
-        for record in records:
-            for run_id in list(record.stage_runs.values()):
-                tracker.end(run_id, "KILLED")
-            if record.run_id != parent:
-                tracker.end(record.run_id, "KILLED")
-        tracker.end(parent, "KILLED")
+        end_in_mlflow()
         _cancel_in_prefect(None, futures.values(), stopped.request.reason)
         raise
     except BaseException:
